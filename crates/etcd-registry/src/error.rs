@@ -1,0 +1,111 @@
+//! The one error type of the crate.
+
+use std::time::Duration;
+
+/// Everything that can go wrong in `etcd-registry`.
+///
+/// Variants are typed so that callers can react to them: [`Error::InvalidInput`]
+/// names the offending field, [`Error::Connect`] names the endpoints it tried,
+/// and [`Error::SessionLost`] tells an election candidate that its lease is gone.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// A value given by the caller was rejected before anything was sent to etcd.
+    #[error("invalid {field}: {reason}")]
+    InvalidInput {
+        /// The name of the field or argument, e.g. `ttl` or `name`.
+        field: &'static str,
+        /// Why the value was rejected.
+        reason: String,
+    },
+
+    /// No endpoint answered within the dial timeout.
+    #[error("could not reach etcd at any of {endpoints:?} within {timeout:?}: {reason}")]
+    Connect {
+        /// Every endpoint that was tried.
+        endpoints: Vec<String>,
+        /// The dial timeout that elapsed.
+        timeout: Duration,
+        /// What the last attempt reported.
+        reason: String,
+    },
+
+    /// An etcd request failed.
+    #[error("etcd {op} failed: {source}")]
+    Etcd {
+        /// The operation that failed, e.g. `put` or `lease grant`.
+        op: &'static str,
+        /// The client error.
+        #[source]
+        source: etcd_client::Error,
+    },
+
+    /// An etcd request did not answer in time.
+    #[error("etcd {op} timed out after {after:?}")]
+    Timeout {
+        /// The operation that timed out.
+        op: &'static str,
+        /// How long it waited.
+        after: Duration,
+    },
+
+    /// The registry's lease was lost while an operation depended on it
+    /// (for example while campaigning in an election).
+    #[error("the registry's lease was lost")]
+    SessionLost,
+
+    /// Leadership ended before the operation could complete.
+    #[error("leadership was lost: {0}")]
+    NotLeader(String),
+
+    /// The registry was closed (or dropped).
+    #[error("the registry is closed")]
+    Closed,
+}
+
+/// Shorthand for `Result<T, etcd_registry::Error>`.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    pub(crate) fn invalid(field: &'static str, reason: impl Into<String>) -> Self {
+        Error::InvalidInput {
+            field,
+            reason: reason.into(),
+        }
+    }
+
+    pub(crate) fn etcd(op: &'static str, source: etcd_client::Error) -> Self {
+        Error::Etcd { op, source }
+    }
+
+    /// True when etcd answered that a lease does not exist (expired or revoked).
+    pub(crate) fn is_lease_not_found(&self) -> bool {
+        match self {
+            Error::Etcd { source, .. } => is_lease_not_found(source),
+            _ => false,
+        }
+    }
+}
+
+pub(crate) fn is_lease_not_found(e: &etcd_client::Error) -> bool {
+    matches!(e, etcd_client::Error::GRpcStatus(s) if s.message().contains("requested lease not found"))
+}
+
+/// Errors worth retrying on another endpoint: transport failures and
+/// "unavailable"-like statuses. Deterministic rejections are not retried.
+pub(crate) fn is_transient(e: &etcd_client::Error) -> bool {
+    use etcd_client::Error as E;
+    match e {
+        E::TransportError(_) | E::IoError(_) => true,
+        E::GRpcStatus(s) => matches!(
+            s.code(),
+            tonic::Code::Unavailable
+                | tonic::Code::Unknown
+                | tonic::Code::DeadlineExceeded
+                | tonic::Code::Cancelled
+                | tonic::Code::Aborted
+                | tonic::Code::Internal
+        ) && !is_lease_not_found(e),
+        _ => false,
+    }
+}

@@ -1,0 +1,126 @@
+//! The key layout. This module is the only place that formats or parses keys.
+//!
+//! ```text
+//! {prefix}/{namespace}/services/{name}/{id}          a service instance (JSON)
+//! {prefix}/{namespace}/elections/{election}/{lease}  an election candidate (lease id in lowercase hex)
+//! ```
+
+use crate::error::{Error, Result};
+
+/// Builds and parses the keys of one `{prefix}/{namespace}`.
+#[derive(Clone, Debug)]
+pub(crate) struct Keys {
+    services: String,
+    elections: String,
+}
+
+impl Keys {
+    pub(crate) fn new(prefix: &str, namespace: &str) -> Self {
+        Self {
+            services: format!("{prefix}/{namespace}/services/"),
+            elections: format!("{prefix}/{namespace}/elections/"),
+        }
+    }
+
+    /// `{root}/services/`: every service of the namespace.
+    pub(crate) fn services_prefix(&self) -> &str {
+        &self.services
+    }
+
+    /// `{root}/services/{name}/`: the trailing `/` keeps `web` from matching `webhook`.
+    pub(crate) fn service_prefix(&self, name: &str) -> String {
+        format!("{}{name}/", self.services)
+    }
+
+    pub(crate) fn instance_key(&self, name: &str, id: &str) -> String {
+        format!("{}{name}/{id}", self.services)
+    }
+
+    /// Splits an instance key into `(name, id)`; `None` for keys outside the layout.
+    pub(crate) fn parse_instance_key<'a>(&self, key: &'a str) -> Option<(&'a str, &'a str)> {
+        let rest = key.strip_prefix(self.services.as_str())?;
+        let (name, id) = rest.split_once('/')?;
+        (!name.is_empty() && !id.is_empty() && !id.contains('/')).then_some((name, id))
+    }
+
+    /// `{root}/elections/{election}`: the name `etcdctl elect` takes.
+    pub(crate) fn election_name(&self, election: &str) -> String {
+        format!("{}{election}", self.elections)
+    }
+
+    /// `{root}/elections/{election}/`: the prefix every candidate key lives under.
+    pub(crate) fn election_prefix(&self, election: &str) -> String {
+        format!("{}{election}/", self.elections)
+    }
+
+    /// A candidate key: the lease id in lowercase hex, as etcd's Go `concurrency` package writes it.
+    pub(crate) fn election_key(&self, election: &str, lease_id: i64) -> String {
+        format!("{}{election}/{lease_id:x}", self.elections)
+    }
+}
+
+/// The end of the range that covers every key starting with `prefix`.
+pub(crate) fn prefix_end(prefix: &str) -> Vec<u8> {
+    let mut end = prefix.as_bytes().to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    vec![0]
+}
+
+/// Validates a path segment such as a service name, an instance id or an election name.
+pub(crate) fn validate_segment(field: &'static str, value: &str) -> Result<()> {
+    if value.is_empty() {
+        return Err(Error::invalid(field, "must not be empty"));
+    }
+    if value.contains('/') {
+        return Err(Error::invalid(field, format!("{value:?} contains '/'")));
+    }
+    if value.chars().any(char::is_control) {
+        return Err(Error::invalid(
+            field,
+            format!("{value:?} contains a control character"),
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layout_matches_the_go_library() {
+        let k = Keys::new("/etcd_registry", "prod");
+        assert_eq!(k.instance_key("web", "1"), "/etcd_registry/prod/services/web/1");
+        assert_eq!(k.service_prefix("web"), "/etcd_registry/prod/services/web/");
+        assert_eq!(k.election_key("job", 0x694d_77b4_e1a2_c00b), "/etcd_registry/prod/elections/job/694d77b4e1a2c00b");
+        assert_eq!(k.election_name("job"), "/etcd_registry/prod/elections/job");
+    }
+
+    #[test]
+    fn parses_only_instance_keys() {
+        let k = Keys::new("/company/registry", "ns");
+        assert_eq!(k.parse_instance_key("/company/registry/ns/services/web/a"), Some(("web", "a")));
+        assert_eq!(k.parse_instance_key("/company/registry/ns/services/web"), None);
+        assert_eq!(k.parse_instance_key("/company/registry/ns/services/web/a/b"), None);
+        assert_eq!(k.parse_instance_key("/company/registry/other/services/web/a"), None);
+    }
+
+    #[test]
+    fn prefix_end_increments_the_last_byte() {
+        assert_eq!(prefix_end("a/"), b"a0".to_vec());
+        assert_eq!(prefix_end("a\u{7f}"), b"b".to_vec());
+    }
+
+    #[test]
+    fn segments_reject_slash_control_and_empty() {
+        assert!(validate_segment("name", "web").is_ok());
+        for bad in ["", "a/b", "a\tb"] {
+            assert!(matches!(validate_segment("name", bad), Err(Error::InvalidInput { field: "name", .. })));
+        }
+    }
+}

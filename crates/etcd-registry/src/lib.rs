@@ -1,0 +1,76 @@
+//! Service registration, discovery, change watching and leader election on etcd v3.
+//!
+//! ```no_run
+//! use std::time::Duration;
+//! use etcd_registry::{Registry, ServiceInstance};
+//!
+//! # async fn demo() -> etcd_registry::Result<()> {
+//! let registry = Registry::builder()
+//!     .endpoints(["127.0.0.1:2379"])
+//!     .namespace("prod")
+//!     .ttl(Duration::from_secs(15))
+//!     .connect()
+//!     .await?;
+//! let _reg = registry
+//!     .register(ServiceInstance::new("my-awesome-api", "instance-01", "192.168.1.100", 8080))
+//!     .await?;
+//! for inst in registry.instances("my-awesome-api").await? {
+//!     println!("{} at {}", inst.id, inst.endpoint());
+//! }
+//! registry.close().await?;
+//! # Ok(()) }
+//! ```
+//!
+//! # One lease per registry
+//!
+//! Each [`Registry`] owns exactly one etcd lease, granted at connect time.
+//! Every instance it registers, and every election key it campaigns with,
+//! lives under that lease. Keep-alive traffic is one request per TTL/3
+//! however many instances there are, and [`Registry::close`] removes
+//! everything at once by revoking the lease. This differs from the Go library
+//! we descend from, which grants one lease per registration.
+//!
+//! # Self-healing
+//!
+//! One owned background task keeps the lease alive. When the lease is lost
+//! (expired during an outage, revoked by someone else, answered with TTL 0,
+//! or etcd restarted with its data wiped) the registry grants a new lease and
+//! re-puts every live registration, retrying with capped exponential backoff
+//! and jitter (up to 5 s) until [`Registry::close`]. [`Registry::state`]
+//! shows where it is: [`RegistryState`].
+//!
+//! A second task watches the registry's own keys (anti-entropy). When a key
+//! it maintains is deleted, or overwritten by a writer without a lease or
+//! under this registry's lease, it is restored. When the key is overwritten
+//! under *another* live lease, that is a take-over by another registry (last
+//! writer wins, as in the Go library) and the registration is yielded, not
+//! fought for: the two cases are told apart by the lease attached to the key.
+//!
+//! # Wire format
+//!
+//! Keys and values are the Go library's: see [`ServiceInstance::to_json`] and
+//! the layout `{prefix}/{namespace}/services/{name}/{id}`.
+
+#[cfg(feature = "tower")]
+mod balance;
+mod cache;
+mod config;
+mod conn;
+mod election;
+mod error;
+mod instance;
+mod keys;
+mod registry;
+mod session;
+mod watch;
+
+pub use config::{
+    Config, DEFAULT_DIAL_TIMEOUT, DEFAULT_KEY_PREFIX, DEFAULT_NAMESPACE, DEFAULT_REQUEST_TIMEOUT,
+    DEFAULT_TTL, RegistryBuilder,
+};
+pub use error::{Error, Result};
+pub use instance::{MAX_ENTRY_BYTES, ServiceInstance};
+pub use registry::{Registration, Registry};
+pub use session::RegistryState;
+// watch/cache/balance re-exports (issue 4) go on the next line(s):
+// election re-exports (issue 5) go on the next line(s):

@@ -1,0 +1,584 @@
+//! [`Registry`] and [`Registration`]: register, deregister, list, admin, close.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use etcd_client::{DeleteOptions, EventType, GetOptions, KeyValue, PutOptions, Txn, TxnOp, WatchOptions};
+use tokio::sync::{Mutex, watch};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{Config, RegistryBuilder};
+use crate::conn::Conn;
+use crate::error::{Error, Result};
+use crate::instance::ServiceInstance;
+use crate::keys::{Keys, validate_segment};
+use crate::session::{self, Backoff, RegistryState, Session};
+
+/// etcd's default limit of operations in one transaction is 128.
+const TXN_BATCH: usize = 100;
+
+/// A connection to etcd that registers service instances under one lease,
+/// lists them, and hosts watches, caches and elections.
+///
+/// See the [crate docs](crate) for the lease model. Create one with
+/// [`Registry::builder`]. Dropping a `Registry` without [`close`](Registry::close)
+/// stops its background work; its keys then expire after the TTL.
+pub struct Registry {
+    pub(crate) inner: Arc<Inner>,
+}
+
+/// State shared by the registry, its registrations and its background tasks.
+pub(crate) struct Inner {
+    pub(crate) conn: Conn,
+    pub(crate) keys: Keys,
+    pub(crate) config: Config,
+    pub(crate) session: Arc<Session>,
+    pub(crate) cancel: CancellationToken,
+    regs: Mutex<HashMap<String, Entry>>,
+    tasks: std::sync::Mutex<Vec<JoinHandle<()>>>,
+    closed: AtomicBool,
+}
+
+/// A registration this registry maintains.
+struct Entry {
+    instance: ServiceInstance,
+    value: Vec<u8>,
+    /// Revision of our last write of the key; older watch events are stale.
+    written_rev: i64,
+    /// Another live lease took the key over: yielded, not fought for.
+    yielded: bool,
+}
+
+impl Registry {
+    /// A builder with every default: endpoint `127.0.0.1:2379`, namespace
+    /// `default`, prefix `/etcd_registry`, TTL 30 s, dial timeout 5 s.
+    pub fn builder() -> RegistryBuilder {
+        RegistryBuilder::default()
+    }
+
+    pub(crate) async fn connect_with(config: Config) -> Result<Self> {
+        let conn = Conn::connect(&config).await?;
+        let session = Arc::new(Session::new(config.ttl));
+        let lease = session.grant(&conn).await?;
+        session.start(lease);
+        let inner = Arc::new(Inner {
+            keys: Keys::new(&config.key_prefix, &config.namespace),
+            conn,
+            config,
+            session,
+            cancel: CancellationToken::new(),
+            regs: Mutex::new(HashMap::new()),
+            tasks: std::sync::Mutex::new(Vec::new()),
+            closed: AtomicBool::new(false),
+        });
+        let weak = Arc::downgrade(&inner);
+        let restore: session::Restore = Box::new(move |lease_id| {
+            let weak = weak.clone();
+            Box::pin(async move {
+                match weak.upgrade() {
+                    Some(inner) => inner.restore_all(lease_id).await,
+                    None => Err(Error::Closed),
+                }
+            })
+        });
+        let session_task = tokio::spawn(session::run(
+            inner.session.clone(),
+            inner.conn.clone(),
+            restore,
+            inner.cancel.clone(),
+        ));
+        let keeper_task = tokio::spawn(keeper(Arc::downgrade(&inner), inner.cancel.clone()));
+        inner.spawned(session_task);
+        inner.spawned(keeper_task);
+        Ok(Registry { inner })
+    }
+
+    /// The validated configuration.
+    pub fn config(&self) -> &Config {
+        &self.inner.config
+    }
+
+    /// The lease state; every transition is also logged through `tracing`.
+    ///
+    /// ```no_run
+    /// # async fn demo(registry: etcd_registry::Registry) {
+    /// let mut state = registry.state();
+    /// while state.changed().await.is_ok() {
+    ///     println!("registry is now {:?}", *state.borrow());
+    /// }
+    /// # }
+    /// ```
+    pub fn state(&self) -> watch::Receiver<RegistryState> {
+        self.inner.session.state()
+    }
+
+    /// The current lease id, or `None` while recovering or after close.
+    pub fn lease_id(&self) -> Option<i64> {
+        self.inner.session.lease().map(|l| l.id)
+    }
+
+    /// Registers `instance` under the registry's lease and keeps it there
+    /// until [`Registration::deregister`] or [`Registry::close`].
+    ///
+    /// It is one write to etcd. Registering an id this registry already holds
+    /// replaces it; one that another live lease holds is taken over (last
+    /// writer wins) with a warning. Invalid input fails with
+    /// [`Error::InvalidInput`] before anything is written.
+    ///
+    /// Cancel safety: if the future is dropped after the write was sent, the
+    /// key may exist in etcd without being maintained; it expires with the lease.
+    ///
+    /// ```no_run
+    /// # async fn demo(registry: etcd_registry::Registry) -> etcd_registry::Result<()> {
+    /// use etcd_registry::ServiceInstance;
+    /// let reg = registry.register(ServiceInstance::new("web", "web-1", "10.0.0.7", 8080)).await?;
+    /// // ... serve ...
+    /// reg.deregister().await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn register(&self, instance: ServiceInstance) -> Result<Registration> {
+        let key = self.inner.keys.instance_key(&instance.name, &instance.id);
+        let value = instance.encode_for(&key)?;
+        self.inner.put_entry(&key, instance.clone(), value).await?;
+        Ok(Registration {
+            inner: self.inner.clone(),
+            key,
+            instance,
+        })
+    }
+
+    /// Every instance of service `name`, in one consistent read.
+    /// Malformed values are skipped with a warning.
+    pub async fn instances(&self, name: &str) -> Result<Vec<ServiceInstance>> {
+        validate_segment("name", name)?;
+        let prefix = self.inner.keys.service_prefix(name);
+        Ok(self.inner.list(&prefix).await?.1)
+    }
+
+    /// Every instance of every service in the namespace, in one consistent read.
+    pub async fn all_instances(&self) -> Result<Vec<ServiceInstance>> {
+        let prefix = self.inner.keys.services_prefix().to_owned();
+        Ok(self.inner.list(&prefix).await?.1)
+    }
+
+    /// Admin: deletes one instance, whoever registered it. Returns whether it existed.
+    ///
+    /// If this registry itself maintains the instance, it stops maintaining it.
+    pub async fn delete_instance(&self, name: &str, id: &str) -> Result<bool> {
+        validate_segment("name", name)?;
+        validate_segment("id", id)?;
+        let key = self.inner.keys.instance_key(name, id);
+        let mut regs = self.inner.regs.lock().await;
+        let resp = self
+            .inner
+            .conn
+            .retry("delete", |mut c| {
+                let key = key.clone();
+                async move { c.delete(key, None).await }
+            })
+            .await?;
+        regs.remove(&key);
+        Ok(resp.deleted() > 0)
+    }
+
+    /// Admin: deletes every instance of service `name`, whoever registered
+    /// them. Returns how many were deleted. `web` never touches `webhook`.
+    pub async fn delete_service(&self, name: &str) -> Result<u64> {
+        validate_segment("name", name)?;
+        let prefix = self.inner.keys.service_prefix(name);
+        let mut regs = self.inner.regs.lock().await;
+        let resp = self
+            .inner
+            .conn
+            .retry("delete", |mut c| {
+                let prefix = prefix.clone();
+                async move { c.delete(prefix, Some(DeleteOptions::new().with_prefix())).await }
+            })
+            .await?;
+        regs.retain(|k, _| !k.starts_with(&prefix));
+        Ok(resp.deleted().max(0) as u64)
+    }
+
+    /// Revokes the lease, so every instance and election key of this registry
+    /// disappears at once, and stops all background work. Idempotent.
+    ///
+    /// If etcd cannot be reached, the background work still stops and the
+    /// keys expire after the TTL; the revocation error is returned.
+    pub async fn close(&self) -> Result<()> {
+        self.inner.close().await
+    }
+}
+
+impl Drop for Registry {
+    fn drop(&mut self) {
+        self.inner.cancel.cancel();
+        if !self.inner.closed.load(Ordering::SeqCst) {
+            self.inner.session.close();
+            tracing::debug!("registry dropped without close; its keys expire after the TTL");
+        }
+    }
+}
+
+impl std::fmt::Debug for Registry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Registry")
+            .field("endpoints", &self.inner.config.endpoints)
+            .field("namespace", &self.inner.config.namespace)
+            .field("lease_id", &self.lease_id())
+            .finish()
+    }
+}
+
+impl Inner {
+    fn spawned(&self, task: JoinHandle<()>) {
+        if let Ok(mut tasks) = self.tasks.lock() {
+            tasks.push(task);
+        }
+    }
+
+    /// One consistent read of `prefix`: the revision and the parsed instances.
+    pub(crate) async fn list(&self, prefix: &str) -> Result<(i64, Vec<ServiceInstance>)> {
+        let (rev, kvs) = self.get_prefix(prefix).await?;
+        let instances = kvs.iter().filter_map(|kv| self.parse_kv(kv)).collect();
+        Ok((rev, instances))
+    }
+
+    pub(crate) async fn get_prefix(&self, prefix: &str) -> Result<(i64, Vec<KeyValue>)> {
+        let mut resp = self
+            .conn
+            .retry("get", |mut c| {
+                let prefix = prefix.to_owned();
+                async move { c.get(prefix, Some(GetOptions::new().with_prefix())).await }
+            })
+            .await?;
+        let rev = resp.header().map_or(0, |h| h.revision());
+        Ok((rev, resp.take_kvs()))
+    }
+
+    /// Parses an instance key-value; `None` (with a warning) when malformed.
+    pub(crate) fn parse_kv(&self, kv: &KeyValue) -> Option<ServiceInstance> {
+        let key = std::str::from_utf8(kv.key()).ok();
+        let name_id = key.and_then(|k| self.keys.parse_instance_key(k));
+        if name_id.is_none() {
+            tracing::warn!(key = %String::from_utf8_lossy(kv.key()), "skipping a key outside the service layout");
+            return None;
+        }
+        ServiceInstance::from_kv(kv.key(), kv.value(), name_id)
+    }
+
+    /// Writes a registration under the current lease and records it.
+    async fn put_entry(&self, key: &str, instance: ServiceInstance, value: Vec<u8>) -> Result<()> {
+        if self.cancel.is_cancelled() {
+            return Err(Error::Closed);
+        }
+        for attempt in 0..2 {
+            let lease = self
+                .session
+                .wait_lease(self.config.request_timeout, &self.cancel)
+                .await?;
+            let mut regs = self.regs.lock().await;
+            let result = self
+                .conn
+                .retry("put", |mut c| {
+                    let (key, value) = (key.to_owned(), value.clone());
+                    async move {
+                        c.put(key, value, Some(PutOptions::new().with_lease(lease.id).with_prev_key()))
+                            .await
+                    }
+                })
+                .await;
+            match result {
+                Ok(resp) => {
+                    if let Some(prev) = resp.prev_key()
+                        && prev.lease() != 0
+                        && !self.session.is_owned(prev.lease())
+                    {
+                        tracing::warn!(
+                            service = %instance.name, id = %instance.id,
+                            other_lease = %format_args!("{:x}", prev.lease()),
+                            "took over an instance id that another live lease held (last writer wins)"
+                        );
+                    }
+                    let written_rev = resp.header().map_or(0, |h| h.revision());
+                    tracing::debug!(service = %instance.name, id = %instance.id, lease = %format_args!("{:x}", lease.id), revision = written_rev, "registered");
+                    regs.insert(
+                        key.to_owned(),
+                        Entry {
+                            instance,
+                            value,
+                            written_rev,
+                            yielded: false,
+                        },
+                    );
+                    return Ok(());
+                }
+                Err(e) if e.is_lease_not_found() && attempt == 0 => {
+                    drop(regs);
+                    // The lease vanished under us: let the session re-grant, then retry once.
+                    self.session.suspect_lost();
+                    let mut leases = self.session.leases();
+                    let changed = leases.wait_for(|l| l.is_none_or(|l| l.id != lease.id));
+                    let _ = tokio::time::timeout(self.config.request_timeout, changed).await;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Err(Error::SessionLost)
+    }
+
+    /// Re-puts every maintained registration under `lease_id`, in batches.
+    async fn restore_all(&self, lease_id: i64) -> Result<()> {
+        let mut regs = self.regs.lock().await;
+        let keys: Vec<String> = regs.iter().filter(|(_, e)| !e.yielded).map(|(k, _)| k.clone()).collect();
+        for chunk in keys.chunks(TXN_BATCH) {
+            let ops: Vec<TxnOp> = chunk
+                .iter()
+                .filter_map(|k| regs.get(k).map(|e| (k, e)))
+                .map(|(k, e)| TxnOp::put(k.as_str(), e.value.clone(), Some(PutOptions::new().with_lease(lease_id))))
+                .collect();
+            let resp = self
+                .conn
+                .retry("restore", |mut c| {
+                    let txn = Txn::new().and_then(ops.clone());
+                    async move { c.txn(txn).await }
+                })
+                .await?;
+            let rev = resp.header().map_or(0, |h| h.revision());
+            for k in chunk {
+                if let Some(e) = regs.get_mut(k) {
+                    e.written_rev = rev;
+                }
+            }
+        }
+        tracing::info!(lease = %format_args!("{lease_id:x}"), count = keys.len(), "registrations restored under the new lease");
+        Ok(())
+    }
+
+    /// Compares one observed key with what we maintain, and restores or yields.
+    /// `kv` is `None` when the key is absent (deleted).
+    async fn reconcile_key(&self, regs: &mut HashMap<String, Entry>, key: &str, kv: Option<&KeyValue>, mod_rev: i64) -> Result<()> {
+        let Some(entry) = regs.get_mut(key) else {
+            return Ok(());
+        };
+        if entry.yielded || mod_rev <= entry.written_rev {
+            return Ok(());
+        }
+        let Some(lease) = self.session.lease() else {
+            return Ok(()); // recovery re-puts everything
+        };
+        if let Some(kv) = kv {
+            let holder = kv.lease();
+            if holder != 0 && !self.session.is_owned(holder) {
+                tracing::warn!(
+                    service = %entry.instance.name, id = %entry.instance.id,
+                    other_lease = %format_args!("{holder:x}"),
+                    "another lease took over this instance; yielding it"
+                );
+                entry.yielded = true;
+                return Ok(());
+            }
+            if holder == lease.id && kv.value() == entry.value.as_slice() {
+                entry.written_rev = kv.mod_revision();
+                return Ok(());
+            }
+        }
+        tracing::warn!(
+            service = %entry.instance.name, id = %entry.instance.id,
+            revision = mod_rev,
+            "a maintained instance was deleted or overwritten; restoring it"
+        );
+        let value = entry.value.clone();
+        let resp = self
+            .conn
+            .retry("put", |mut c| {
+                let (key, value) = (key.to_owned(), value.clone());
+                async move { c.put(key, value, Some(PutOptions::new().with_lease(lease.id))).await }
+            })
+            .await;
+        match resp {
+            Ok(resp) => {
+                entry.written_rev = resp.header().map_or(0, |h| h.revision());
+                Ok(())
+            }
+            Err(e) => {
+                if e.is_lease_not_found() {
+                    self.session.suspect_lost();
+                }
+                Err(e)
+            }
+        }
+    }
+
+    async fn close(&self) -> Result<()> {
+        if self.closed.swap(true, Ordering::SeqCst) {
+            return Ok(());
+        }
+        self.cancel.cancel();
+        let tasks = self.tasks.lock().map(|mut t| std::mem::take(&mut *t)).unwrap_or_default();
+        for task in tasks {
+            let _ = task.await;
+        }
+        self.regs.lock().await.clear();
+        let lease = self.session.close();
+        if let Some(lease) = lease {
+            let revoked = self
+                .conn
+                .retry("lease revoke", |mut c| async move { c.lease_revoke(lease.id).await })
+                .await;
+            match revoked {
+                Ok(_) => tracing::info!(lease = %format_args!("{:x}", lease.id), "lease revoked; registry closed"),
+                Err(e) if e.is_lease_not_found() => {}
+                Err(e) => {
+                    tracing::warn!(lease = %format_args!("{:x}", lease.id), error = %e, "could not revoke the lease; its keys expire after the TTL");
+                    return Err(e);
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Anti-entropy: watches the namespace's service keys and restores the ones
+/// this registry maintains when someone else deletes or overwrites them.
+/// Each (re)start reconciles against a fresh read, then watches from there.
+async fn keeper(weak: std::sync::Weak<Inner>, cancel: CancellationToken) {
+    let mut backoff = Backoff::standard();
+    loop {
+        let Some(inner) = weak.upgrade() else { return };
+        let outcome = tokio::select! {
+            _ = cancel.cancelled() => return,
+            r = keeper_pass(&inner) => r,
+        };
+        drop(inner);
+        match outcome {
+            Ok(()) => backoff.reset(),
+            Err(error) => tracing::warn!(%error, "registration watch interrupted; re-syncing"),
+        }
+        if !backoff.wait(&cancel).await {
+            return;
+        }
+    }
+}
+
+async fn keeper_pass(inner: &Inner) -> Result<()> {
+    inner.session.wait_lease(Duration::from_secs(3600), &inner.cancel).await?;
+    let prefix = inner.keys.services_prefix().to_owned();
+    let (rev, kvs) = inner.get_prefix(&prefix).await?;
+    {
+        let mut regs = inner.regs.lock().await;
+        let present: HashMap<&[u8], &KeyValue> = kvs.iter().map(|kv| (kv.key(), kv)).collect();
+        let keys: Vec<String> = regs.keys().cloned().collect();
+        for key in keys {
+            let kv = present.get(key.as_bytes()).copied();
+            let mod_rev = kv.map_or(rev, KeyValue::mod_revision);
+            inner.reconcile_key(&mut regs, &key, kv, mod_rev).await?;
+        }
+    }
+    let mut client = inner.conn.client();
+    let options = WatchOptions::new().with_prefix().with_start_revision(rev + 1);
+    let mut stream = client
+        .watch(prefix.as_str(), Some(options))
+        .await
+        .map_err(|e| Error::etcd("watch", e))?;
+    loop {
+        let resp = stream.message().await.map_err(|e| Error::etcd("watch", e))?;
+        let Some(resp) = resp else {
+            return Err(Error::etcd("watch", etcd_client::Error::WatchError("stream ended".into())));
+        };
+        if resp.canceled() {
+            return Err(Error::etcd(
+                "watch",
+                etcd_client::Error::WatchError(format!("cancelled by etcd: {}", resp.cancel_reason())),
+            ));
+        }
+        if resp.events().is_empty() {
+            continue;
+        }
+        let mut regs = inner.regs.lock().await;
+        for event in resp.events() {
+            let Some(kv) = event.kv() else { continue };
+            let Ok(key) = std::str::from_utf8(kv.key()) else { continue };
+            let present = (event.event_type() == EventType::Put).then_some(kv);
+            if let Err(error) = inner.reconcile_key(&mut regs, key, present, kv.mod_revision()).await {
+                tracing::warn!(%error, key, "could not restore a maintained instance; will retry");
+                return Err(error);
+            }
+        }
+    }
+}
+
+/// A registered instance, maintained by its [`Registry`] until
+/// [`deregister`](Registration::deregister) or [`Registry::close`].
+///
+/// Dropping a `Registration` does **not** deregister: the instance stays
+/// registered (and is restored if lost) until the registry closes. Call
+/// [`deregister`](Registration::deregister) to remove it earlier.
+#[must_use = "dropping a Registration keeps the instance registered until Registry::close"]
+pub struct Registration {
+    inner: Arc<Inner>,
+    key: String,
+    instance: ServiceInstance,
+}
+
+impl Registration {
+    /// The instance as last written.
+    pub fn instance(&self) -> &ServiceInstance {
+        &self.instance
+    }
+
+    /// The etcd key of the instance.
+    pub fn key(&self) -> &str {
+        &self.key
+    }
+
+    /// Replaces the instance's version, weight, metadata or address in place,
+    /// under the same key. `name` and `id` must not change.
+    pub async fn update(&mut self, instance: ServiceInstance) -> Result<()> {
+        if instance.name != self.instance.name {
+            return Err(Error::invalid("name", "update cannot change the service name"));
+        }
+        if instance.id != self.instance.id {
+            return Err(Error::invalid("id", "update cannot change the instance id"));
+        }
+        let value = instance.encode_for(&self.key)?;
+        self.inner.put_entry(&self.key, instance.clone(), value).await?;
+        self.instance = instance;
+        Ok(())
+    }
+
+    /// Deletes the key and stops maintaining it. A key that another lease
+    /// took over is left alone.
+    pub async fn deregister(self) -> Result<()> {
+        let mut regs = self.inner.regs.lock().await;
+        let Some(entry) = regs.remove(&self.key) else {
+            return Ok(());
+        };
+        if entry.yielded {
+            return Ok(());
+        }
+        let key = self.key.clone();
+        let result = self
+            .inner
+            .conn
+            .retry("delete", |mut c| {
+                let key = key.clone();
+                async move { c.delete(key, None).await }
+            })
+            .await;
+        if let Err(e) = result {
+            regs.insert(self.key.clone(), entry);
+            return Err(e);
+        }
+        tracing::debug!(service = %self.instance.name, id = %self.instance.id, "deregistered");
+        Ok(())
+    }
+}
+
+impl std::fmt::Debug for Registration {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Registration").field("key", &self.key).field("instance", &self.instance).finish()
+    }
+}

@@ -1,0 +1,380 @@
+//! The registry's one lease: grant, keep-alive, loss detection, re-grant, state.
+//!
+//! One background task owns the lease. Everything else reads it through a
+//! [`tokio::sync::watch`] channel of [`Lease`] values and is told when it
+//! changes. The task publishes a fresh [`Lease::expires`] after every
+//! acknowledged keep-alive: the local instant by which the server may have let
+//! the lease expire, which elections use to step down before anyone else can win.
+
+use std::collections::VecDeque;
+use std::future::Future;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use tokio::sync::{Notify, watch};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::conn::Conn;
+use crate::error::{Error, Result};
+
+/// What a [`Registry`](crate::Registry) is doing with its lease.
+///
+/// Read it with [`Registry::state`](crate::Registry::state). Every transition
+/// is logged through `tracing` with the lease id.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum RegistryState {
+    /// Connecting to etcd and granting the first lease.
+    Connecting,
+    /// The lease is alive and every registration is in etcd.
+    Active {
+        /// The current lease.
+        lease_id: i64,
+    },
+    /// Keep-alives are failing; the lease may still live. Registrations are
+    /// kept; if the lease turns out to be gone, the state moves to `Recovering`.
+    Degraded {
+        /// The lease being kept alive.
+        lease_id: i64,
+    },
+    /// The lease is gone; a new one is being granted and every registration re-put.
+    Recovering,
+    /// `close()` was called or the registry was dropped.
+    Closed,
+}
+
+/// A lease as the rest of the crate sees it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Lease {
+    pub(crate) id: i64,
+    /// Local instant by which the server may have expired the lease: the send
+    /// time of the last acknowledged keep-alive (or grant) plus the TTL, minus
+    /// a safety margin. Assumes clocks here and on the server run at the same rate.
+    pub(crate) expires: Instant,
+}
+
+/// The safety margin taken off every lease deadline: 250 ms plus 2% of the TTL.
+pub(crate) fn safety_margin(ttl: Duration) -> Duration {
+    Duration::from_millis(250) + ttl / 50
+}
+
+/// Shared lease bookkeeping. Written only by the session task (and by
+/// `close`); read by registrations, watches and elections.
+pub(crate) struct Session {
+    lease_tx: watch::Sender<Option<Lease>>,
+    state_tx: watch::Sender<RegistryState>,
+    /// Woken when someone saw "lease not found": the task checks at once
+    /// instead of waiting for the next keep-alive tick.
+    suspect: Notify,
+    /// Leases this registry has held, newest last (a few are enough to tell
+    /// our own old keys from another registry's).
+    owned: Mutex<VecDeque<i64>>,
+    ttl: Duration,
+}
+
+impl Session {
+    pub(crate) fn new(ttl: Duration) -> Self {
+        Self {
+            lease_tx: watch::Sender::new(None),
+            state_tx: watch::Sender::new(RegistryState::Connecting),
+            suspect: Notify::new(),
+            owned: Mutex::new(VecDeque::new()),
+            ttl,
+        }
+    }
+
+    pub(crate) fn ttl(&self) -> Duration {
+        self.ttl
+    }
+
+    pub(crate) fn state(&self) -> watch::Receiver<RegistryState> {
+        self.state_tx.subscribe()
+    }
+
+    pub(crate) fn leases(&self) -> watch::Receiver<Option<Lease>> {
+        self.lease_tx.subscribe()
+    }
+
+    /// The current lease, if there is one.
+    pub(crate) fn lease(&self) -> Option<Lease> {
+        *self.lease_tx.borrow()
+    }
+
+    pub(crate) fn is_owned(&self, lease_id: i64) -> bool {
+        self.owned.lock().is_ok_and(|o| o.contains(&lease_id))
+    }
+
+    /// Tells the task that a request saw the lease missing.
+    pub(crate) fn suspect_lost(&self) {
+        self.suspect.notify_one();
+    }
+
+    /// Waits until there is a lease, up to `timeout`; `Closed` once cancelled.
+    pub(crate) async fn wait_lease(&self, timeout: Duration, cancel: &CancellationToken) -> Result<Lease> {
+        let mut rx = self.leases();
+        let wait = rx.wait_for(Option::is_some);
+        tokio::select! {
+            _ = cancel.cancelled() => Err(Error::Closed),
+            r = tokio::time::timeout(timeout, wait) => match r {
+                Ok(Ok(lease)) => lease.ok_or(Error::SessionLost),
+                Ok(Err(_)) => Err(Error::Closed),
+                Err(_) => Err(Error::Timeout { op: "wait for a lease", after: timeout }),
+            },
+        }
+    }
+
+    fn set_state(&self, state: RegistryState) {
+        let changed = self.state_tx.send_if_modified(|s| {
+            if *s == state || *s == RegistryState::Closed {
+                return false;
+            }
+            *s = state;
+            true
+        });
+        if changed {
+            match state {
+                RegistryState::Active { lease_id } => {
+                    tracing::info!(lease = %format_args!("{lease_id:x}"), "registry state: active")
+                }
+                RegistryState::Degraded { lease_id } => {
+                    tracing::warn!(lease = %format_args!("{lease_id:x}"), "registry state: degraded (keep-alives failing)")
+                }
+                RegistryState::Recovering => tracing::warn!("registry state: recovering (lease lost)"),
+                RegistryState::Closed => tracing::info!("registry state: closed"),
+                RegistryState::Connecting => tracing::info!("registry state: connecting"),
+            }
+        }
+    }
+
+    fn publish(&self, lease: Option<Lease>) {
+        if let Some(l) = lease
+            && let Ok(mut owned) = self.owned.lock()
+            && !owned.contains(&l.id)
+        {
+            owned.push_back(l.id);
+            if owned.len() > 16 {
+                owned.pop_front();
+            }
+        }
+        self.lease_tx.send_replace(lease);
+    }
+
+    /// Marks the session closed: no lease, state `Closed`. Returns the lease
+    /// that was current, for revocation.
+    pub(crate) fn close(&self) -> Option<Lease> {
+        self.set_state(RegistryState::Closed);
+        self.state_tx.send_replace(RegistryState::Closed);
+        self.lease_tx.send_replace(None)
+    }
+
+    /// Grants a lease. `expires` counts from before the request was sent.
+    pub(crate) async fn grant(&self, conn: &Conn) -> Result<Lease> {
+        let ttl = self.ttl.as_secs() as i64;
+        let sent = Instant::now();
+        let resp = conn
+            .retry("lease grant", |mut c| async move { c.lease_grant(ttl, None).await })
+            .await?;
+        let lease = Lease {
+            id: resp.id(),
+            expires: sent + Duration::from_secs(resp.ttl().max(0) as u64) - safety_margin(self.ttl),
+        };
+        tracing::info!(lease = %format_args!("{:x}", lease.id), ttl = resp.ttl(), "lease granted");
+        Ok(lease)
+    }
+
+    /// Installs the first lease (granted by `connect`) and marks the session active.
+    pub(crate) fn start(&self, lease: Lease) {
+        self.publish(Some(lease));
+        self.set_state(RegistryState::Active { lease_id: lease.id });
+    }
+}
+
+/// Re-puts every registration under a new lease.
+pub(crate) type Restore = Box<dyn Fn(i64) -> BoxFuture<'static, Result<()>> + Send + Sync>;
+
+/// The one retry policy of the crate: capped exponential backoff with jitter.
+pub(crate) struct Backoff {
+    min: Duration,
+    max: Duration,
+    iter: Box<dyn Iterator<Item = Duration> + Send>,
+}
+
+impl Backoff {
+    pub(crate) fn new(min: Duration, max: Duration) -> Self {
+        Self {
+            min,
+            max,
+            iter: Self::build(min, max),
+        }
+    }
+
+    /// 100 ms doubling to 5 s, with jitter.
+    pub(crate) fn standard() -> Self {
+        Self::new(Duration::from_millis(100), Duration::from_secs(5))
+    }
+
+    fn build(min: Duration, max: Duration) -> Box<dyn Iterator<Item = Duration> + Send> {
+        use backon::BackoffBuilder;
+        Box::new(
+            backon::ExponentialBuilder::default()
+                .with_min_delay(min)
+                .with_max_delay(max)
+                .with_jitter()
+                .without_max_times()
+                .build(),
+        )
+    }
+
+    pub(crate) fn reset(&mut self) {
+        self.iter = Self::build(self.min, self.max);
+    }
+
+    pub(crate) fn next_delay(&mut self) -> Duration {
+        self.iter.next().unwrap_or(self.max)
+    }
+
+    /// Sleeps for the next delay; false when cancelled first.
+    pub(crate) async fn wait(&mut self, cancel: &CancellationToken) -> bool {
+        let d = self.next_delay();
+        tokio::select! {
+            _ = cancel.cancelled() => false,
+            _ = tokio::time::sleep(d) => true,
+        }
+    }
+}
+
+enum KeepAlive {
+    /// etcd said the lease is gone (TTL <= 0).
+    Lost,
+    /// The stream failed; the lease may live.
+    Broken(String),
+    Cancelled,
+}
+
+/// The session task: keeps the lease alive, and on loss grants a new one and
+/// restores every registration, forever, until cancelled.
+pub(crate) async fn run(
+    session: std::sync::Arc<Session>,
+    conn: Conn,
+    restore: Restore,
+    cancel: CancellationToken,
+) {
+    let mut backoff = Backoff::standard();
+    let mut current = session.lease();
+    let mut needs_restore = false;
+    loop {
+        if cancel.is_cancelled() {
+            return;
+        }
+        match current {
+            None => {
+                session.publish(None);
+                session.set_state(RegistryState::Recovering);
+                match cancellable(&cancel, session.grant(&conn)).await {
+                    None => return,
+                    Some(Ok(lease)) => {
+                        session.publish(Some(lease));
+                        current = Some(lease);
+                        needs_restore = true;
+                    }
+                    Some(Err(error)) => {
+                        tracing::warn!(%error, "lease grant failed; retrying");
+                        if !backoff.wait(&cancel).await {
+                            return;
+                        }
+                    }
+                }
+            }
+            Some(lease) if needs_restore => match cancellable(&cancel, restore(lease.id)).await {
+                None => return,
+                Some(Ok(())) => {
+                    needs_restore = false;
+                    backoff.reset();
+                    session.set_state(RegistryState::Active { lease_id: lease.id });
+                }
+                Some(Err(error)) if error.is_lease_not_found() => {
+                    tracing::warn!(lease = %format_args!("{:x}", lease.id), "new lease vanished while restoring; granting another");
+                    current = None;
+                }
+                Some(Err(error)) => {
+                    tracing::warn!(lease = %format_args!("{:x}", lease.id), %error, "restoring registrations failed; retrying");
+                    if !backoff.wait(&cancel).await {
+                        return;
+                    }
+                }
+            },
+            Some(lease) => match keep_alive(&session, &conn, lease, &cancel, &mut backoff).await {
+                KeepAlive::Cancelled => return,
+                KeepAlive::Lost => {
+                    tracing::warn!(lease = %format_args!("{:x}", lease.id), "lease lost (expired, revoked or etcd wiped)");
+                    current = None;
+                }
+                KeepAlive::Broken(reason) => {
+                    session.set_state(RegistryState::Degraded { lease_id: lease.id });
+                    tracing::warn!(lease = %format_args!("{:x}", lease.id), %reason, "keep-alive stream broken; reopening");
+                    if !backoff.wait(&cancel).await {
+                        return;
+                    }
+                }
+            },
+        }
+    }
+}
+
+async fn cancellable<T>(cancel: &CancellationToken, f: impl Future<Output = T>) -> Option<T> {
+    tokio::select! {
+        _ = cancel.cancelled() => None,
+        v = f => Some(v),
+    }
+}
+
+/// Keeps `lease` alive on one keep-alive stream: one request every TTL/3.
+async fn keep_alive(
+    session: &Session,
+    conn: &Conn,
+    mut lease: Lease,
+    cancel: &CancellationToken,
+    backoff: &mut Backoff,
+) -> KeepAlive {
+    let ttl = session.ttl;
+    let period = ttl / 3;
+    let open = async {
+        let mut lc = conn.client().lease_client();
+        tokio::time::timeout(conn.request_timeout(), lc.keep_alive(lease.id)).await
+    };
+    let (mut keeper, mut stream) = match cancellable(cancel, open).await {
+        None => return KeepAlive::Cancelled,
+        Some(Ok(Ok(pair))) => pair,
+        Some(Ok(Err(e))) => return KeepAlive::Broken(e.to_string()),
+        Some(Err(_)) => return KeepAlive::Broken("opening the keep-alive stream timed out".into()),
+    };
+    loop {
+        let sent = Instant::now();
+        if let Err(e) = keeper.keep_alive().await {
+            return KeepAlive::Broken(e.to_string());
+        }
+        let answer = tokio::time::timeout(period.max(Duration::from_millis(500)), stream.message());
+        match cancellable(cancel, answer).await {
+            None => return KeepAlive::Cancelled,
+            Some(Err(_)) => return KeepAlive::Broken("no keep-alive answer in time".into()),
+            Some(Ok(Err(e))) => return KeepAlive::Broken(e.to_string()),
+            Some(Ok(Ok(None))) => return KeepAlive::Broken("keep-alive stream ended".into()),
+            Some(Ok(Ok(Some(resp)))) if resp.ttl() <= 0 => return KeepAlive::Lost,
+            Some(Ok(Ok(Some(resp)))) => {
+                lease.expires = sent + Duration::from_secs(resp.ttl() as u64) - safety_margin(ttl);
+                session.publish(Some(lease));
+                session.set_state(RegistryState::Active { lease_id: lease.id });
+                backoff.reset();
+            }
+        }
+        tokio::select! {
+            _ = cancel.cancelled() => return KeepAlive::Cancelled,
+            _ = tokio::time::sleep(period) => {}
+            _ = session.suspect.notified() => {
+                tracing::debug!(lease = %format_args!("{:x}", lease.id), "lease reported missing; checking now");
+            }
+        }
+    }
+}
