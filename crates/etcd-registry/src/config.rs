@@ -160,7 +160,10 @@ impl RegistryBuilder {
     /// Fails with [`Error::InvalidInput`] naming the field.
     pub fn build_config(&self) -> Result<Config> {
         if self.endpoints.is_empty() {
-            return Err(Error::invalid("endpoints", "at least one endpoint is needed"));
+            return Err(Error::invalid(
+                "endpoints",
+                "at least one endpoint is needed",
+            ));
         }
         for e in &self.endpoints {
             if e.trim().is_empty() || e.chars().any(char::is_control) {
@@ -170,7 +173,10 @@ impl RegistryBuilder {
         validate_namespace(&self.namespace)?;
         validate_key_prefix(&self.key_prefix)?;
         if self.ttl < Duration::from_secs(2) {
-            return Err(Error::invalid("ttl", format!("{:?} is under the 2 s minimum", self.ttl)));
+            return Err(Error::invalid(
+                "ttl",
+                format!("{:?} is under the 2 s minimum", self.ttl),
+            ));
         }
         if self.ttl.subsec_nanos() != 0 {
             return Err(Error::invalid(
@@ -220,7 +226,10 @@ fn validate_namespace(ns: &str) -> Result<()> {
         return Err(Error::invalid("namespace", format!("{ns:?} contains '/'")));
     }
     if ns.chars().any(char::is_control) {
-        return Err(Error::invalid("namespace", format!("{ns:?} contains a control character")));
+        return Err(Error::invalid(
+            "namespace",
+            format!("{ns:?} contains a control character"),
+        ));
     }
     Ok(())
 }
@@ -233,7 +242,10 @@ fn validate_key_prefix(p: &str) -> Result<()> {
         return Err(Error::invalid("key_prefix", format!("{p:?} ends with '/'")));
     }
     if p.chars().any(char::is_control) {
-        return Err(Error::invalid("key_prefix", format!("{p:?} contains a control character")));
+        return Err(Error::invalid(
+            "key_prefix",
+            format!("{p:?} contains a control character"),
+        ));
     }
     Ok(())
 }
@@ -279,6 +291,11 @@ mod tests {
             .build_config()
             .unwrap();
         assert_eq!(c.key_prefix(), "/company/registry");
-        assert!(RegistryBuilder::default().key_prefix("noslash").build_config().is_ok());
+        assert!(
+            RegistryBuilder::default()
+                .key_prefix("noslash")
+                .build_config()
+                .is_ok()
+        );
     }
 }

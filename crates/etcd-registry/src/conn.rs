@@ -41,21 +41,26 @@ impl Conn {
         let (live, dead): (Vec<_>, Vec<_>) = results.into_iter().partition(|r| r.is_ok());
         let live: Vec<String> = live.into_iter().filter_map(|r| r.ok()).collect();
         if live.is_empty() {
-            let reason = dead.into_iter().filter_map(|r| r.err()).collect::<Vec<_>>().join("; ");
+            let reason = dead
+                .into_iter()
+                .filter_map(|r| r.err())
+                .collect::<Vec<_>>()
+                .join("; ");
             return Err(Error::Connect {
                 endpoints: config.endpoints.clone(),
                 timeout: config.dial_timeout,
                 reason,
             });
         }
-        let client = tokio::time::timeout(config.dial_timeout, Client::connect(&live, Some(options)))
-            .await
-            .map_err(|_| Error::Connect {
-                endpoints: config.endpoints.clone(),
-                timeout: config.dial_timeout,
-                reason: "connecting to the live endpoints timed out".into(),
-            })?
-            .map_err(|e| Error::etcd("connect", e))?;
+        let client =
+            tokio::time::timeout(config.dial_timeout, Client::connect(&live, Some(options)))
+                .await
+                .map_err(|_| Error::Connect {
+                    endpoints: config.endpoints.clone(),
+                    timeout: config.dial_timeout,
+                    reason: "connecting to the live endpoints timed out".into(),
+                })?
+                .map_err(|e| Error::etcd("connect", e))?;
         for ep in config.endpoints.iter().filter(|e| !live.contains(e)) {
             if let Err(error) = client.add_endpoint(ep).await {
                 tracing::warn!(endpoint = %ep, %error, "could not add an unreachable endpoint");

@@ -87,8 +87,14 @@ impl Error {
     }
 }
 
+/// etcd says "requested lease not found" on requests that attach a lease;
+/// etcd-client's keep-alive says "lease not found" when the first answer has TTL 0.
 pub(crate) fn is_lease_not_found(e: &etcd_client::Error) -> bool {
-    matches!(e, etcd_client::Error::GRpcStatus(s) if s.message().contains("requested lease not found"))
+    match e {
+        etcd_client::Error::GRpcStatus(s) => s.message().contains("lease not found"),
+        etcd_client::Error::LeaseKeepAliveError(m) => m.contains("lease not found"),
+        _ => false,
+    }
 }
 
 /// Errors worth retrying on another endpoint: transport failures and
@@ -97,15 +103,17 @@ pub(crate) fn is_transient(e: &etcd_client::Error) -> bool {
     use etcd_client::Error as E;
     match e {
         E::TransportError(_) | E::IoError(_) => true,
-        E::GRpcStatus(s) => matches!(
-            s.code(),
-            tonic::Code::Unavailable
-                | tonic::Code::Unknown
-                | tonic::Code::DeadlineExceeded
-                | tonic::Code::Cancelled
-                | tonic::Code::Aborted
-                | tonic::Code::Internal
-        ) && !is_lease_not_found(e),
+        E::GRpcStatus(s) => {
+            matches!(
+                s.code(),
+                tonic::Code::Unavailable
+                    | tonic::Code::Unknown
+                    | tonic::Code::DeadlineExceeded
+                    | tonic::Code::Cancelled
+                    | tonic::Code::Aborted
+                    | tonic::Code::Internal
+            ) && !is_lease_not_found(e)
+        }
         _ => false,
     }
 }

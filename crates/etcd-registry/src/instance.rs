@@ -286,7 +286,14 @@ mod tests {
 
     #[test]
     fn oversized_values_are_rejected() {
-        let big = ServiceInstance::new("a", "1", "h", 1).with_metadata("blob", "x".repeat(MAX_ENTRY_BYTES));
-        assert!(matches!(big.encode_for("k"), Err(Error::InvalidInput { field: "metadata", .. })));
+        let big = ServiceInstance::new("a", "1", "h", 1)
+            .with_metadata("blob", "x".repeat(MAX_ENTRY_BYTES));
+        assert!(matches!(
+            big.encode_for("k"),
+            Err(Error::InvalidInput {
+                field: "metadata",
+                ..
+            })
+        ));
     }
 }

@@ -95,19 +95,37 @@ mod tests {
     #[test]
     fn layout_matches_the_go_library() {
         let k = Keys::new("/etcd_registry", "prod");
-        assert_eq!(k.instance_key("web", "1"), "/etcd_registry/prod/services/web/1");
+        assert_eq!(
+            k.instance_key("web", "1"),
+            "/etcd_registry/prod/services/web/1"
+        );
         assert_eq!(k.service_prefix("web"), "/etcd_registry/prod/services/web/");
-        assert_eq!(k.election_key("job", 0x694d_77b4_e1a2_c00b), "/etcd_registry/prod/elections/job/694d77b4e1a2c00b");
+        assert_eq!(
+            k.election_key("job", 0x694d_77b4_e1a2_c00b),
+            "/etcd_registry/prod/elections/job/694d77b4e1a2c00b"
+        );
         assert_eq!(k.election_name("job"), "/etcd_registry/prod/elections/job");
     }
 
     #[test]
     fn parses_only_instance_keys() {
         let k = Keys::new("/company/registry", "ns");
-        assert_eq!(k.parse_instance_key("/company/registry/ns/services/web/a"), Some(("web", "a")));
-        assert_eq!(k.parse_instance_key("/company/registry/ns/services/web"), None);
-        assert_eq!(k.parse_instance_key("/company/registry/ns/services/web/a/b"), None);
-        assert_eq!(k.parse_instance_key("/company/registry/other/services/web/a"), None);
+        assert_eq!(
+            k.parse_instance_key("/company/registry/ns/services/web/a"),
+            Some(("web", "a"))
+        );
+        assert_eq!(
+            k.parse_instance_key("/company/registry/ns/services/web"),
+            None
+        );
+        assert_eq!(
+            k.parse_instance_key("/company/registry/ns/services/web/a/b"),
+            None
+        );
+        assert_eq!(
+            k.parse_instance_key("/company/registry/other/services/web/a"),
+            None
+        );
     }
 
     #[test]
@@ -120,7 +138,10 @@ mod tests {
     fn segments_reject_slash_control_and_empty() {
         assert!(validate_segment("name", "web").is_ok());
         for bad in ["", "a/b", "a\tb"] {
-            assert!(matches!(validate_segment("name", bad), Err(Error::InvalidInput { field: "name", .. })));
+            assert!(matches!(
+                validate_segment("name", bad),
+                Err(Error::InvalidInput { field: "name", .. })
+            ));
         }
     }
 }

@@ -5,7 +5,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use etcd_client::{DeleteOptions, EventType, GetOptions, KeyValue, PutOptions, Txn, TxnOp, WatchOptions};
+use etcd_client::{
+    DeleteOptions, EventType, GetOptions, KeyValue, PutOptions, Txn, TxnOp, WatchOptions,
+};
 use tokio::sync::{Mutex, watch};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -195,7 +197,10 @@ impl Registry {
             .conn
             .retry("delete", |mut c| {
                 let prefix = prefix.clone();
-                async move { c.delete(prefix, Some(DeleteOptions::new().with_prefix())).await }
+                async move {
+                    c.delete(prefix, Some(DeleteOptions::new().with_prefix()))
+                        .await
+                }
             })
             .await?;
         regs.retain(|k, _| !k.starts_with(&prefix));
@@ -285,8 +290,12 @@ impl Inner {
                 .retry("put", |mut c| {
                     let (key, value) = (key.to_owned(), value.clone());
                     async move {
-                        c.put(key, value, Some(PutOptions::new().with_lease(lease.id).with_prev_key()))
-                            .await
+                        c.put(
+                            key,
+                            value,
+                            Some(PutOptions::new().with_lease(lease.id).with_prev_key()),
+                        )
+                        .await
                     }
                 })
                 .await;
@@ -332,12 +341,22 @@ impl Inner {
     /// Re-puts every maintained registration under `lease_id`, in batches.
     async fn restore_all(&self, lease_id: i64) -> Result<()> {
         let mut regs = self.regs.lock().await;
-        let keys: Vec<String> = regs.iter().filter(|(_, e)| !e.yielded).map(|(k, _)| k.clone()).collect();
+        let keys: Vec<String> = regs
+            .iter()
+            .filter(|(_, e)| !e.yielded)
+            .map(|(k, _)| k.clone())
+            .collect();
         for chunk in keys.chunks(TXN_BATCH) {
             let ops: Vec<TxnOp> = chunk
                 .iter()
                 .filter_map(|k| regs.get(k).map(|e| (k, e)))
-                .map(|(k, e)| TxnOp::put(k.as_str(), e.value.clone(), Some(PutOptions::new().with_lease(lease_id))))
+                .map(|(k, e)| {
+                    TxnOp::put(
+                        k.as_str(),
+                        e.value.clone(),
+                        Some(PutOptions::new().with_lease(lease_id)),
+                    )
+                })
                 .collect();
             let resp = self
                 .conn
@@ -359,7 +378,13 @@ impl Inner {
 
     /// Compares one observed key with what we maintain, and restores or yields.
     /// `kv` is `None` when the key is absent (deleted).
-    async fn reconcile_key(&self, regs: &mut HashMap<String, Entry>, key: &str, kv: Option<&KeyValue>, mod_rev: i64) -> Result<()> {
+    async fn reconcile_key(
+        &self,
+        regs: &mut HashMap<String, Entry>,
+        key: &str,
+        kv: Option<&KeyValue>,
+        mod_rev: i64,
+    ) -> Result<()> {
         let Some(entry) = regs.get_mut(key) else {
             return Ok(());
         };
@@ -395,7 +420,10 @@ impl Inner {
             .conn
             .retry("put", |mut c| {
                 let (key, value) = (key.to_owned(), value.clone());
-                async move { c.put(key, value, Some(PutOptions::new().with_lease(lease.id))).await }
+                async move {
+                    c.put(key, value, Some(PutOptions::new().with_lease(lease.id)))
+                        .await
+                }
             })
             .await;
         match resp {
@@ -417,7 +445,11 @@ impl Inner {
             return Ok(());
         }
         self.cancel.cancel();
-        let tasks = self.tasks.lock().map(|mut t| std::mem::take(&mut *t)).unwrap_or_default();
+        let tasks = self
+            .tasks
+            .lock()
+            .map(|mut t| std::mem::take(&mut *t))
+            .unwrap_or_default();
         for task in tasks {
             let _ = task.await;
         }
@@ -426,10 +458,14 @@ impl Inner {
         if let Some(lease) = lease {
             let revoked = self
                 .conn
-                .retry("lease revoke", |mut c| async move { c.lease_revoke(lease.id).await })
+                .retry("lease revoke", |mut c| async move {
+                    c.lease_revoke(lease.id).await
+                })
                 .await;
             match revoked {
-                Ok(_) => tracing::info!(lease = %format_args!("{:x}", lease.id), "lease revoked; registry closed"),
+                Ok(_) => {
+                    tracing::info!(lease = %format_args!("{:x}", lease.id), "lease revoked; registry closed")
+                }
                 Err(e) if e.is_lease_not_found() => {}
                 Err(e) => {
                     tracing::warn!(lease = %format_args!("{:x}", lease.id), error = %e, "could not revoke the lease; its keys expire after the TTL");
@@ -464,7 +500,10 @@ async fn keeper(weak: std::sync::Weak<Inner>, cancel: CancellationToken) {
 }
 
 async fn keeper_pass(inner: &Inner) -> Result<()> {
-    inner.session.wait_lease(Duration::from_secs(3600), &inner.cancel).await?;
+    inner
+        .session
+        .wait_lease(Duration::from_secs(3600), &inner.cancel)
+        .await?;
     let prefix = inner.keys.services_prefix().to_owned();
     let (rev, kvs) = inner.get_prefix(&prefix).await?;
     {
@@ -478,20 +517,31 @@ async fn keeper_pass(inner: &Inner) -> Result<()> {
         }
     }
     let mut client = inner.conn.client();
-    let options = WatchOptions::new().with_prefix().with_start_revision(rev + 1);
+    let options = WatchOptions::new()
+        .with_prefix()
+        .with_start_revision(rev + 1);
     let mut stream = client
         .watch(prefix.as_str(), Some(options))
         .await
         .map_err(|e| Error::etcd("watch", e))?;
     loop {
-        let resp = stream.message().await.map_err(|e| Error::etcd("watch", e))?;
+        let resp = stream
+            .message()
+            .await
+            .map_err(|e| Error::etcd("watch", e))?;
         let Some(resp) = resp else {
-            return Err(Error::etcd("watch", etcd_client::Error::WatchError("stream ended".into())));
+            return Err(Error::etcd(
+                "watch",
+                etcd_client::Error::WatchError("stream ended".into()),
+            ));
         };
         if resp.canceled() {
             return Err(Error::etcd(
                 "watch",
-                etcd_client::Error::WatchError(format!("cancelled by etcd: {}", resp.cancel_reason())),
+                etcd_client::Error::WatchError(format!(
+                    "cancelled by etcd: {}",
+                    resp.cancel_reason()
+                )),
             ));
         }
         if resp.events().is_empty() {
@@ -500,9 +550,14 @@ async fn keeper_pass(inner: &Inner) -> Result<()> {
         let mut regs = inner.regs.lock().await;
         for event in resp.events() {
             let Some(kv) = event.kv() else { continue };
-            let Ok(key) = std::str::from_utf8(kv.key()) else { continue };
+            let Ok(key) = std::str::from_utf8(kv.key()) else {
+                continue;
+            };
             let present = (event.event_type() == EventType::Put).then_some(kv);
-            if let Err(error) = inner.reconcile_key(&mut regs, key, present, kv.mod_revision()).await {
+            if let Err(error) = inner
+                .reconcile_key(&mut regs, key, present, kv.mod_revision())
+                .await
+            {
                 tracing::warn!(%error, key, "could not restore a maintained instance; will retry");
                 return Err(error);
             }
@@ -538,13 +593,18 @@ impl Registration {
     /// under the same key. `name` and `id` must not change.
     pub async fn update(&mut self, instance: ServiceInstance) -> Result<()> {
         if instance.name != self.instance.name {
-            return Err(Error::invalid("name", "update cannot change the service name"));
+            return Err(Error::invalid(
+                "name",
+                "update cannot change the service name",
+            ));
         }
         if instance.id != self.instance.id {
             return Err(Error::invalid("id", "update cannot change the instance id"));
         }
         let value = instance.encode_for(&self.key)?;
-        self.inner.put_entry(&self.key, instance.clone(), value).await?;
+        self.inner
+            .put_entry(&self.key, instance.clone(), value)
+            .await?;
         self.instance = instance;
         Ok(())
     }
@@ -579,6 +639,9 @@ impl Registration {
 
 impl std::fmt::Debug for Registration {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Registration").field("key", &self.key).field("instance", &self.instance).finish()
+        f.debug_struct("Registration")
+            .field("key", &self.key)
+            .field("instance", &self.instance)
+            .finish()
     }
 }

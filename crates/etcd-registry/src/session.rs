@@ -112,7 +112,11 @@ impl Session {
     }
 
     /// Waits until there is a lease, up to `timeout`; `Closed` once cancelled.
-    pub(crate) async fn wait_lease(&self, timeout: Duration, cancel: &CancellationToken) -> Result<Lease> {
+    pub(crate) async fn wait_lease(
+        &self,
+        timeout: Duration,
+        cancel: &CancellationToken,
+    ) -> Result<Lease> {
         let mut rx = self.leases();
         let wait = rx.wait_for(Option::is_some);
         tokio::select! {
@@ -141,7 +145,9 @@ impl Session {
                 RegistryState::Degraded { lease_id } => {
                     tracing::warn!(lease = %format_args!("{lease_id:x}"), "registry state: degraded (keep-alives failing)")
                 }
-                RegistryState::Recovering => tracing::warn!("registry state: recovering (lease lost)"),
+                RegistryState::Recovering => {
+                    tracing::warn!("registry state: recovering (lease lost)")
+                }
                 RegistryState::Closed => tracing::info!("registry state: closed"),
                 RegistryState::Connecting => tracing::info!("registry state: connecting"),
             }
@@ -174,7 +180,9 @@ impl Session {
         let ttl = self.ttl.as_secs() as i64;
         let sent = Instant::now();
         let resp = conn
-            .retry("lease grant", |mut c| async move { c.lease_grant(ttl, None).await })
+            .retry("lease grant", |mut c| async move {
+                c.lease_grant(ttl, None).await
+            })
             .await?;
         let lease = Lease {
             id: resp.id(),
@@ -347,6 +355,7 @@ async fn keep_alive(
     let (mut keeper, mut stream) = match cancellable(cancel, open).await {
         None => return KeepAlive::Cancelled,
         Some(Ok(Ok(pair))) => pair,
+        Some(Ok(Err(e))) if crate::error::is_lease_not_found(&e) => return KeepAlive::Lost,
         Some(Ok(Err(e))) => return KeepAlive::Broken(e.to_string()),
         Some(Err(_)) => return KeepAlive::Broken("opening the keep-alive stream timed out".into()),
     };
@@ -369,12 +378,20 @@ async fn keep_alive(
                 backoff.reset();
             }
         }
+        // Between ticks, keep reading the stream: a broken connection (etcd
+        // restarted, member lost) shows up here at once, not at the next tick.
         tokio::select! {
             _ = cancel.cancelled() => return KeepAlive::Cancelled,
             _ = tokio::time::sleep(period) => {}
             _ = session.suspect.notified() => {
                 tracing::debug!(lease = %format_args!("{:x}", lease.id), "lease reported missing; checking now");
             }
+            msg = stream.message() => match msg {
+                Err(e) => return KeepAlive::Broken(e.to_string()),
+                Ok(None) => return KeepAlive::Broken("keep-alive stream ended".into()),
+                Ok(Some(resp)) if resp.ttl() <= 0 => return KeepAlive::Lost,
+                Ok(Some(_)) => {}
+            },
         }
     }
 }
