@@ -54,9 +54,9 @@ pub enum Error {
     #[error("the registry's lease was lost")]
     SessionLost,
 
-    /// Leadership ended before the operation could complete.
+    /// Leadership ended before the operation could complete; the reason says why.
     #[error("leadership was lost: {0}")]
-    NotLeader(String),
+    NotLeader(crate::election::LostReason),
 
     /// The registry was closed (or dropped).
     #[error("the registry is closed")]

@@ -59,18 +59,6 @@ impl Keys {
     }
 }
 
-/// The end of the range that covers every key starting with `prefix`.
-pub(crate) fn prefix_end(prefix: &str) -> Vec<u8> {
-    let mut end = prefix.as_bytes().to_vec();
-    while let Some(last) = end.pop() {
-        if last < 0xff {
-            end.push(last + 1);
-            return end;
-        }
-    }
-    vec![0]
-}
-
 /// Validates a path segment such as a service name, an instance id or an election name.
 pub(crate) fn validate_segment(field: &'static str, value: &str) -> Result<()> {
     if value.is_empty() {
@@ -126,12 +114,6 @@ mod tests {
             k.parse_instance_key("/company/registry/other/services/web/a"),
             None
         );
-    }
-
-    #[test]
-    fn prefix_end_increments_the_last_byte() {
-        assert_eq!(prefix_end("a/"), b"a0".to_vec());
-        assert_eq!(prefix_end("a\u{7f}"), b"b".to_vec());
     }
 
     #[test]

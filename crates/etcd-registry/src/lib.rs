@@ -39,12 +39,17 @@
 //! and jitter (up to 5 s) until [`Registry::close`]. [`Registry::state`]
 //! shows where it is: [`RegistryState`].
 //!
-//! A second task watches the registry's own keys (anti-entropy). When a key
-//! it maintains is deleted, or overwritten by a writer without a lease or
-//! under this registry's lease, it is restored. When the key is overwritten
-//! under *another* live lease, that is a take-over by another registry (last
-//! writer wins, as in the Go library) and the registration is yielded, not
-//! fought for: the two cases are told apart by the lease attached to the key.
+//! A second task watches the registry's own keys (anti-entropy). The two
+//! cases below are told apart by the lease attached to the key:
+//!
+//! - deleted, or overwritten by a writer **without a lease** (such as a plain
+//!   `etcdctl put`): the registry restores its value within moments;
+//! - overwritten under **another live lease**: that is a take-over by another
+//!   registry (last writer wins, as in the Go library), and the registration
+//!   is yielded, not fought for. [`Registration::deregister`] then leaves the
+//!   new owner's key alone.
+//!
+//! Writes under this registry's own lease are its own and are left as they are.
 //!
 //! # Wire format
 //!
@@ -73,4 +78,9 @@ pub use instance::{MAX_ENTRY_BYTES, ServiceInstance};
 pub use registry::{Registration, Registry};
 pub use session::RegistryState;
 // watch/cache/balance re-exports (issue 4) go on the next line(s):
+#[cfg(feature = "tower")]
+pub use balance::ServiceDiscover;
+pub use cache::{ServiceCache, Strategy};
+pub use watch::{ServiceEvent, ServiceWatch};
 // election re-exports (issue 5) go on the next line(s):
+pub use election::{Election, LeaderInfo, LeaderStream, Leadership, LostReason};

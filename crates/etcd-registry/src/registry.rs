@@ -39,6 +39,10 @@ pub(crate) struct Inner {
     pub(crate) config: Config,
     pub(crate) session: Arc<Session>,
     pub(crate) cancel: CancellationToken,
+    /// Live service caches, shared per service (issue 4, see cache.rs).
+    pub(crate) caches: crate::cache::Caches,
+    /// Candidate keys in use by this registry's campaigns (see election.rs).
+    pub(crate) election_slots: crate::election::Slots,
     regs: Mutex<HashMap<String, Entry>>,
     tasks: std::sync::Mutex<Vec<JoinHandle<()>>>,
     closed: AtomicBool,
@@ -72,6 +76,8 @@ impl Registry {
             config,
             session,
             cancel: CancellationToken::new(),
+            caches: Default::default(),
+            election_slots: Default::default(),
             regs: Mutex::new(HashMap::new()),
             tasks: std::sync::Mutex::new(Vec::new()),
             closed: AtomicBool::new(false),
@@ -276,64 +282,69 @@ impl Inner {
 
     /// Writes a registration under the current lease and records it.
     async fn put_entry(&self, key: &str, instance: ServiceInstance, value: Vec<u8>) -> Result<()> {
-        if self.cancel.is_cancelled() {
-            return Err(Error::Closed);
-        }
-        for attempt in 0..2 {
+        let mut lease_lost_once = false;
+        for _ in 0..4 {
             let lease = self
                 .session
                 .wait_lease(self.config.request_timeout, &self.cancel)
                 .await?;
-            let mut regs = self.regs.lock().await;
+            // The write holds no lock, so concurrent registrations go out in parallel.
             let result = self
                 .conn
                 .retry("put", |mut c| {
                     let (key, value) = (key.to_owned(), value.clone());
-                    async move {
-                        c.put(
-                            key,
-                            value,
-                            Some(PutOptions::new().with_lease(lease.id).with_prev_key()),
-                        )
-                        .await
-                    }
+                    let options = PutOptions::new().with_lease(lease.id).with_prev_key();
+                    async move { c.put(key, value, Some(options)).await }
                 })
                 .await;
-            match result {
-                Ok(resp) => {
-                    if let Some(prev) = resp.prev_key()
-                        && prev.lease() != 0
-                        && !self.session.is_owned(prev.lease())
-                    {
-                        tracing::warn!(
-                            service = %instance.name, id = %instance.id,
-                            other_lease = %format_args!("{:x}", prev.lease()),
-                            "took over an instance id that another live lease held (last writer wins)"
-                        );
-                    }
-                    let written_rev = resp.header().map_or(0, |h| h.revision());
-                    tracing::debug!(service = %instance.name, id = %instance.id, lease = %format_args!("{:x}", lease.id), revision = written_rev, "registered");
-                    regs.insert(
-                        key.to_owned(),
-                        Entry {
-                            instance,
-                            value,
-                            written_rev,
-                            yielded: false,
-                        },
-                    );
-                    return Ok(());
-                }
-                Err(e) if e.is_lease_not_found() && attempt == 0 => {
-                    drop(regs);
-                    // The lease vanished under us: let the session re-grant, then retry once.
+            let resp = match result {
+                Ok(resp) => resp,
+                Err(e) if e.is_lease_not_found() && !lease_lost_once => {
+                    // The lease vanished under us: let the session re-grant, then retry.
+                    lease_lost_once = true;
                     self.session.suspect_lost();
                     let mut leases = self.session.leases();
                     let changed = leases.wait_for(|l| l.is_none_or(|l| l.id != lease.id));
                     let _ = tokio::time::timeout(self.config.request_timeout, changed).await;
+                    continue;
                 }
                 Err(e) => return Err(e),
+            };
+            if let Some(prev) = resp.prev_key()
+                && prev.lease() != 0
+                && !self.session.is_owned(prev.lease())
+            {
+                tracing::warn!(
+                    service = %instance.name, id = %instance.id,
+                    other_lease = %format_args!("{:x}", prev.lease()),
+                    "took over an instance id that another live lease held (last writer wins)"
+                );
             }
+            let written_rev = resp.header().map_or(0, |h| h.revision());
+            {
+                let mut regs = self.regs.lock().await;
+                if self.cancel.is_cancelled() {
+                    return Err(Error::Closed);
+                }
+                // Of two concurrent writes of one key, the later revision is what etcd holds.
+                if regs.get(key).is_none_or(|e| e.written_rev < written_rev) {
+                    regs.insert(
+                        key.to_owned(),
+                        Entry {
+                            instance: instance.clone(),
+                            value: value.clone(),
+                            written_rev,
+                            yielded: false,
+                        },
+                    );
+                }
+            }
+            // A lease replaced while we wrote was restored without us: write again.
+            if self.session.lease().is_some_and(|l| l.id != lease.id) {
+                continue;
+            }
+            tracing::debug!(service = %instance.name, id = %instance.id, lease = %format_args!("{:x}", lease.id), revision = written_rev, "registered");
+            return Ok(());
         }
         Err(Error::SessionLost)
     }
@@ -405,8 +416,12 @@ impl Inner {
                 entry.yielded = true;
                 return Ok(());
             }
-            if holder == lease.id && kv.value() == entry.value.as_slice() {
-                entry.written_rev = kv.mod_revision();
+            if holder != 0 {
+                // Under one of our own leases: our write (possibly one still in
+                // flight, whose entry is not updated yet). Never "restore" over it.
+                if kv.value() == entry.value.as_slice() {
+                    entry.written_rev = kv.mod_revision();
+                }
                 return Ok(());
             }
         }
@@ -558,6 +573,14 @@ async fn keeper_pass(inner: &Inner) -> Result<()> {
                 .reconcile_key(&mut regs, key, present, kv.mod_revision())
                 .await
             {
+                if error.is_lease_not_found() {
+                    // The lease itself is gone: the session re-grants and re-puts everything.
+                    tracing::info!(
+                        key,
+                        "lease gone while restoring; waiting for the session to re-grant"
+                    );
+                    return Ok(());
+                }
                 tracing::warn!(%error, key, "could not restore a maintained instance; will retry");
                 return Err(error);
             }

@@ -85,10 +85,6 @@ impl Session {
         }
     }
 
-    pub(crate) fn ttl(&self) -> Duration {
-        self.ttl
-    }
-
     pub(crate) fn state(&self) -> watch::Receiver<RegistryState> {
         self.state_tx.subscribe()
     }
@@ -120,6 +116,7 @@ impl Session {
         let mut rx = self.leases();
         let wait = rx.wait_for(Option::is_some);
         tokio::select! {
+            biased;
             _ = cancel.cancelled() => Err(Error::Closed),
             r = tokio::time::timeout(timeout, wait) => match r {
                 Ok(Ok(lease)) => lease.ok_or(Error::SessionLost),
