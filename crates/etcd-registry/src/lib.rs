@@ -84,3 +84,8 @@ pub use cache::{ServiceCache, Strategy};
 pub use watch::{ServiceEvent, ServiceWatch};
 // election re-exports (issue 5) go on the next line(s):
 pub use election::{Election, LeaderInfo, LeaderStream, Leadership, LostReason};
+
+/// The README's code is compiled as a doc test, so it stays true.
+#[cfg(doctest)]
+#[doc = include_str!("../../../README.md")]
+struct ReadmeDoctests;
