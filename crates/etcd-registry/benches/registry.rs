@@ -164,44 +164,41 @@ async fn main() {
     };
     eprintln!("benchmarking against {}", server.endpoint());
 
+    // Each comparison alternates the two sides operation by operation, so
+    // that drift in the machine's load hits both alike.
+
     // 1. Registering one instance: one put under the shared lease, vs a raw put with a lease.
     let n = scale(2000);
     let reg = connect(&server, "b1").await;
-    let mut keep = Vec::with_capacity(n);
-    let ours = {
-        let mut samples = Vec::with_capacity(n);
-        let start = Instant::now();
-        for i in 0..n {
-            let t = Instant::now();
-            keep.push(reg.register(inst("web", i)).await.expect("register"));
-            samples.push(t.elapsed());
-        }
-        stats(samples, start.elapsed())
-    };
     let lease = client
         .clone()
         .lease_grant(60, None)
         .await
         .expect("grant")
         .id();
-    let raw = timed(n, |i| {
+    let mut keep = Vec::with_capacity(n);
+    let (mut ours, mut raw) = (Vec::with_capacity(n), Vec::with_capacity(n));
+    let start = Instant::now();
+    for i in 0..n {
+        let t = Instant::now();
+        keep.push(reg.register(inst("web", i)).await.expect("register"));
+        ours.push(t.elapsed());
         let mut c = client.clone();
-        async move {
-            let v = inst("web", i).to_json();
-            c.put(
-                format!("/raw/b1/services/web/id-{i}"),
-                v,
-                Some(PutOptions::new().with_lease(lease)),
-            )
-            .await
-            .expect("put");
-        }
-    })
-    .await;
+        let t = Instant::now();
+        c.put(
+            format!("/raw/b1/services/web/id-{i}"),
+            inst("web", i).to_json(),
+            Some(PutOptions::new().with_lease(lease)),
+        )
+        .await
+        .expect("put");
+        raw.push(t.elapsed());
+    }
+    let wall = start.elapsed() / 2;
     report.row(
         "register one instance (sequential)",
-        &ours,
-        &raw,
+        &stats(ours, wall),
+        &stats(raw, wall),
         "put with lease",
     );
 
@@ -220,27 +217,29 @@ async fn main() {
         .await
         .expect("put");
     }
-    let ours = timed(n, |_| async {
+    let (mut ours, mut raw) = (Vec::with_capacity(n), Vec::with_capacity(n));
+    let start = Instant::now();
+    for _ in 0..n {
+        let t = Instant::now();
         assert_eq!(reg100.instances("api").await.expect("list").len(), 100);
-    })
-    .await;
-    let raw = timed(n, |_| {
+        ours.push(t.elapsed());
         let mut c = client.clone();
-        async move {
-            let r = c
-                .get(
-                    "/raw/b2/services/api/",
-                    Some(GetOptions::new().with_prefix()),
-                )
-                .await
-                .expect("get");
-            assert_eq!(r.kvs().len(), 100);
-        }
-    })
-    .await;
+        let t = Instant::now();
+        let r = c
+            .get(
+                "/raw/b2/services/api/",
+                Some(GetOptions::new().with_prefix()),
+            )
+            .await
+            .expect("get");
+        assert_eq!(r.kvs().len(), 100);
+        raw.push(t.elapsed());
+    }
+    let wall = start.elapsed() / 2;
+    let raw = stats(raw, wall);
     report.row(
         "list a service of 100 instances",
-        &ours,
+        &stats(ours, wall),
         &raw,
         "get prefix (no parse)",
     );

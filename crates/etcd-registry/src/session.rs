@@ -143,12 +143,19 @@ impl Session {
                     tracing::warn!(lease = %format_args!("{lease_id:x}"), "registry state: degraded (keep-alives failing)")
                 }
                 RegistryState::Recovering => {
-                    tracing::warn!("registry state: recovering (lease lost)")
+                    tracing::warn!(lost_lease = %self.lease_hex(), "registry state: recovering (lease lost)")
                 }
-                RegistryState::Closed => tracing::info!("registry state: closed"),
+                RegistryState::Closed => {
+                    tracing::info!(lease = %self.lease_hex(), "registry state: closed")
+                }
                 RegistryState::Connecting => tracing::info!("registry state: connecting"),
             }
         }
+    }
+
+    fn lease_hex(&self) -> String {
+        self.lease()
+            .map_or_else(|| "none".to_owned(), |l| format!("{:x}", l.id))
     }
 
     fn publish(&self, lease: Option<Lease>) {
@@ -275,8 +282,8 @@ pub(crate) async fn run(
         }
         match current {
             None => {
-                session.publish(None);
                 session.set_state(RegistryState::Recovering);
+                session.publish(None);
                 match cancellable(&cancel, session.grant(&conn)).await {
                     None => return,
                     Some(Ok(lease)) => {
