@@ -250,13 +250,16 @@ impl Election {
             key: key.clone(),
             lease_id,
             token: None,
+            pending: None,
             slot: Some(slot.clone()),
         };
 
         // The write runs in its own task so that a dropped campaign cannot
         // leave a key whose write was still in flight: the task sees that
-        // nobody took the answer and deletes what it created.
+        // nobody took the answer and deletes what it created. An answer sent
+        // but not yet read is taken by the guard's drop.
         let (tx, rx) = oneshot::channel();
+        let rx = guard.pending.insert(rx);
         {
             let (inner, key, slot) = (inner.clone(), key.clone(), slot);
             tokio::spawn(async move {
@@ -267,7 +270,9 @@ impl Election {
                 drop(slot);
             });
         }
-        let token = rx.await.map_err(|_| Error::Closed)??;
+        let received = rx.await;
+        guard.pending = None;
+        let token = received.map_err(|_| Error::Closed)??;
         guard.token = Some(token);
         tracing::debug!(election = %self.name, key = %key, revision = token, "candidate key written; waiting for predecessors");
 
@@ -810,6 +815,8 @@ struct CandidacyGuard {
     lease_id: i64,
     /// `Some` once the key was written and is ours to delete.
     token: Option<i64>,
+    /// The answer of the key's write while it is awaited.
+    pending: Option<oneshot::Receiver<Result<i64>>>,
     slot: Option<Arc<KeySlot>>,
 }
 
@@ -829,6 +836,15 @@ impl CandidacyGuard {
 
 impl Drop for CandidacyGuard {
     fn drop(&mut self) {
+        if let Some(mut rx) = self.pending.take() {
+            // After `close` the writer can no longer send: either its answer
+            // is already here (the key is ours to delete) or the writer sees
+            // the failed send and deletes the key itself.
+            rx.close();
+            if let Ok(Ok(token)) = rx.try_recv() {
+                self.token = Some(token);
+            }
+        }
         let (Some(token), Some(slot)) = (self.token, self.slot.take()) else {
             return;
         };
