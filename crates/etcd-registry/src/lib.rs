@@ -1,3 +1,4 @@
+#![warn(missing_docs)]
 //! Service registration, discovery, change watching and leader election on etcd v3.
 //!
 //! ```no_run
