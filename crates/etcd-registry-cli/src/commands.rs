@@ -1,0 +1,417 @@
+//! One function per subcommand.
+//!
+//! Every command but `dev` connects with [`connect`] and hands the registry
+//! back through [`finish`], which closes it (revoking its lease) on success
+//! and on failure alike.
+
+use std::time::Duration;
+
+use etcd_registry::{Registry, ServiceEvent, ServiceInstance};
+use etcd_registry_testkit::EtcdServer;
+use futures::StreamExt;
+use tokio::time::{Instant, sleep_until};
+
+use crate::args::{Cli, Command, Global};
+use crate::error::{CliError, CliResult};
+use crate::output::{self, line};
+use crate::shutdown::Shutdown;
+
+pub async fn run(cli: Cli) -> CliResult {
+    let g = &cli.global;
+    match cli.command {
+        Command::Dev => dev().await,
+        Command::List { service, json } => {
+            with_registry(g, async |r| list(r, service.as_deref(), json).await).await
+        }
+        Command::Watch {
+            service,
+            json,
+            count,
+            timeout,
+        } => {
+            let shutdown = Shutdown::listen()?;
+            let deadline = timeout.map(|s| Instant::now() + Duration::from_secs(s));
+            with_registry(g, async |r| {
+                watch(r, service.as_deref(), json, count, deadline, shutdown).await
+            })
+            .await
+        }
+        Command::Register {
+            name,
+            id,
+            address,
+            port,
+            version,
+            weight,
+            meta,
+            for_secs,
+        } => {
+            let shutdown = Shutdown::listen()?;
+            let mut instance = ServiceInstance::new(name, id, address, port)
+                .with_version(version)
+                .with_weight(weight);
+            instance.metadata.extend(meta);
+            // Reject bad input before reaching etcd: no connection, no lease, no write.
+            instance.validate()?;
+            with_registry(g, async |r| register(r, instance, for_secs, shutdown).await).await?;
+            line("closed: lease revoked, the instance is gone")
+        }
+        Command::Deregister { name, id } => {
+            with_registry(g, async |r| {
+                if r.delete_instance(&name, &id).await? {
+                    line(&format!("deleted {name}/{id}"))
+                } else {
+                    line(&format!("{name}/{id} was not registered; nothing deleted"))
+                }
+            })
+            .await
+        }
+        Command::DeleteService { name } => {
+            with_registry(g, async |r| {
+                let n = r.delete_service(&name).await?;
+                let s = if n == 1 { "" } else { "s" };
+                line(&format!("deleted {n} instance{s} of {name}"))
+            })
+            .await
+        }
+        Command::Leader { election, json } => {
+            with_registry(g, async |r| {
+                let leader = r.election(&election)?.leader().await?;
+                line(&if json {
+                    output::leader_json(leader.as_ref())
+                } else {
+                    output::leader_text(leader.as_ref())
+                })
+            })
+            .await
+        }
+        Command::Campaign {
+            election,
+            proposal,
+            for_secs,
+        } => {
+            let shutdown = Shutdown::listen()?;
+            with_registry(g, async |r| {
+                campaign(r, &election, proposal, for_secs, shutdown).await
+            })
+            .await
+        }
+        Command::Observe {
+            election,
+            json,
+            count,
+        } => {
+            let shutdown = Shutdown::listen()?;
+            with_registry(g, async |r| {
+                observe(r, &election, json, count, shutdown).await
+            })
+            .await
+        }
+    }
+}
+
+/// Connects, runs `body`, and closes the registry whatever `body` returned.
+async fn with_registry<T>(
+    g: &Global,
+    body: impl AsyncFnOnce(&Registry) -> CliResult<T>,
+) -> CliResult<T> {
+    let registry = connect(g).await?;
+    let result = body(&registry).await;
+    finish(registry, result).await
+}
+
+async fn connect(g: &Global) -> CliResult<Registry> {
+    let endpoints: Vec<String> = g
+        .endpoints
+        .iter()
+        .map(|e| e.trim().to_owned())
+        .filter(|e| !e.is_empty())
+        .collect();
+    let mut builder = Registry::builder()
+        .endpoints(endpoints)
+        .namespace(&g.namespace)
+        .key_prefix(&g.prefix)
+        .ttl(Duration::from_secs(g.ttl))
+        .dial_timeout(Duration::from_secs(g.dial_timeout));
+    if let (Some(user), Some(password)) = (&g.user, &g.password) {
+        builder = builder.auth(user, password);
+    }
+    let registry = builder.connect().await?;
+    tracing::debug!(?registry, "connected");
+    Ok(registry)
+}
+
+/// Closes the registry; the command's own error wins over a close error.
+async fn finish<T>(registry: Registry, result: CliResult<T>) -> CliResult<T> {
+    let closed = registry.close().await;
+    match (result, closed) {
+        (Ok(value), Ok(())) => Ok(value),
+        (Ok(_), Err(e)) => Err(CliError::from(e)
+            .context("closing the registry")
+            .with_hint("its lease (and anything under it) expires after the TTL on its own")),
+        (Err(e), Ok(())) => Err(e),
+        (Err(e), Err(close)) => {
+            tracing::warn!(error = %close, "closing the registry failed");
+            Err(e)
+        }
+    }
+}
+
+/// Sleeps for `secs`, or forever when `None`.
+async fn sleep_for(secs: Option<u64>) {
+    match secs {
+        Some(s) => tokio::time::sleep(Duration::from_secs(s)).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Sleeps until `deadline`, or forever when `None`.
+async fn sleep_until_opt(deadline: Option<Instant>) {
+    match deadline {
+        Some(d) => sleep_until(d).await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn dev() -> CliResult {
+    let shutdown = Shutdown::listen()?;
+    let mut server = EtcdServer::builder()
+        .name("etcd-registry-dev")
+        .start()
+        .await
+        .map_err(|e| CliError::from(e).context("starting etcd"))?;
+    let endpoint = server.endpoint();
+    line(&endpoint)?;
+    line(&format!("export ETCD_ENDPOINTS={endpoint}"))?;
+    eprintln!(
+        "etcd is running (pid {}, data in a temporary directory); Ctrl-C stops it and deletes the data",
+        server.pid().unwrap_or_default()
+    );
+    let signalled = shutdown.signalled();
+    tokio::pin!(signalled);
+    let mut check = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            _ = &mut signalled => break,
+            _ = check.tick() => {
+                if !server.is_running() {
+                    return Err(CliError::msg(format!(
+                        "etcd exited on its own; last lines of its log:\n{}",
+                        server.log_tail(20)
+                    )));
+                }
+            }
+        }
+    }
+    server
+        .stop()
+        .await
+        .map_err(|e| CliError::from(e).context("stopping etcd"))?;
+    eprintln!("etcd stopped");
+    Ok(())
+}
+
+async fn list(registry: &Registry, service: Option<&str>, json: bool) -> CliResult {
+    let instances = match service {
+        Some(name) => registry.instances(name).await?,
+        None => registry.all_instances().await?,
+    };
+    if json {
+        for i in &instances {
+            line(&output::instance_json(i))?;
+        }
+    } else if instances.is_empty() {
+        let ns = registry.config().namespace();
+        match service {
+            Some(name) => eprintln!("no instances of {name} in namespace {ns}"),
+            None => eprintln!("no instances in namespace {ns}"),
+        }
+    } else {
+        for row in output::table(&instances) {
+            line(&row)?;
+        }
+    }
+    Ok(())
+}
+
+async fn watch(
+    registry: &Registry,
+    service: Option<&str>,
+    json: bool,
+    count: Option<u64>,
+    deadline: Option<Instant>,
+    shutdown: Shutdown,
+) -> CliResult {
+    let mut events = match service {
+        Some(name) => registry.watch(name)?,
+        None => registry.watch_all()?,
+    };
+    let signalled = shutdown.signalled();
+    let timer = sleep_until_opt(deadline);
+    tokio::pin!(signalled, timer);
+    let mut seen = 0u64;
+    loop {
+        let event = tokio::select! {
+            _ = &mut signalled => return Ok(()),
+            _ = &mut timer => {
+                return match count {
+                    Some(n) => Err(CliError::msg(format!(
+                        "--timeout elapsed after {seen} of {n} events"
+                    ))),
+                    None => Ok(()),
+                };
+            }
+            event = events.next() => event,
+        };
+        let Some(event) = event else {
+            return Err(CliError::msg("the watch ended: the registry was closed"));
+        };
+        match &event {
+            ServiceEvent::Snapshot(all) => {
+                if json {
+                    line(&output::snapshot_json(all))?;
+                } else {
+                    let s = if all.len() == 1 { "" } else { "s" };
+                    line(&format!("snapshot: {} instance{s}", all.len()))?;
+                    for i in all {
+                        line(&format!("  {}", output::instance_line(i)))?;
+                    }
+                }
+            }
+            ServiceEvent::Added(instance)
+            | ServiceEvent::Updated(instance)
+            | ServiceEvent::Removed(instance) => {
+                seen += 1;
+                let kind = output::event_name(&event);
+                if json {
+                    line(&output::event_json(kind, instance))?;
+                } else {
+                    line(&format!("{kind} {}", output::instance_line(instance)))?;
+                }
+            }
+        }
+        if count.is_some_and(|n| seen >= n) {
+            return Ok(());
+        }
+    }
+}
+
+async fn register(
+    registry: &Registry,
+    instance: ServiceInstance,
+    for_secs: Option<u64>,
+    shutdown: Shutdown,
+) -> CliResult {
+    let mut state = registry.state();
+    let registration = registry.register(instance).await?;
+    let i = registration.instance();
+    let lease = registry
+        .lease_id()
+        .map_or_else(|| "none yet".to_owned(), output::lease_hex);
+    line(&format!(
+        "registered {}/{} at {} (lease {lease}, key {})",
+        i.name,
+        i.id,
+        i.endpoint(),
+        registration.key()
+    ))?;
+    state.borrow_and_update();
+    let signalled = shutdown.signalled();
+    let timer = sleep_for(for_secs);
+    tokio::pin!(signalled, timer);
+    loop {
+        tokio::select! {
+            name = &mut signalled => {
+                line(&format!("received {name}; closing"))?;
+                return Ok(());
+            }
+            _ = &mut timer => {
+                line("--for elapsed; closing")?;
+                return Ok(());
+            }
+            changed = state.changed() => {
+                if changed.is_err() {
+                    return Err(CliError::msg("the registry stopped unexpectedly"));
+                }
+                let now = *state.borrow_and_update();
+                line(&format!("lease state: {}", output::state_text(&now)))?;
+            }
+        }
+    }
+}
+
+async fn campaign(
+    registry: &Registry,
+    election: &str,
+    proposal: String,
+    for_secs: Option<u64>,
+    shutdown: Shutdown,
+) -> CliResult {
+    let election = registry.election(election)?;
+    let signalled = shutdown.signalled();
+    tokio::pin!(signalled);
+    line(&format!(
+        "campaigning in {} as {proposal:?}",
+        election.etcd_name()
+    ))?;
+    // Dropping the campaign future (on a signal) withdraws the candidacy.
+    let leadership = tokio::select! {
+        won = election.campaign(proposal) => won?,
+        name = &mut signalled => {
+            line(&format!("received {name} while campaigning; withdrawing"))?;
+            return Ok(());
+        }
+    };
+    line(&format!(
+        "leader (fencing token {})",
+        leadership.fencing_token()
+    ))?;
+    let why = tokio::select! {
+        reason = leadership.lost() => {
+            // Harmless after a loss; deletes the key if it is still ours.
+            if let Err(e) = leadership.resign().await {
+                tracing::warn!(error = %e, "resign after losing leadership failed");
+            }
+            return Err(CliError::msg(format!("leadership lost: {reason}")));
+        }
+        name = &mut signalled => format!("received {name}"),
+        _ = sleep_for(for_secs) => "--for elapsed".to_owned(),
+    };
+    line(&format!("{why}; resigning"))?;
+    leadership.resign().await?;
+    line("resigned")
+}
+
+async fn observe(
+    registry: &Registry,
+    election: &str,
+    json: bool,
+    count: Option<u64>,
+    shutdown: Shutdown,
+) -> CliResult {
+    let mut leaders = registry.election(election)?.observe();
+    let signalled = shutdown.signalled();
+    tokio::pin!(signalled);
+    // The first item is the current leader; --count counts the changes after it.
+    let mut items = 0u64;
+    loop {
+        let leader = tokio::select! {
+            _ = &mut signalled => return Ok(()),
+            leader = leaders.next() => leader,
+        };
+        let Some(leader) = leader else {
+            return Err(CliError::msg(
+                "the observation ended: the registry was closed",
+            ));
+        };
+        line(&if json {
+            output::leader_json(leader.as_ref())
+        } else {
+            output::leader_text(leader.as_ref())
+        })?;
+        if count.is_some_and(|n| items >= n) {
+            return Ok(());
+        }
+        items += 1;
+    }
+}

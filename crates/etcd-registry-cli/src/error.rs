@@ -1,0 +1,155 @@
+//! How a command fails: a message, what to do about it, and the exit code.
+
+use std::fmt::Write as _;
+use std::process::ExitCode;
+
+/// A failed command.
+#[derive(Debug)]
+pub enum CliError {
+    /// stdout was closed (say, piped into `head`): stop quietly and
+    /// successfully, as ripgrep does.
+    BrokenPipe,
+    /// Anything else: printed as `error: ...` (and `hint: ...`), exit 1.
+    Failed {
+        message: String,
+        hint: Option<String>,
+    },
+}
+
+pub type CliResult<T = ()> = Result<T, CliError>;
+
+impl CliError {
+    pub fn msg(message: impl Into<String>) -> Self {
+        CliError::Failed {
+            message: message.into(),
+            hint: None,
+        }
+    }
+
+    #[must_use]
+    pub fn with_hint(self, hint: impl Into<String>) -> Self {
+        match self {
+            CliError::Failed { message, .. } => CliError::Failed {
+                message,
+                hint: Some(hint.into()),
+            },
+            other => other,
+        }
+    }
+
+    /// Prefixes the message with what was being done.
+    #[must_use]
+    pub fn context(self, doing: &str) -> Self {
+        match self {
+            CliError::Failed { message, hint } => CliError::Failed {
+                message: format!("{doing}: {message}"),
+                hint,
+            },
+            other => other,
+        }
+    }
+
+    /// Prints the error to stderr and returns the exit code.
+    pub fn report(self) -> ExitCode {
+        match self {
+            CliError::BrokenPipe => ExitCode::SUCCESS,
+            CliError::Failed { message, hint } => {
+                eprintln!("error: {message}");
+                if let Some(hint) = hint {
+                    eprintln!("hint: {hint}");
+                }
+                ExitCode::FAILURE
+            }
+        }
+    }
+}
+
+/// The message of an error and of every error it wraps, joined by `: `.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let text = s.to_string();
+        // Wrapping errors often repeat their source's text; say it once.
+        if !out.contains(&text) {
+            let _ = write!(out, ": {text}");
+        }
+        source = s.source();
+    }
+    out
+}
+
+impl From<etcd_registry::Error> for CliError {
+    fn from(e: etcd_registry::Error) -> Self {
+        use etcd_registry::Error as E;
+        let hint = match &e {
+            E::InvalidInput { field, .. } => Some(match *field {
+                "name" | "id" | "election" | "namespace" => {
+                    format!("a {field} must be non-empty, without '/' or control characters")
+                }
+                "ttl" => "use --ttl with a whole number of seconds, at least 2".to_owned(),
+                "endpoints" => {
+                    "give --endpoints (or ETCD_ENDPOINTS) as host:port[,host:port...]".to_owned()
+                }
+                "key_prefix" => "give --prefix like /etcd_registry, without a trailing '/'".into(),
+                "auth" => "give both --user and --password (or ETCD_USER/ETCD_PASSWORD)".into(),
+                _ => return CliError::msg(chain(&e)),
+            }),
+            E::Connect { .. } => Some(
+                "is etcd running there? Check --endpoints (or ETCD_ENDPOINTS), \
+                 raise --dial-timeout, or start a local one with `etcd-registry dev`"
+                    .to_owned(),
+            ),
+            E::Timeout { .. } => Some("etcd is slow or unreachable; check its health".to_owned()),
+            E::Etcd { .. } if chain(&e).contains("authentication") => {
+                Some("check --user and --password (or ETCD_USER/ETCD_PASSWORD)".to_owned())
+            }
+            _ => None,
+        };
+        CliError::Failed {
+            message: chain(&e),
+            hint,
+        }
+    }
+}
+
+impl From<etcd_registry_testkit::Error> for CliError {
+    fn from(e: etcd_registry_testkit::Error) -> Self {
+        CliError::msg(chain(&e))
+    }
+}
+
+impl From<std::io::Error> for CliError {
+    fn from(e: std::io::Error) -> Self {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            CliError::BrokenPipe
+        } else {
+            CliError::msg(chain(&e))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn invalid_input_names_the_field_and_says_what_to_do() {
+        let e = etcd_registry::ServiceInstance::new("a/b", "1", "h", 80)
+            .validate()
+            .unwrap_err();
+        match CliError::from(e) {
+            CliError::Failed { message, hint } => {
+                assert!(message.starts_with("invalid name"), "{message}");
+                assert!(hint.unwrap().contains("without '/'"));
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_closed_stdout_is_not_an_error() {
+        let e = std::io::Error::from(std::io::ErrorKind::BrokenPipe);
+        assert!(matches!(CliError::from(e), CliError::BrokenPipe));
+    }
+}

@@ -1,0 +1,465 @@
+//! The `etcd-registry` binary against a real etcd from the testkit.
+//!
+//! Every test runs the built binary in its own namespace of the shared server.
+//! Every await that could hang is under a timeout, and conditions are polled
+//! with a deadline.
+
+use std::future::Future;
+use std::process::{ExitStatus, Output, Stdio};
+use std::time::Duration;
+
+use etcd_registry::{Registry, ServiceInstance};
+use etcd_registry_testkit::{EtcdServer, shared_server, unique_name};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader, Lines};
+use tokio::process::{Child, ChildStdout, Command};
+use tokio::time::{Instant, timeout};
+
+const BIN: &str = env!("CARGO_BIN_EXE_etcd-registry");
+/// Bound of any one step: a command run, a line read, a process exit.
+const STEP: Duration = Duration::from_secs(20);
+/// Bound of a polled condition.
+const DEADLINE: Duration = Duration::from_secs(15);
+
+/// The binary with the connection flags of one test's namespace.
+struct Ctx {
+    etcd: &'static EtcdServer,
+    ns: String,
+}
+
+impl Ctx {
+    async fn new(prefix: &str) -> Self {
+        Ctx {
+            etcd: shared_server().await,
+            ns: unique_name(prefix),
+        }
+    }
+
+    fn command(&self, args: &[&str]) -> Command {
+        let mut cmd = bare_command();
+        cmd.arg("--endpoints")
+            .arg(self.etcd.endpoint())
+            .arg("--namespace")
+            .arg(&self.ns)
+            .args(args);
+        cmd
+    }
+
+    async fn run(&self, args: &[&str]) -> Output {
+        run(self.command(args), args).await
+    }
+
+    /// Runs a command that must succeed and returns its stdout.
+    async fn stdout(&self, args: &[&str]) -> String {
+        let out = self.run(args).await;
+        assert!(
+            out.status.success(),
+            "`{}` failed with {}: {}",
+            args.join(" "),
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).expect("stdout is UTF-8")
+    }
+
+    fn spawn(&self, args: &[&str]) -> Background {
+        let mut child = self
+            .command(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn etcd-registry");
+        let stdout = child.stdout.take().expect("piped stdout");
+        Background {
+            what: args.join(" "),
+            child,
+            lines: BufReader::new(stdout).lines(),
+        }
+    }
+
+    /// A library registry in the same namespace, as a service would use it.
+    async fn registry(&self) -> Registry {
+        timeout(
+            STEP,
+            Registry::builder()
+                .endpoints(self.etcd.endpoints())
+                .namespace(&self.ns)
+                .connect(),
+        )
+        .await
+        .expect("connect timed out")
+        .expect("connect")
+    }
+
+    /// Every key of the namespace, read with etcdctl (not through our code).
+    async fn raw_keys(&self) -> String {
+        let prefix = format!("/etcd_registry/{}/", self.ns);
+        let mut cmd = self.etcd.etcdctl();
+        cmd.args(["get", "--prefix", "--keys-only", &prefix]);
+        let out = run(cmd, &["etcdctl get"]).await;
+        assert!(out.status.success(), "etcdctl get failed: {out:?}");
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    }
+}
+
+/// The binary with no inherited configuration.
+fn bare_command() -> Command {
+    let mut cmd = Command::new(BIN);
+    for var in [
+        "ETCD_ENDPOINTS",
+        "ETCD_REGISTRY_NAMESPACE",
+        "ETCD_REGISTRY_PREFIX",
+        "ETCD_USER",
+        "ETCD_PASSWORD",
+        "RUST_LOG",
+    ] {
+        cmd.env_remove(var);
+    }
+    cmd.stdin(Stdio::null()).kill_on_drop(true);
+    cmd
+}
+
+async fn run(mut cmd: Command, what: &[&str]) -> Output {
+    timeout(STEP, cmd.output())
+        .await
+        .unwrap_or_else(|_| panic!("`{}` did not finish within {STEP:?}", what.join(" ")))
+        .expect("run etcd-registry")
+}
+
+/// A long-running command: its stdout read line by line.
+struct Background {
+    what: String,
+    child: Child,
+    lines: Lines<BufReader<ChildStdout>>,
+}
+
+impl Background {
+    async fn next_line(&mut self) -> String {
+        match timeout(STEP, self.lines.next_line()).await {
+            Ok(Ok(Some(line))) => line,
+            Ok(Ok(None)) => {
+                let stderr = self.stderr().await;
+                panic!("`{}` ended its output early; stderr: {stderr}", self.what)
+            }
+            Ok(Err(e)) => panic!("reading from `{}`: {e}", self.what),
+            Err(_) => panic!("`{}` printed nothing for {STEP:?}", self.what),
+        }
+    }
+
+    /// Reads lines until one starts with `prefix`; returns it.
+    async fn line_starting(&mut self, prefix: &str) -> String {
+        loop {
+            let line = self.next_line().await;
+            if line.starts_with(prefix) {
+                return line;
+            }
+        }
+    }
+
+    /// SIGTERM to this child only, by its PID.
+    fn sigterm(&self) {
+        let pid = self.child.id().expect("the child is still running");
+        let status = std::process::Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill -TERM {pid} failed");
+    }
+
+    async fn exit(&mut self) -> ExitStatus {
+        timeout(STEP, self.child.wait())
+            .await
+            .unwrap_or_else(|_| panic!("`{}` did not exit within {STEP:?}", self.what))
+            .expect("wait for child")
+    }
+
+    /// The rest of stdout, once the process has exited.
+    async fn rest(&mut self) -> Vec<String> {
+        let mut rest = Vec::new();
+        while let Ok(Ok(Some(line))) = timeout(STEP, self.lines.next_line()).await {
+            rest.push(line);
+        }
+        rest
+    }
+
+    async fn stderr(&mut self) -> String {
+        let mut text = String::new();
+        if let Some(mut err) = self.child.stderr.take() {
+            let _ = timeout(Duration::from_secs(2), err.read_to_string(&mut text)).await;
+        }
+        text
+    }
+}
+
+/// Polls `check` until it returns `Some`, failing after [`DEADLINE`].
+async fn eventually<T, F, Fut>(what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {DEADLINE:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+const WEB_1_JSON: &str = r#"{"name":"web","id":"web-1","address":"10.0.0.7","port":"8080","version":"1.0.2","weight":10,"metadata":{"zone":"eu-1"}}"#;
+
+#[tokio::test]
+async fn register_is_listed_in_go_format_and_sigterm_revokes_it() {
+    let ctx = Ctx::new("cli-register").await;
+    let mut register = ctx.spawn(&[
+        "register",
+        "web",
+        "web-1",
+        "10.0.0.7",
+        "8080",
+        "--version",
+        "1.0.2",
+        "--weight",
+        "10",
+        "--meta",
+        "zone=eu-1",
+    ]);
+    let registered = register.next_line().await;
+    assert!(
+        registered.starts_with("registered web/web-1 at 10.0.0.7:8080 (lease "),
+        "{registered}"
+    );
+
+    let listed = eventually("list --json to show web-1", || async {
+        let out = ctx.stdout(&["list", "--json"]).await;
+        (!out.is_empty()).then_some(out)
+    })
+    .await;
+    assert_eq!(listed, format!("{WEB_1_JSON}\n"));
+    assert_eq!(ctx.stdout(&["list", "--json", "web"]).await, listed);
+    let table = ctx.stdout(&["list", "web"]).await;
+    assert_eq!(
+        table.lines().nth(1),
+        Some("web      web-1  10.0.0.7:8080  1.0.2    10      zone=eu-1"),
+        "{table}"
+    );
+
+    register.sigterm();
+    let status = register.exit().await;
+    assert!(status.success(), "register exited with {status}");
+    let rest = register.rest().await;
+    assert_eq!(
+        rest.last().map(String::as_str),
+        Some("closed: lease revoked, the instance is gone"),
+        "{rest:?}"
+    );
+    // The TTL is 30 s: only the revocation on close explains an empty list now.
+    assert_eq!(ctx.stdout(&["list", "--json"]).await, "");
+    assert_eq!(ctx.raw_keys().await, "");
+}
+
+#[tokio::test]
+async fn invalid_input_names_the_field_and_writes_nothing() {
+    let ctx = Ctx::new("cli-invalid").await;
+    let out = ctx.run(&["register", "a/b", "1", "h", "80"]).await;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "stderr: {stderr}");
+    assert!(
+        stderr.contains("error: invalid name: \"a/b\" contains '/'"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("hint: "), "{stderr}");
+    assert_eq!(ctx.stdout(&["list", "--json"]).await, "");
+    assert_eq!(ctx.raw_keys().await, "", "no key of any kind was written");
+}
+
+#[tokio::test]
+async fn unreachable_endpoint_fails_naming_it() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("pick a free port")
+        .port();
+    let endpoint = format!("127.0.0.1:{port}");
+    let mut cmd = bare_command();
+    cmd.args(["--endpoints", &endpoint, "--dial-timeout", "1", "list"]);
+    let started = Instant::now();
+    let out = run(cmd, &["list (unreachable)"]).await;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "stderr: {stderr}");
+    assert!(stderr.contains(&endpoint), "{stderr}");
+    assert!(stderr.contains("hint: is etcd running there?"), "{stderr}");
+    assert!(out.stdout.is_empty());
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "the dial timeout of 1 s was not honoured: {:?}",
+        started.elapsed()
+    );
+}
+
+#[tokio::test]
+async fn watch_prints_the_snapshot_then_library_events_as_json_lines() {
+    let ctx = Ctx::new("cli-watch").await;
+    let registry = ctx.registry().await;
+    let _a1 = registry
+        .register(ServiceInstance::new("api", "a-1", "10.0.0.1", 9000).with_version("2"))
+        .await
+        .expect("register a-1");
+
+    let mut watch = ctx.spawn(&["watch", "api", "--json", "--count", "2"]);
+    assert_eq!(
+        watch.next_line().await,
+        r#"{"event":"snapshot","instances":[{"name":"api","id":"a-1","address":"10.0.0.1","port":"9000","version":"2","weight":0,"metadata":null}]}"#
+    );
+
+    let a2 = registry
+        .register(ServiceInstance::new("api", "a-2", "10.0.0.2", 9001).with_metadata("k", "v"))
+        .await
+        .expect("register a-2");
+    a2.deregister().await.expect("deregister a-2");
+    let a2_json = r#"{"name":"api","id":"a-2","address":"10.0.0.2","port":"9001","version":"","weight":0,"metadata":{"k":"v"}}"#;
+    assert_eq!(
+        watch.next_line().await,
+        format!(r#"{{"event":"added","instance":{a2_json}}}"#)
+    );
+    assert_eq!(
+        watch.next_line().await,
+        format!(r#"{{"event":"removed","instance":{a2_json}}}"#)
+    );
+    let status = watch.exit().await;
+    assert!(status.success(), "watch exited with {status}");
+    assert_eq!(watch.rest().await, Vec::<String>::new());
+    timeout(STEP, registry.close())
+        .await
+        .expect("close timed out")
+        .expect("close");
+}
+
+#[tokio::test]
+async fn campaign_leads_until_sigterm_then_resigns_and_observe_sees_it_all() {
+    let ctx = Ctx::new("cli-election").await;
+    let mut observe = ctx.spawn(&["observe", "cron", "--json", "--count", "2"]);
+    assert_eq!(observe.next_line().await, r#"{"leader":null}"#);
+
+    let mut campaign = ctx.spawn(&["campaign", "cron", "candidate-1"]);
+    let won = campaign.line_starting("leader (fencing token ").await;
+    let token: i64 = won
+        .trim_start_matches("leader (fencing token ")
+        .trim_end_matches(')')
+        .parse()
+        .unwrap_or_else(|e| panic!("bad token in {won:?}: {e}"));
+
+    let leader: serde_json::Value =
+        serde_json::from_str(&ctx.stdout(&["leader", "cron", "--json"]).await).expect("JSON");
+    assert_eq!(leader["leader"]["proposal"], "candidate-1");
+    assert_eq!(leader["leader"]["fencing_token"], token);
+    let text = ctx.stdout(&["leader", "cron"]).await;
+    assert!(
+        text.starts_with(&format!(
+            "leader: candidate-1 (fencing token {token}, lease "
+        )),
+        "{text}"
+    );
+
+    let observed: serde_json::Value =
+        serde_json::from_str(&observe.next_line().await).expect("JSON");
+    assert_eq!(observed, leader);
+
+    campaign.sigterm();
+    let status = campaign.exit().await;
+    assert!(status.success(), "campaign exited with {status}");
+    let rest = campaign.rest().await;
+    assert_eq!(
+        rest,
+        ["received terminate; resigning", "resigned"],
+        "campaign output after SIGTERM"
+    );
+    assert_eq!(observe.next_line().await, r#"{"leader":null}"#);
+    assert!(observe.exit().await.success());
+    assert_eq!(ctx.stdout(&["leader", "cron"]).await, "no leader\n");
+    assert_eq!(
+        ctx.stdout(&["leader", "cron", "--json"]).await,
+        "{\"leader\":null}\n"
+    );
+}
+
+#[tokio::test]
+async fn help_lists_every_subcommand_and_a_bad_flag_is_a_usage_error() {
+    let out = run(
+        {
+            let mut c = bare_command();
+            c.arg("--help");
+            c
+        },
+        &["--help"],
+    )
+    .await;
+    assert!(out.status.success());
+    let help = String::from_utf8_lossy(&out.stdout);
+    for sub in [
+        "dev",
+        "list",
+        "watch",
+        "register",
+        "deregister",
+        "delete-service",
+        "leader",
+        "campaign",
+        "observe",
+    ] {
+        assert!(
+            help.lines()
+                .any(|l| l.trim_start().starts_with(&format!("{sub} "))),
+            "--help does not list `{sub}`:\n{help}"
+        );
+    }
+
+    let out = run(
+        {
+            let mut c = bare_command();
+            c.args(["list", "--no-such-flag"]);
+            c
+        },
+        &["list --no-such-flag"],
+    )
+    .await;
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--no-such-flag"));
+}
+
+#[tokio::test]
+async fn admin_deletes_report_what_existed_for_values_written_by_go() {
+    let ctx = Ctx::new("cli-admin").await;
+    for id in ["g-1", "g-2"] {
+        // What the Go library writes: port as a string, metadata null.
+        let key = format!("/etcd_registry/{}/services/legacy/{id}", ctx.ns);
+        let value = format!(
+            r#"{{"name":"legacy","id":"{id}","address":"10.1.0.1","port":"7000","version":"go","weight":1,"metadata":null}}"#
+        );
+        let mut put = ctx.etcd.etcdctl();
+        put.args(["put", &key, &value]);
+        assert!(run(put, &["etcdctl put"]).await.status.success());
+    }
+    let table = ctx.stdout(&["list"]).await;
+    assert_eq!(
+        table,
+        "SERVICE  ID   ADDRESS        VERSION  WEIGHT  METADATA\n\
+         legacy   g-1  10.1.0.1:7000  go       1       -\n\
+         legacy   g-2  10.1.0.1:7000  go       1       -\n"
+    );
+    assert_eq!(
+        ctx.stdout(&["deregister", "legacy", "g-1"]).await,
+        "deleted legacy/g-1\n"
+    );
+    assert_eq!(
+        ctx.stdout(&["deregister", "legacy", "g-1"]).await,
+        "legacy/g-1 was not registered; nothing deleted\n"
+    );
+    assert_eq!(
+        ctx.stdout(&["delete-service", "legacy"]).await,
+        "deleted 1 instance of legacy\n"
+    );
+    assert_eq!(ctx.raw_keys().await, "");
+}
