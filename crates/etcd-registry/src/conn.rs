@@ -139,3 +139,114 @@ fn connect_options(config: &Config) -> ConnectOptions {
     }
     options
 }
+
+/// Why a [`Watch`] stopped.
+#[derive(Debug)]
+pub(crate) enum WatchEnd {
+    /// etcd compacted the history past the watch's start revision: read the
+    /// current state again, then watch from there.
+    Compacted {
+        /// The oldest revision etcd still holds.
+        compact_revision: i64,
+    },
+    /// The stream broke, ended, did not open in time, or etcd cancelled the
+    /// watch for another reason. Resume from the last revision seen + 1.
+    Broken(Error),
+}
+
+impl std::fmt::Display for WatchEnd {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            WatchEnd::Compacted { compact_revision } => {
+                write!(f, "history compacted up to revision {compact_revision}")
+            }
+            WatchEnd::Broken(e) => e.fmt(f),
+        }
+    }
+}
+
+impl From<WatchEnd> for Error {
+    fn from(end: WatchEnd) -> Self {
+        match end {
+            WatchEnd::Broken(e) => e,
+            compacted @ WatchEnd::Compacted { .. } => watch_error(compacted.to_string()),
+        }
+    }
+}
+
+fn watch_error(reason: impl Into<String>) -> Error {
+    Error::etcd("watch", etcd_client::Error::WatchError(reason.into()))
+}
+
+/// One etcd watch whose every way of stopping arrives as a [`WatchEnd`].
+/// Dropping it cancels the watch.
+pub(crate) struct Watch {
+    requests: etcd_client::WatchRequestSender,
+    responses: etcd_client::WatchResponseStream,
+}
+
+impl Conn {
+    /// Watches `key` (every key under it when `prefix`) from revision `from`
+    /// (0: from now). Opening is bounded by the request timeout.
+    pub(crate) async fn watch(
+        &self,
+        key: impl Into<Vec<u8>>,
+        prefix: bool,
+        from: i64,
+    ) -> Result<Watch, WatchEnd> {
+        let mut options = etcd_client::WatchOptions::new().with_start_revision(from);
+        if prefix {
+            options = options.with_prefix();
+        }
+        let mut client = self.client();
+        let stream = tokio::time::timeout(self.request_timeout, client.watch(key, Some(options)))
+            .await
+            .map_err(|_| {
+                WatchEnd::Broken(Error::Timeout {
+                    op: "watch",
+                    after: self.request_timeout,
+                })
+            })?
+            .map_err(|e| WatchEnd::Broken(Error::etcd("watch", e)))?;
+        let (requests, responses) = stream.split();
+        Ok(Watch {
+            requests,
+            responses,
+        })
+    }
+}
+
+impl Watch {
+    /// The next response: events, the creation notice, or a progress report.
+    ///
+    /// Cancel safe: dropping the future loses no response.
+    pub(crate) async fn next(&mut self) -> Result<etcd_client::WatchResponse, WatchEnd> {
+        let resp = self
+            .responses
+            .message()
+            .await
+            .map_err(|e| WatchEnd::Broken(Error::etcd("watch", e)))?
+            .ok_or_else(|| WatchEnd::Broken(watch_error("stream ended")))?;
+        if resp.canceled() {
+            return Err(if resp.compact_revision() > 0 {
+                WatchEnd::Compacted {
+                    compact_revision: resp.compact_revision(),
+                }
+            } else {
+                WatchEnd::Broken(watch_error(format!(
+                    "cancelled by etcd: {}",
+                    resp.cancel_reason()
+                )))
+            });
+        }
+        Ok(resp)
+    }
+
+    /// Asks etcd for a progress report, which arrives through [`Watch::next`].
+    pub(crate) async fn request_progress(&mut self) -> Result<()> {
+        self.requests
+            .request_progress()
+            .await
+            .map_err(|e| Error::etcd("watch progress", e))
+    }
+}

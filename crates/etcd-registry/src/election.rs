@@ -34,12 +34,13 @@ use std::task::{Context, Poll};
 
 use etcd_client::{
     Compare, CompareOp, EventType, GetOptions, KeyValue, PutOptions, SortOrder, SortTarget, Txn,
-    TxnOp, TxnOpResponse, WatchOptions,
+    TxnOp, TxnOpResponse,
 };
 use tokio::sync::{OwnedMutexGuard, mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
+use crate::conn::WatchEnd;
 use crate::error::{Error, Result};
 use crate::keys::validate_segment;
 use crate::registry::{Inner, Registry};
@@ -1065,33 +1066,9 @@ async fn wait_deletes(inner: &Inner, prefix: &str, my_rev: i64) -> Result<()> {
 
 /// Waits until `key` is deleted after revision `rev`.
 async fn wait_delete(inner: &Inner, key: Vec<u8>, rev: i64) -> Result<()> {
-    let mut client = inner.conn.client();
-    let options = WatchOptions::new().with_start_revision(rev + 1);
-    let mut stream = tokio::time::timeout(
-        inner.conn.request_timeout(),
-        client.watch(key, Some(options)),
-    )
-    .await
-    .map_err(|_| Error::Timeout {
-        op: "watch",
-        after: inner.conn.request_timeout(),
-    })?
-    .map_err(|e| Error::etcd("watch", e))?;
+    let mut watch = inner.conn.watch(key, false, rev + 1).await?;
     loop {
-        let resp = stream
-            .message()
-            .await
-            .map_err(|e| Error::etcd("watch", e))?;
-        let Some(resp) = resp else {
-            return Err(watch_error("stream ended"));
-        };
-        if resp.canceled() {
-            return Err(watch_error(&format!(
-                "cancelled by etcd (compact revision {}): {}",
-                resp.compact_revision(),
-                resp.cancel_reason()
-            )));
-        }
+        let resp = watch.next().await?;
         if resp
             .events()
             .iter()
@@ -1100,10 +1077,6 @@ async fn wait_delete(inner: &Inner, key: Vec<u8>, rev: i64) -> Result<()> {
             return Ok(());
         }
     }
-}
-
-fn watch_error(reason: &str) -> Error {
-    Error::etcd("watch", etcd_client::Error::WatchError(reason.to_owned()))
 }
 
 /// The per-leadership task: resolves `lost` at the lease deadline, when the
@@ -1190,32 +1163,9 @@ async fn watch_key_once(
     from: &mut i64,
     backoff: &mut Backoff,
 ) -> Result<LostReason> {
-    let mut client = inner.conn.client();
-    let options = WatchOptions::new().with_start_revision(*from);
-    let mut stream = tokio::time::timeout(
-        inner.conn.request_timeout(),
-        client.watch(key, Some(options)),
-    )
-    .await
-    .map_err(|_| Error::Timeout {
-        op: "watch",
-        after: inner.conn.request_timeout(),
-    })?
-    .map_err(|e| Error::etcd("watch", e))?;
+    let mut watch = inner.conn.watch(key, false, *from).await?;
     loop {
-        let resp = stream
-            .message()
-            .await
-            .map_err(|e| Error::etcd("watch", e))?;
-        let Some(resp) = resp else {
-            return Err(watch_error("stream ended"));
-        };
-        if resp.canceled() {
-            return Err(watch_error(&format!(
-                "cancelled by etcd: {}",
-                resp.cancel_reason()
-            )));
-        }
+        let resp = watch.next().await?;
         if resp.created() {
             backoff.reset();
         }
@@ -1340,42 +1290,22 @@ async fn observe_pass(
             return Ok(false);
         }
     }
-    let mut client = inner.conn.client();
-    let options = WatchOptions::new()
-        .with_prefix()
-        .with_start_revision(state.revision + 1);
-    let mut stream = tokio::time::timeout(
-        inner.conn.request_timeout(),
-        client.watch(prefix, Some(options)),
-    )
-    .await
-    .map_err(|_| Error::Timeout {
-        op: "watch",
-        after: inner.conn.request_timeout(),
-    })?
-    .map_err(|e| Error::etcd("watch", e))?;
+    let mut watch = inner.conn.watch(prefix, true, state.revision + 1).await?;
     loop {
-        let resp = stream
-            .message()
-            .await
-            .map_err(|e| Error::etcd("watch", e))?;
-        let Some(resp) = resp else {
-            return Err(watch_error("stream ended"));
-        };
-        if resp.canceled() {
-            if resp.compact_revision() > 0 {
-                tracing::info!(
-                    prefix,
-                    compact_revision = resp.compact_revision(),
-                    "election history compacted; re-reading the candidates"
-                );
-                state.candidates = None;
+        let resp = match watch.next().await {
+            Ok(resp) => resp,
+            Err(end) => {
+                if let WatchEnd::Compacted { compact_revision } = end {
+                    tracing::info!(
+                        prefix,
+                        compact_revision,
+                        "election history compacted; re-reading the candidates"
+                    );
+                    state.candidates = None;
+                }
+                return Err(end.into());
             }
-            return Err(watch_error(&format!(
-                "cancelled by etcd: {}",
-                resp.cancel_reason()
-            )));
-        }
+        };
         if resp.created() {
             backoff.reset();
         }

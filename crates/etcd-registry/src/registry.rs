@@ -5,9 +5,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use etcd_client::{
-    DeleteOptions, EventType, GetOptions, KeyValue, PutOptions, Txn, TxnOp, WatchOptions,
-};
+use etcd_client::{DeleteOptions, EventType, GetOptions, KeyValue, PutOptions, Txn, TxnOp};
 use tokio::sync::{Mutex, watch};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -531,34 +529,9 @@ async fn keeper_pass(inner: &Inner) -> Result<()> {
             inner.reconcile_key(&mut regs, &key, kv, mod_rev).await?;
         }
     }
-    let mut client = inner.conn.client();
-    let options = WatchOptions::new()
-        .with_prefix()
-        .with_start_revision(rev + 1);
-    let mut stream = client
-        .watch(prefix.as_str(), Some(options))
-        .await
-        .map_err(|e| Error::etcd("watch", e))?;
+    let mut watch = inner.conn.watch(prefix.as_str(), true, rev + 1).await?;
     loop {
-        let resp = stream
-            .message()
-            .await
-            .map_err(|e| Error::etcd("watch", e))?;
-        let Some(resp) = resp else {
-            return Err(Error::etcd(
-                "watch",
-                etcd_client::Error::WatchError("stream ended".into()),
-            ));
-        };
-        if resp.canceled() {
-            return Err(Error::etcd(
-                "watch",
-                etcd_client::Error::WatchError(format!(
-                    "cancelled by etcd: {}",
-                    resp.cancel_reason()
-                )),
-            ));
-        }
+        let resp = watch.next().await?;
         if resp.events().is_empty() {
             continue;
         }

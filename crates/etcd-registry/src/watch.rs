@@ -32,12 +32,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use etcd_client::{Event, EventType, GetOptions, KeyValue, ResponseHeader, WatchOptions};
+use etcd_client::{Event, EventType, GetOptions, KeyValue, ResponseHeader};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 
+use crate::conn::WatchEnd;
 use crate::error::{Error, Result};
 use crate::instance::ServiceInstance;
 use crate::keys::validate_segment;
@@ -513,26 +514,16 @@ impl Watcher {
 
     /// Watching: follows the etcd watch until it breaks.
     async fn watch(&mut self, from: i64, backoff: &mut Backoff) -> Next {
-        let mut client = self.inner.conn.client();
-        let options = WatchOptions::new().with_prefix().with_start_revision(from);
-        let open = tokio::time::timeout(
-            STALE_AFTER,
-            client.watch(self.prefix.as_str(), Some(options)),
-        );
-        let stream = match self.cancellable(open).await {
+        let mut watch = match self
+            .cancellable(self.inner.conn.watch(self.prefix.as_str(), true, from))
+            .await
+        {
             None => return Next::Stop,
-            Some(Err(_)) => {
-                return Next::Retry(
-                    State::Resuming,
-                    format!("opening the watch took over {STALE_AFTER:?}"),
-                );
+            Some(Err(end)) => {
+                return Next::Retry(State::Resuming, format!("opening the watch failed: {end}"));
             }
-            Some(Ok(Err(e))) => {
-                return Next::Retry(State::Resuming, format!("opening the watch failed: {e}"));
-            }
-            Some(Ok(Ok(stream))) => stream,
+            Some(Ok(watch)) => watch,
         };
-        let (mut requests, mut responses) = stream.split();
         let mut heard = Instant::now();
         let mut progress = tokio::time::interval_at(heard + PROGRESS_INTERVAL, PROGRESS_INTERVAL);
         progress.set_missed_tick_behavior(MissedTickBehavior::Delay);
@@ -543,17 +534,26 @@ impl Watcher {
                     return Next::Retry(State::Resuming, format!("no event or progress report for {STALE_AFTER:?} (stale stream)"));
                 }
                 _ = progress.tick() => {
-                    if let Err(e) = requests.request_progress().await {
+                    if let Err(e) = watch.request_progress().await {
                         return Next::Retry(State::Resuming, format!("progress request failed: {e}"));
                     }
                     continue;
                 }
-                m = responses.message() => m,
+                m = watch.next() => m,
             };
             let resp = match message {
-                Err(e) => return Next::Retry(State::Resuming, format!("watch stream failed: {e}")),
-                Ok(None) => return Next::Retry(State::Resuming, "watch stream ended".into()),
-                Ok(Some(resp)) => resp,
+                Ok(resp) => resp,
+                Err(WatchEnd::Compacted { compact_revision }) => {
+                    self.errors.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(
+                        service = %self.service, revision = self.revision, compact_revision,
+                        "the last revision seen was compacted; re-listing and sending the difference"
+                    );
+                    return Next::Go(State::Listing);
+                }
+                Err(WatchEnd::Broken(e)) => {
+                    return Next::Retry(State::Resuming, format!("watch stream failed: {e}"));
+                }
             };
             heard = Instant::now();
             if !self.same_cluster(resp.header()) {
@@ -561,22 +561,7 @@ impl Watcher {
                 tracing::warn!(service = %self.service, revision = self.revision, "etcd cluster id changed; re-listing");
                 return Next::Go(State::Listing);
             }
-            if resp.canceled() {
-                if resp.compact_revision() > 0 {
-                    self.errors.fetch_add(1, Ordering::Relaxed);
-                    tracing::warn!(
-                        service = %self.service, revision = self.revision,
-                        compact_revision = resp.compact_revision(),
-                        "the last revision seen was compacted; re-listing and sending the difference"
-                    );
-                    return Next::Go(State::Listing);
-                }
-                return Next::Retry(
-                    State::Resuming,
-                    format!("watch cancelled by etcd: {}", resp.cancel_reason()),
-                );
-            }
-            // (A compaction notice carries revision 0, hence the order and the `> 0`.)
+            // (A response may carry revision 0, hence the `> 0`.)
             if resp
                 .header()
                 .is_some_and(|h| h.revision() > 0 && h.revision() < self.revision)
