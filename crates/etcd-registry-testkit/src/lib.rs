@@ -32,6 +32,7 @@ mod http;
 mod process;
 mod proxy;
 mod server;
+mod wait;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -40,6 +41,7 @@ pub use cluster::EtcdCluster;
 pub use error::{Error, Result};
 pub use proxy::{FaultProxy, ProxyMode};
 pub use server::{EtcdServer, EtcdServerBuilder};
+pub use wait::{eventually, within};
 
 /// The etcd server shared by all tests of one test binary.
 ///

@@ -10,10 +10,7 @@ use etcd_registry_testkit::{EtcdServer, shared_server, unique_name};
 use tokio::time::Instant;
 
 async fn within<F: Future>(secs: u64, what: &str, f: F) -> F::Output {
-    match tokio::time::timeout(Duration::from_secs(secs), f).await {
-        Ok(v) => v,
-        Err(_) => panic!("timed out after {secs} s: {what}"),
-    }
+    etcd_registry_testkit::within(what, Duration::from_secs(secs), f).await
 }
 
 async fn connect(endpoints: Vec<String>, ns: &str) -> Registry {

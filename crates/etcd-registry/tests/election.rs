@@ -3,7 +3,6 @@
 //! drop, `etcdctl elect` interop, observe across a restart, mutual exclusion
 //! under churn, and `lead()`.
 
-use std::future::Future;
 use std::process::Stdio;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -11,7 +10,9 @@ use std::time::Duration;
 
 use etcd_client::{Client, GetOptions};
 use etcd_registry::{Election, Error, LeaderInfo, Leadership, LostReason, Registry};
-use etcd_registry_testkit::{EtcdServer, FaultProxy, shared_server, unique_name};
+use etcd_registry_testkit::{
+    EtcdServer, FaultProxy, eventually, shared_server, unique_name, within,
+};
 use futures::StreamExt;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::time::{Instant, timeout};
@@ -41,36 +42,6 @@ async fn connect(endpoints: Vec<String>, namespace: &str, ttl_secs: u64) -> Regi
     .await
     .expect("connect hung")
     .expect("connect failed")
-}
-
-/// Awaits `fut`, failing the test if it takes longer than `within`.
-async fn within<F: Future>(what: &str, within: Duration, fut: F) -> F::Output {
-    match timeout(within, fut).await {
-        Ok(v) => v,
-        Err(_) => panic!("timed out after {within:?}: {what}"),
-    }
-}
-
-/// Polls `check` every 25 ms until it holds; panics after `within`.
-async fn eventually<F, Fut>(what: &str, within: Duration, mut check: F) -> Duration
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = bool>,
-{
-    let start = Instant::now();
-    loop {
-        if timeout(Duration::from_secs(5), check())
-            .await
-            .unwrap_or(false)
-        {
-            return start.elapsed();
-        }
-        assert!(
-            start.elapsed() < within,
-            "timed out after {within:?} waiting for: {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
 }
 
 /// Raw read of every key under `prefix`: (key, value, create revision).

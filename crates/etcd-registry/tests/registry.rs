@@ -1,13 +1,12 @@
 //! Registry core against real etcd: register/list/deregister, wire format,
 //! validation, close, and self-healing across lease loss and etcd restarts.
 
-use std::future::Future;
 use std::net::TcpListener;
 use std::time::Duration;
 
 use etcd_client::{Client, GetOptions};
 use etcd_registry::{Error, Registry, RegistryState, ServiceInstance};
-use etcd_registry_testkit::{EtcdCluster, EtcdServer, shared_server, unique_name};
+use etcd_registry_testkit::{EtcdCluster, EtcdServer, eventually, shared_server, unique_name};
 use tokio::time::{Instant, timeout};
 
 /// Bound for any single await that could hang.
@@ -34,28 +33,6 @@ async fn connect(endpoints: Vec<String>, namespace: &str, ttl_secs: u64) -> Regi
     .await
     .expect("connect hung")
     .expect("connect failed")
-}
-
-/// Polls `check` every 50 ms until it holds; panics after `within`.
-async fn eventually<F, Fut>(what: &str, within: Duration, mut check: F) -> Duration
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = bool>,
-{
-    let start = Instant::now();
-    loop {
-        if timeout(Duration::from_secs(5), check())
-            .await
-            .unwrap_or(false)
-        {
-            return start.elapsed();
-        }
-        assert!(
-            start.elapsed() < within,
-            "timed out after {within:?} waiting for: {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 /// Raw read of every key under `prefix`: (key, value, lease).

@@ -21,31 +21,16 @@ type Model = BTreeMap<(String, String), ServiceInstance>;
 
 /// Every await that could hang goes through this.
 async fn within<F: Future>(secs: u64, what: &str, f: F) -> F::Output {
-    match tokio::time::timeout(Duration::from_secs(secs), f).await {
-        Ok(v) => v,
-        Err(_) => panic!("timed out after {secs} s: {what}"),
-    }
+    etcd_registry_testkit::within(what, Duration::from_secs(secs), f).await
 }
 
 /// Polls `check` until it is true, or fails after `secs`.
-async fn eventually<F, Fut>(secs: u64, what: &str, mut check: F)
+async fn eventually<F, Fut>(secs: u64, what: &str, check: F)
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = bool>,
 {
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    loop {
-        if tokio::time::timeout_at(deadline, check())
-            .await
-            .unwrap_or(false)
-        {
-            return;
-        }
-        if Instant::now() >= deadline {
-            panic!("not true within {secs} s: {what}");
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    etcd_registry_testkit::eventually(what, Duration::from_secs(secs), check).await;
 }
 
 /// Captured `tracing` output of this test binary.
