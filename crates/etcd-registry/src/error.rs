@@ -20,7 +20,7 @@ pub enum Error {
     },
 
     /// No endpoint answered within the dial timeout.
-    #[error("could not reach etcd at any of {endpoints:?} within {timeout:?}: {reason}")]
+    #[error("could not reach etcd at any of [{}] within {timeout:?} ({reason})", endpoints.join(", "))]
     Connect {
         /// Every endpoint that was tried.
         endpoints: Vec<String>,
