@@ -131,7 +131,11 @@ fn connect_options(config: &Config) -> ConnectOptions {
         .with_keep_alive_while_idle(true)
         .with_require_leader(true);
     if let Some((user, password)) = &config.auth {
-        options = options.with_user(user.clone(), password.clone());
+        // etcd's auth tokens expire (simple tokens after 5 idle minutes by
+        // default); a long-lived registry must re-authenticate on its own.
+        options = options
+            .with_user(user.clone(), password.clone())
+            .with_auto_token_refresh(true);
     }
     #[cfg(feature = "tls")]
     if let Some(tls) = &config.tls {

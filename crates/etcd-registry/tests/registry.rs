@@ -684,3 +684,58 @@ async fn a_thousand_instances_share_one_lease_and_survive_a_wipe() {
     assert_eq!(c.leases().await.unwrap().leases().len(), 1);
     reg.close().await.unwrap();
 }
+
+#[tokio::test]
+async fn auth_is_required_and_tokens_are_refreshed() {
+    // A simple-token TTL of 2 s, so the test sees a token expire.
+    let server = EtcdServer::builder()
+        .arg("--auth-token=simple")
+        .arg("--auth-token-ttl=2")
+        .start()
+        .await
+        .unwrap();
+    for args in [
+        vec!["user", "add", "root", "--new-user-password=rootpw"],
+        vec!["auth", "enable"],
+    ] {
+        let out = server.etcdctl().args(&args).output().await.unwrap();
+        assert!(
+            out.status.success(),
+            "etcdctl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let builder = || {
+        Registry::builder()
+            .endpoints(server.endpoints())
+            .namespace("auth")
+            .ttl(Duration::from_secs(10))
+            .dial_timeout(Duration::from_secs(3))
+    };
+    // etcd 3.4 grants leases without a token, so connecting may succeed;
+    // writing may not.
+    if let Ok(anonymous) = timeout(T, builder().connect()).await.unwrap() {
+        let err = anonymous.register(inst("web", "0")).await.unwrap_err();
+        assert!(matches!(err, Error::Etcd { .. }), "{err}");
+        drop(anonymous);
+    }
+    let wrong = timeout(T, builder().auth("root", "nope").connect())
+        .await
+        .unwrap();
+    assert!(wrong.is_err(), "connected with a wrong password");
+
+    let reg = timeout(T, builder().auth("root", "rootpw").connect())
+        .await
+        .unwrap()
+        .unwrap();
+    let _a = reg.register(inst("web", "1")).await.unwrap();
+    // Idle for longer than the token TTL: the next requests re-authenticate.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let _b = reg.register(inst("web", "2")).await.unwrap();
+    assert_eq!(ids(&reg.instances("web").await.unwrap()), ["1", "2"]);
+    assert!(matches!(
+        *reg.state().borrow(),
+        RegistryState::Active { .. }
+    ));
+    reg.close().await.unwrap();
+}
