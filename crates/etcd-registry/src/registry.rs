@@ -587,6 +587,9 @@ impl Registration {
 
     /// Replaces the instance's version, weight, metadata or address in place,
     /// under the same key. `name` and `id` must not change.
+    ///
+    /// If another lease had taken the key over, this writes it back under this
+    /// registry's lease and maintains it again (last writer wins).
     pub async fn update(&mut self, instance: ServiceInstance) -> Result<()> {
         if instance.name != self.instance.name {
             return Err(Error::invalid(
