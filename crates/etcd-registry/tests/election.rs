@@ -679,6 +679,51 @@ async fn observe_reports_every_leader_across_an_etcd_restart() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn observe_reports_the_current_leader_after_its_history_was_compacted() {
+    let server = EtcdServer::start().await.unwrap();
+    let ns = unique_name("el");
+    let proxy = FaultProxy::start(&server.endpoint()).await.unwrap();
+    let r1 = connect(server.endpoints(), &ns, 10).await;
+    let r2 = connect(server.endpoints(), &ns, 10).await;
+    let observer = connect(vec![proxy.endpoint()], &ns, 10).await;
+    let mut client = server.client().await.unwrap();
+    let mut observed = observer.election("job").unwrap().observe();
+    assert_eq!(within("observe", T, observed.next()).await, Some(None));
+    let l1 = campaign(&r1.election("job").unwrap(), "one").await;
+    let first = within("observe", T, observed.next()).await.unwrap();
+    assert_eq!(proposal(&first).as_deref(), Some("one"));
+
+    // Cut the observer off, change leaders, and compact away that history.
+    proxy.blackhole();
+    proxy.reset();
+    within("resign", T, l1.resign()).await.unwrap();
+    let l2 = campaign(&r2.election("job").unwrap(), "two").await;
+    let rev = client
+        .get("compact-me", None)
+        .await
+        .unwrap()
+        .header()
+        .unwrap()
+        .revision();
+    client.compact(rev, None).await.unwrap();
+    proxy.heal();
+
+    // The observer's revision is gone from history: it re-reads and reports
+    // the leader it missed, then keeps following.
+    let after = within("observe after compaction", T, observed.next())
+        .await
+        .expect("stream ended");
+    assert_eq!(proposal(&after).as_deref(), Some("two"));
+    assert_eq!(after.unwrap().fencing_token, l2.fencing_token());
+    within("resign", T, l2.resign()).await.unwrap();
+    assert_eq!(within("observe", T, observed.next()).await, Some(None));
+    drop(observed);
+    for r in [r1, r2, observer] {
+        r.close().await.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn five_registries_churning_never_lead_at_once() {
     let server = shared_server().await;
     let ns = unique_name("el-churn");
