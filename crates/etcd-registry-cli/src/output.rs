@@ -1,6 +1,6 @@
 //! Everything the commands print: tables, JSON lines, events, leaders, states.
 //!
-//! Data goes to stdout, one line per item, written through [`line`] so that a
+//! Data goes to stdout, one line per item, written through [`line()`] so that a
 //! closed pipe ends the command quietly instead of panicking.
 
 use std::io::Write as _;
