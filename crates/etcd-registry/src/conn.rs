@@ -178,6 +178,15 @@ impl From<WatchEnd> for Error {
     }
 }
 
+fn watch_options(prefix: bool, from: i64) -> etcd_client::WatchOptions {
+    let options = etcd_client::WatchOptions::new().with_start_revision(from);
+    if prefix {
+        options.with_prefix()
+    } else {
+        options
+    }
+}
+
 fn watch_error(reason: impl Into<String>) -> Error {
     Error::etcd("watch", etcd_client::Error::WatchError(reason.into()))
 }
@@ -198,10 +207,7 @@ impl Conn {
         prefix: bool,
         from: i64,
     ) -> Result<Watch, WatchEnd> {
-        let mut options = etcd_client::WatchOptions::new().with_start_revision(from);
-        if prefix {
-            options = options.with_prefix();
-        }
+        let options = watch_options(prefix, from);
         let mut client = self.client();
         let stream = tokio::time::timeout(self.request_timeout, client.watch(key, Some(options)))
             .await
@@ -244,6 +250,20 @@ impl Watch {
             });
         }
         Ok(resp)
+    }
+
+    /// Adds another watcher to the same stream; its responses arrive through
+    /// [`Watch::next`] too.
+    pub(crate) async fn add(
+        &mut self,
+        key: impl Into<Vec<u8>>,
+        prefix: bool,
+        from: i64,
+    ) -> Result<()> {
+        self.requests
+            .watch(key, Some(watch_options(prefix, from)))
+            .await
+            .map_err(|e| Error::etcd("watch", e))
     }
 
     /// Asks etcd for a progress report, which arrives through [`Watch::next`].

@@ -40,8 +40,11 @@
 //! and jitter (up to 5 s) until [`Registry::close`]. [`Registry::state`]
 //! shows where it is: [`RegistryState`].
 //!
-//! A second task watches the registry's own keys (anti-entropy). The two
-//! cases below are told apart by the lease attached to the key:
+//! A second task watches the services this registry registers (one watch
+//! stream; the whole namespace only past 64 services), so a registry does not
+//! hear every change of a large namespace. It restores the keys it maintains
+//! (anti-entropy). The two cases below are told apart by the lease attached
+//! to the key:
 //!
 //! - deleted, or overwritten by a writer **without a lease** (such as a plain
 //!   `etcdctl put`): the registry restores its value within moments;

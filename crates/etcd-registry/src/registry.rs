@@ -1,12 +1,14 @@
 //! [`Registry`] and [`Registration`]: register, deregister, list, admin, close.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use etcd_client::{DeleteOptions, EventType, GetOptions, KeyValue, PutOptions, Txn, TxnOp};
-use tokio::sync::{Mutex, watch};
+use etcd_client::{
+    DeleteOptions, EventType, GetOptions, KeyValue, PutOptions, Txn, TxnOp, TxnOpResponse,
+};
+use tokio::sync::{Mutex, Notify, watch};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -42,6 +44,10 @@ pub(crate) struct Inner {
     /// Candidate keys in use by this registry's campaigns (see election.rs).
     pub(crate) election_slots: crate::election::Slots,
     regs: Mutex<HashMap<String, Entry>>,
+    /// Services whose keys the anti-entropy watch covers; a registration of
+    /// any other service wakes `services_changed` so that it widens.
+    watched: std::sync::Mutex<HashSet<String>>,
+    services_changed: Notify,
     tasks: std::sync::Mutex<Vec<JoinHandle<()>>>,
     closed: AtomicBool,
 }
@@ -77,6 +83,8 @@ impl Registry {
             caches: Default::default(),
             election_slots: Default::default(),
             regs: Mutex::new(HashMap::new()),
+            watched: std::sync::Mutex::new(HashSet::new()),
+            services_changed: Notify::new(),
             tasks: std::sync::Mutex::new(Vec::new()),
             closed: AtomicBool::new(false),
         });
@@ -337,6 +345,13 @@ impl Inner {
                     );
                 }
             }
+            if !self
+                .watched
+                .lock()
+                .is_ok_and(|w| w.contains(&instance.name))
+            {
+                self.services_changed.notify_one();
+            }
             // A lease replaced while we wrote was restored without us: write again.
             if self.session.lease().is_some_and(|l| l.id != lease.id) {
                 continue;
@@ -512,13 +527,58 @@ async fn keeper(weak: std::sync::Weak<Inner>, cancel: CancellationToken) {
     }
 }
 
+/// Past this many services, one watch covers the whole namespace instead of
+/// one per service (a transaction holds at most 128 operations).
+const MAX_SCOPED_SERVICES: usize = 64;
+
 async fn keeper_pass(inner: &Inner) -> Result<()> {
     inner
         .session
         .wait_lease(Duration::from_secs(3600), &inner.cancel)
         .await?;
-    let prefix = inner.keys.services_prefix().to_owned();
-    let (rev, kvs) = inner.get_prefix(&prefix).await?;
+    // Watch only the services this registry registers, so that a registry
+    // does not hear every change of a large namespace.
+    let prefixes: Vec<String> = {
+        let regs = inner.regs.lock().await;
+        let services: HashSet<String> = regs.values().map(|e| e.instance.name.clone()).collect();
+        let prefixes = if services.len() > MAX_SCOPED_SERVICES {
+            vec![inner.keys.services_prefix().to_owned()]
+        } else {
+            services
+                .iter()
+                .map(|s| inner.keys.service_prefix(s))
+                .collect()
+        };
+        if let Ok(mut watched) = inner.watched.lock() {
+            *watched = services;
+        }
+        prefixes
+    };
+    if prefixes.is_empty() {
+        inner.services_changed.notified().await;
+        return Ok(());
+    }
+    let gets: Vec<TxnOp> = prefixes
+        .iter()
+        .map(|p| TxnOp::get(p.as_str(), Some(GetOptions::new().with_prefix())))
+        .collect();
+    let resp = inner
+        .conn
+        .retry("get", |mut c| {
+            let txn = Txn::new().and_then(gets.clone());
+            async move { c.txn(txn).await }
+        })
+        .await?;
+    let rev = resp.header().map_or(0, |h| h.revision());
+    let kvs: Vec<KeyValue> = resp
+        .op_responses()
+        .into_iter()
+        .filter_map(|op| match op {
+            TxnOpResponse::Get(mut g) => Some(g.take_kvs()),
+            _ => None,
+        })
+        .flatten()
+        .collect();
     {
         let mut regs = inner.regs.lock().await;
         let present: HashMap<&[u8], &KeyValue> = kvs.iter().map(|kv| (kv.key(), kv)).collect();
@@ -529,9 +589,19 @@ async fn keeper_pass(inner: &Inner) -> Result<()> {
             inner.reconcile_key(&mut regs, &key, kv, mod_rev).await?;
         }
     }
-    let mut watch = inner.conn.watch(prefix.as_str(), true, rev + 1).await?;
+    let mut watch = inner
+        .conn
+        .watch(prefixes[0].as_str(), true, rev + 1)
+        .await?;
+    for prefix in &prefixes[1..] {
+        watch.add(prefix.as_str(), true, rev + 1).await?;
+    }
     loop {
-        let resp = watch.next().await?;
+        let resp = tokio::select! {
+            r = watch.next() => r?,
+            // A new service: restart with a wider watch.
+            _ = inner.services_changed.notified() => return Ok(()),
+        };
         if resp.events().is_empty() {
             continue;
         }

@@ -64,13 +64,12 @@ async fn a_hundred_caches_of_one_service_share_one_etcd_watch() {
     let etcd = within(60, "start etcd", EtcdServer::start()).await.unwrap();
     let ns = unique_name("c6");
     let reg = connect(etcd.endpoints(), &ns).await;
-    // The registry's own anti-entropy watch is the baseline.
-    watchers_become(&etcd, 1, 20, "the registry's own watch").await;
-    let baseline = 1;
-
     let _x = within(10, "register", reg.register(inst("x", "x1", 1)))
         .await
         .unwrap();
+    // The registry's own anti-entropy watch (over service x) is the baseline.
+    watchers_become(&etcd, 1, 20, "the registry's own watch").await;
+    let baseline = 1;
     let caches = within(
         30,
         "100 caches",

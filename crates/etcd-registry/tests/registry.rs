@@ -489,6 +489,68 @@ async fn deleted_or_overwritten_keys_are_restored_but_takeovers_are_yielded() {
 }
 
 #[tokio::test]
+async fn keys_of_a_service_registered_later_are_restored_too() {
+    let server = shared_server().await;
+    let ns = unique_name("ae2");
+    let reg = connect(server.endpoints(), &ns, 30).await;
+    let client = server.client().await.unwrap();
+    let _web = reg.register(inst("web", "1")).await.unwrap();
+    // Let the anti-entropy watch settle on `web` before a second service appears.
+    let web_key = format!("/etcd_registry/{ns}/services/web/1");
+    assert!(
+        server
+            .etcdctl()
+            .args(["del", &web_key])
+            .status()
+            .await
+            .unwrap()
+            .success()
+    );
+    eventually("web restored", Duration::from_secs(10), || async {
+        raw(&client, &web_key).await.len() == 1
+    })
+    .await;
+
+    let api = reg.register(inst("api", "1")).await.unwrap();
+    let mine = raw(&client, api.key()).await;
+    for round in 0..2 {
+        assert!(
+            server
+                .etcdctl()
+                .args(["del", api.key()])
+                .status()
+                .await
+                .unwrap()
+                .success()
+        );
+        let took = eventually(
+            "the later service's key restored",
+            Duration::from_secs(10),
+            || async { raw(&client, api.key()).await == mine },
+        )
+        .await;
+        assert!(
+            took < Duration::from_secs(2),
+            "round {round}: restore took {took:?}"
+        );
+    }
+    // Keys of services this registry does not register are none of its business.
+    let stranger = format!("/etcd_registry/{ns}/services/other/1");
+    let mut c = client.clone();
+    c.put(
+        stranger.as_str(),
+        r#"{"name":"other","id":"1","address":"h","port":"1"}"#,
+        None,
+    )
+    .await
+    .unwrap();
+    c.delete(stranger.as_str(), None).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(raw(&client, &stranger).await.is_empty());
+    reg.close().await.unwrap();
+}
+
+#[tokio::test]
 async fn connect_needs_one_live_endpoint_and_names_the_dead_ones() {
     let server = shared_server().await;
     let ns = unique_name("conn");
