@@ -317,6 +317,35 @@ impl EtcdServer {
         }
     }
 
+    /// How many gRPC streams of `method` (such as `"Watch"` or
+    /// `"LeaseKeepAlive"`) are open on this server now: started minus
+    /// finished, from its `/metrics`. Tells which member of a cluster a
+    /// client's streams went to.
+    ///
+    /// # Errors
+    ///
+    /// As [`EtcdServer::metrics`].
+    pub async fn open_streams(&self, method: &str) -> Result<u64> {
+        let text = self.metrics().await?;
+        let wanted = format!("grpc_method=\"{method}\"");
+        let (mut started, mut handled) = (0u64, 0u64);
+        for line in text.lines() {
+            if !line.contains(&wanted) || !line.contains("grpc_type=\"bidi_stream\"") {
+                continue;
+            }
+            let value = line
+                .rsplit_once(' ')
+                .and_then(|(_, v)| v.parse::<f64>().ok())
+                .unwrap_or(0.0) as u64;
+            if line.starts_with("grpc_server_started_total{") {
+                started += value;
+            } else if line.starts_with("grpc_server_handled_total{") {
+                handled += value;
+            }
+        }
+        Ok(started.saturating_sub(handled))
+    }
+
     /// An `etcdctl` command (or `$ETCDCTL_BIN`) with `ETCDCTL_API=3` and
     /// `--endpoints=<endpoint>` preset; add the subcommand and run it.
     ///

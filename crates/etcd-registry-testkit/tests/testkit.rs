@@ -357,3 +357,25 @@ async fn drop_kills_process_and_removes_directory() {
     );
     assert!(!data.exists(), "temporary directory is removed");
 }
+
+#[tokio::test]
+async fn open_streams_counts_a_clients_watch_until_it_is_dropped() {
+    // A server of its own: no other test's streams are counted.
+    let etcd = step("start", EtcdServer::start()).await.unwrap();
+    assert_eq!(
+        step("metrics", etcd.open_streams("Watch")).await.unwrap(),
+        0
+    );
+    let mut client = step("client", etcd.client()).await.unwrap();
+    let watch = step("watch", client.watch("k", None)).await.unwrap();
+    etcd_registry_testkit::eventually("the watch stream is counted", STEP, || async {
+        etcd.open_streams("Watch").await.is_ok_and(|n| n == 1)
+    })
+    .await;
+    assert_eq!(etcd.open_streams("LeaseKeepAlive").await.unwrap(), 0);
+    drop(watch);
+    etcd_registry_testkit::eventually("the dropped stream is no longer counted", STEP, || async {
+        etcd.open_streams("Watch").await.is_ok_and(|n| n == 0)
+    })
+    .await;
+}

@@ -684,12 +684,26 @@ async fn registration_stays_alive_when_cluster_members_die() {
         worst.max(last_seen.elapsed())
     });
 
-    timeout(T, cluster.member_mut(0).kill())
+    // The member the registry's keep-alive stream went to.
+    let mut used = None;
+    for i in 0..cluster.len() {
+        if cluster
+            .member(i)
+            .open_streams("LeaseKeepAlive")
+            .await
+            .unwrap()
+            > 0
+        {
+            used = Some(i);
+        }
+    }
+    let used = used.expect("no member holds the keep-alive stream");
+    timeout(T, cluster.member_mut(used).kill())
         .await
         .unwrap()
         .unwrap();
     tokio::time::sleep(Duration::from_secs(ttl + 1)).await;
-    timeout(T, cluster.member_mut(0).restart())
+    timeout(T, cluster.member_mut(used).restart())
         .await
         .unwrap()
         .unwrap();

@@ -579,19 +579,38 @@ async fn watch_and_cache_survive_member_and_leader_loss_in_a_cluster() {
     let mut model = Model::new();
     step_converges(&mut watch, &mut model, &cache, &eps, &ns).await;
 
-    // Member 0 (the first endpoint) dies.
-    within(30, "kill member 0", cluster.member_mut(0).kill())
-        .await
-        .unwrap();
-    let live: Vec<String> = eps[1..].to_vec();
+    // The member most of the watch streams went to dies.
+    let mut used = (0, 0);
+    for i in 0..cluster.len() {
+        let open = cluster.member(i).open_streams("Watch").await.unwrap();
+        if open > used.1 {
+            used = (i, open);
+        }
+    }
+    let used = used.0;
+    within(
+        30,
+        "kill the watched member",
+        cluster.member_mut(used).kill(),
+    )
+    .await
+    .unwrap();
+    let live: Vec<String> = (0..3)
+        .filter(|&i| i != used)
+        .map(|i| eps[i].clone())
+        .collect();
     let _b = register_retrying(&writer, inst("svc", "b", 2)).await;
     step_converges(&mut watch, &mut model, &cache, &live, &ns).await;
     assert!(cache.get("b").is_some());
 
-    // Member 0 comes back; then the leader dies.
-    within(60, "restart member 0", cluster.member_mut(0).restart())
-        .await
-        .unwrap();
+    // It comes back; then the leader dies.
+    within(
+        60,
+        "restart the watched member",
+        cluster.member_mut(used).restart(),
+    )
+    .await
+    .unwrap();
     let leader = within(
         60,
         "leader",
