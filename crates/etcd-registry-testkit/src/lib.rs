@@ -65,6 +65,35 @@ pub async fn shared_server() -> &'static EtcdServer {
     }
 }
 
+/// For examples and demos: the etcd endpoints named by `ETCD_ENDPOINTS`
+/// (comma-separated), or else those of a throwaway server started here.
+///
+/// Keep the returned server alive while the endpoints are in use: dropping
+/// it stops etcd.
+///
+/// ```no_run
+/// # async fn demo() -> etcd_registry_testkit::Result<()> {
+/// let (endpoints, _etcd) = etcd_registry_testkit::endpoints_from_env_or_start().await?;
+/// println!("using {endpoints:?}");
+/// # Ok(())
+/// # }
+/// ```
+///
+/// # Errors
+///
+/// As [`EtcdServer::start`], when no `ETCD_ENDPOINTS` is set.
+pub async fn endpoints_from_env_or_start() -> Result<(Vec<String>, Option<EtcdServer>)> {
+    match std::env::var("ETCD_ENDPOINTS") {
+        Ok(list) if !list.trim().is_empty() => {
+            Ok((list.split(',').map(|e| e.trim().to_owned()).collect(), None))
+        }
+        _ => {
+            let server = EtcdServer::start().await?;
+            Ok((server.endpoints(), Some(server)))
+        }
+    }
+}
+
 /// A name unique within this machine for a while: `<prefix>-<pid>-<counter>-<nanos>`.
 ///
 /// Safe as an etcd key segment: any `/` in `prefix` becomes `_`.

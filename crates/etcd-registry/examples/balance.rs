@@ -15,7 +15,6 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use etcd_registry::{Registry, ServiceInstance};
-use etcd_registry_testkit::EtcdServer;
 use futures::StreamExt;
 use tonic::transport::channel::Change as TonicChange;
 use tonic::transport::{Channel, Endpoint, Server};
@@ -86,9 +85,10 @@ async fn calls(
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let etcd = EtcdServer::start().await?;
+    // Keep the throwaway server (if any) alive for the whole example; dropping it stops etcd.
+    let (endpoints, _etcd) = etcd_registry_testkit::endpoints_from_env_or_start().await?;
     let registry = Registry::builder()
-        .endpoints(etcd.endpoints())
+        .endpoints(endpoints)
         .namespace("demo")
         .connect()
         .await?;

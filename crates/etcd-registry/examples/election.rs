@@ -15,7 +15,6 @@
 use std::time::Duration;
 
 use etcd_registry::{Error, Registry};
-use etcd_registry_testkit::EtcdServer;
 
 const HOLD: Duration = Duration::from_secs(2);
 
@@ -23,15 +22,8 @@ const HOLD: Duration = Duration::from_secs(2);
 async fn main() -> std::result::Result<(), Box<dyn std::error::Error>> {
     tracing_subscriber::fmt().with_env_filter("warn").init();
 
-    // Keep the throwaway server alive for the whole example; dropping it stops etcd.
-    let (_server, endpoints): (_, Vec<String>) = match std::env::var("ETCD_ENDPOINTS") {
-        Ok(list) => (None, list.split(',').map(str::to_owned).collect()),
-        Err(_) => {
-            let server = EtcdServer::start().await?;
-            let endpoints = server.endpoints();
-            (Some(server), endpoints)
-        }
-    };
+    // Keep the throwaway server (if any) alive for the whole example; dropping it stops etcd.
+    let (endpoints, _etcd) = etcd_registry_testkit::endpoints_from_env_or_start().await?;
 
     // Two separate registries to simulate two different nodes.
     let reg1 = Registry::builder()

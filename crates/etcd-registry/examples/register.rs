@@ -14,21 +14,13 @@
 use std::time::Duration;
 
 use etcd_registry::{Registry, ServiceInstance};
-use etcd_registry_testkit::EtcdServer;
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     tracing_subscriber::fmt().with_env_filter("info").init();
 
-    // Keep the throwaway server alive for the whole example; dropping it stops etcd.
-    let (_server, endpoints) = match std::env::var("ETCD_ENDPOINTS") {
-        Ok(list) => (None, list.split(',').map(str::to_owned).collect()),
-        Err(_) => {
-            let server = EtcdServer::start().await?;
-            let endpoints = server.endpoints();
-            (Some(server), endpoints)
-        }
-    };
+    // Keep the throwaway server (if any) alive for the whole example; dropping it stops etcd.
+    let (endpoints, _etcd) = etcd_registry_testkit::endpoints_from_env_or_start().await?;
     let seconds: u64 = std::env::var("EXAMPLE_SECONDS")
         .ok()
         .and_then(|s| s.parse().ok())

@@ -10,14 +10,14 @@
 use std::time::Duration;
 
 use etcd_registry::{Registry, ServiceEvent, ServiceInstance};
-use etcd_registry_testkit::EtcdServer;
 use futures::StreamExt;
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let etcd = EtcdServer::start().await?;
+    // Keep the throwaway server (if any) alive for the whole example; dropping it stops etcd.
+    let (endpoints, _etcd) = etcd_registry_testkit::endpoints_from_env_or_start().await?;
     let registry = Registry::builder()
-        .endpoints(etcd.endpoints())
+        .endpoints(endpoints)
         .namespace("demo")
         .connect()
         .await?;

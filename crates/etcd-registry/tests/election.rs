@@ -20,28 +20,12 @@ use tokio::time::{Instant, timeout};
 /// Bound for any single await that could hang.
 const T: Duration = Duration::from_secs(20);
 
-fn init_tracing() {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(std::env::var("RUST_LOG").unwrap_or_else(|_| "etcd_registry=info".into()))
-        .with_test_writer()
-        .try_init();
-}
+mod common;
+use common::init_tracing;
 
 async fn connect(endpoints: Vec<String>, namespace: &str, ttl_secs: u64) -> Registry {
-    init_tracing();
-    timeout(
-        T,
-        Registry::builder()
-            .endpoints(endpoints)
-            .namespace(namespace)
-            .ttl(Duration::from_secs(ttl_secs))
-            .dial_timeout(Duration::from_secs(3))
-            .request_timeout(Duration::from_secs(2))
-            .connect(),
-    )
-    .await
-    .expect("connect hung")
-    .expect("connect failed")
+    let builder = common::builder(endpoints, namespace, ttl_secs);
+    common::connect_with(builder.request_timeout(Duration::from_secs(2))).await
 }
 
 /// Raw read of every key under `prefix`: (key, value, create revision).

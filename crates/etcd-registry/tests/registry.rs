@@ -12,27 +12,10 @@ use tokio::time::{Instant, timeout};
 /// Bound for any single await that could hang.
 const T: Duration = Duration::from_secs(30);
 
-fn init_tracing() {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(std::env::var("RUST_LOG").unwrap_or_else(|_| "etcd_registry=info".into()))
-        .with_test_writer()
-        .try_init();
-}
+mod common;
 
 async fn connect(endpoints: Vec<String>, namespace: &str, ttl_secs: u64) -> Registry {
-    init_tracing();
-    timeout(
-        T,
-        Registry::builder()
-            .endpoints(endpoints)
-            .namespace(namespace)
-            .ttl(Duration::from_secs(ttl_secs))
-            .dial_timeout(Duration::from_secs(3))
-            .connect(),
-    )
-    .await
-    .expect("connect hung")
-    .expect("connect failed")
+    common::connect_with(common::builder(endpoints, namespace, ttl_secs)).await
 }
 
 /// Raw read of every key under `prefix`: (key, value, lease).
