@@ -197,7 +197,8 @@ impl Election {
     /// - [`Error::Closed`] when the registry is closed or dropped.
     /// - [`Error::NotLeader`] when someone else deleted or replaced the
     ///   candidate key while it waited.
-    /// - etcd errors and timeouts of the requests it sends.
+    /// - etcd errors that retrying cannot fix. Timeouts and unreachable etcd
+    ///   are retried with backoff until the lease deadline decides.
     ///
     /// # Cancel safety
     ///
@@ -263,10 +264,25 @@ impl Election {
         let rx = guard.pending.insert(rx);
         {
             let (inner, key, slot) = (inner.clone(), key.clone(), slot);
+            let mut tx = tx;
             tokio::spawn(async move {
-                let result = create_key(&inner, &key, lease_id, proposal).await;
-                if let Err(Ok(token)) = tx.send(result) {
-                    release_key(&inner, &key, Some(token), lease_id).await;
+                let write = persist(&inner, "write the candidate key", || {
+                    create_key(&inner, &key, lease_id, proposal.clone())
+                });
+                let outcome = tokio::select! {
+                    result = write => Some(result),
+                    _ = tx.closed() => None,
+                };
+                match outcome {
+                    Some(result) => {
+                        if let Err(Ok(token)) = tx.send(result) {
+                            release_key(&inner, &key, Some(token), lease_id).await;
+                        }
+                    }
+                    // The campaign went away while the write was being retried,
+                    // and an attempt may have landed. The slot keeps this
+                    // registry's other campaigns off the key, so delete it.
+                    None => release_key(&inner, &key, None, lease_id).await,
                 }
                 drop(slot);
             });
@@ -280,13 +296,13 @@ impl Election {
         wait_deletes(inner, &self.prefix, token).await?;
 
         // Our key must still be ours: someone may have deleted it while we waited.
-        let resp = inner
-            .conn
-            .retry("get", |mut c| {
+        let resp = persist(inner, "check the candidate key", || {
+            inner.conn.retry("get", |mut c| {
                 let key = key.clone();
                 async move { c.get(key, None).await }
             })
-            .await?;
+        })
+        .await?;
         let checked_rev = resp.header().map_or(0, |h| h.revision());
         match resp.kvs().first() {
             None => {
@@ -891,6 +907,28 @@ fn lease_error(inner: &Inner, e: Error) -> Error {
 
 // ---------------------------------------------------------------------------
 // Protocol steps
+
+/// Runs `step` again through transient failures (timeouts, etcd unreachable),
+/// with backoff. Campaign steps run raced against the loss of the lease, so a
+/// campaign ends with `SessionLost` (or succeeds), not with a slow request.
+async fn persist<T, F, Fut>(inner: &Inner, what: &str, mut step: F) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T>>,
+{
+    let mut backoff = Backoff::standard();
+    loop {
+        match step().await {
+            Err(error) if error.is_transient() => {
+                tracing::warn!(%error, "{what} failed; retrying");
+                if !backoff.wait(&inner.cancel).await {
+                    return Err(Error::Closed);
+                }
+            }
+            result => return result,
+        }
+    }
+}
 
 /// Writes the candidate key if absent (as Go's `Campaign` does) and returns its
 /// create revision. A key left by an earlier candidacy of this same lease is

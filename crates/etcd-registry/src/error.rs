@@ -78,6 +78,15 @@ impl Error {
         Error::Etcd { op, source }
     }
 
+    /// True for failures that may pass: a timeout, or a transport-level etcd error.
+    pub(crate) fn is_transient(&self) -> bool {
+        match self {
+            Error::Timeout { .. } => true,
+            Error::Etcd { source, .. } => is_transient(source),
+            _ => false,
+        }
+    }
+
     /// True when etcd answered that a lease does not exist (expired or revoked).
     pub(crate) fn is_lease_not_found(&self) -> bool {
         match self {
