@@ -108,9 +108,28 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         leadership_a.fencing_token()
     );
     let election_b = node_b.election("nightly-cron")?;
+    let candidates = election_b.etcd_name().to_owned() + "/";
     let candidate_b = tokio::spawn(async move { election_b.campaign("node-b").await });
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    println!("    node B is waiting; node A resigns");
+    let mut client = server.client().await?;
+    // Wait until node B's candidate key is in etcd, behind node A's.
+    step(async {
+        loop {
+            let options = etcd_client::GetOptions::new()
+                .with_prefix()
+                .with_count_only();
+            if client
+                .get(candidates.as_str(), Some(options))
+                .await?
+                .count()
+                == 2
+            {
+                return Ok::<_, etcd_client::Error>(());
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await?;
+    println!("    node B is waiting behind it; node A resigns");
     leadership_a.resign().await?;
     let leadership_b = tokio::time::timeout(STEP, candidate_b).await???;
     println!(
@@ -121,7 +140,6 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     println!("==> revoking node A's lease behind its back");
     let old = node_a.lease_id().unwrap_or_default();
-    let mut client = server.client().await?;
     step(client.lease_revoke(old)).await?;
     let mut state = node_a.state();
     step(state.wait_for(|s| matches!(s, RegistryState::Active { lease_id } if *lease_id != old)))

@@ -107,11 +107,9 @@ impl Conn {
         let mut attempt = 1;
         loop {
             let result = self.once(op, &mut f).await;
-            let transient = match &result {
-                Err(Error::Etcd { source, .. }) => is_transient(source),
-                Err(Error::Timeout { .. }) => false,
-                _ => false,
-            };
+            // A timeout is not retried here: it would multiply the caller's wait.
+            let transient =
+                matches!(&result, Err(Error::Etcd { source, .. }) if is_transient(source));
             if !transient || attempt >= ATTEMPTS {
                 return result;
             }

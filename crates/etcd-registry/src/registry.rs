@@ -505,9 +505,10 @@ impl Inner {
     }
 }
 
-/// Anti-entropy: watches the namespace's service keys and restores the ones
-/// this registry maintains when someone else deletes or overwrites them.
-/// Each (re)start reconciles against a fresh read, then watches from there.
+/// Anti-entropy: watches the services this registry registers and restores
+/// the keys it maintains when someone else deletes or overwrites them.
+/// Each (re)start (a broken stream, or a newly registered service) reconciles
+/// against a fresh read, then watches from there.
 async fn keeper(weak: std::sync::Weak<Inner>, cancel: CancellationToken) {
     let mut backoff = Backoff::standard();
     loop {

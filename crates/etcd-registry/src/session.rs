@@ -175,7 +175,6 @@ impl Session {
     /// that was current, for revocation.
     pub(crate) fn close(&self) -> Option<Lease> {
         self.set_state(RegistryState::Closed);
-        self.state_tx.send_replace(RegistryState::Closed);
         self.lease_tx.send_replace(None)
     }
 

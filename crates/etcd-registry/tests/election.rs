@@ -853,7 +853,6 @@ async fn lead_runs_the_task_on_exactly_one_candidate_and_moves_it_on_drop() {
         dropped.elapsed() >= Duration::from_secs(1),
         "the second start must wait for the lease to expire"
     );
-    tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(running.load(Ordering::SeqCst), 1);
     assert_eq!(
         max_running.load(Ordering::SeqCst),
