@@ -57,7 +57,7 @@ pub struct Global {
     #[arg(
         long,
         global = true,
-        default_value_t = 30,
+        default_value_t = 10,
         value_name = "SECS",
         value_parser = ttl_secs
     )]

@@ -256,7 +256,7 @@ async fn register_is_listed_in_go_format_and_sigterm_revokes_it() {
         Some("closed: lease revoked, the instance is gone"),
         "{rest:?}"
     );
-    // The TTL is 30 s: only the revocation on close explains an empty list now.
+    // The TTL is 10 s: only the revocation on close explains an empty list now.
     assert_eq!(ctx.stdout(&["list", "--json"]).await, "");
     assert_eq!(ctx.raw_keys().await, "");
 }

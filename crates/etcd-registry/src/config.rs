@@ -9,8 +9,26 @@ use crate::registry::Registry;
 pub const DEFAULT_NAMESPACE: &str = "default";
 /// Default key prefix, as in the Go library.
 pub const DEFAULT_KEY_PREFIX: &str = "/etcd_registry";
-/// Default lease TTL, as in the Go library (30 s).
-pub const DEFAULT_TTL: Duration = Duration::from_secs(30);
+/// Default lease TTL (10 s, as go-zero uses).
+///
+/// A registry has one lease however many instances it holds, so the TTL does
+/// not change keep-alive cost much: one keep-alive every TTL/3 per process.
+/// It bounds how long a crashed process stays listed and how long a crashed
+/// leader blocks its successor. Raise it if your etcd can be unreachable for
+/// longer than that without your instances being gone for real.
+pub const DEFAULT_TTL: Duration = Duration::from_secs(10);
+/// Default interval of HTTP/2 keep-alive pings on the etcd connection (10 s).
+///
+/// etcd's `--grpc-keepalive-min-time` (default 5 s) is the shortest interval
+/// it tolerates between pings; a client that pings more often is sent
+/// `GOAWAY too_many_pings` and its connection is dropped with every stream on
+/// it. etcd's Go client never pings more often than every 10 s.
+pub const DEFAULT_KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(10);
+/// Default time to wait for the answer to an HTTP/2 keep-alive ping (10 s).
+pub const DEFAULT_KEEP_ALIVE_TIMEOUT: Duration = Duration::from_secs(10);
+/// The shortest HTTP/2 keep-alive interval the builder accepts: etcd's
+/// default `--grpc-keepalive-min-time`.
+pub const MIN_KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(5);
 /// Default dial timeout (5 s).
 pub const DEFAULT_DIAL_TIMEOUT: Duration = Duration::from_secs(5);
 /// Default timeout of one unary etcd request (5 s).
@@ -26,6 +44,7 @@ pub struct Config {
     pub(crate) dial_timeout: Duration,
     pub(crate) request_timeout: Duration,
     pub(crate) auth: Option<(String, String)>,
+    pub(crate) keep_alive: Option<(Duration, Duration)>,
     #[cfg(feature = "tls")]
     pub(crate) tls: Option<etcd_client::TlsOptions>,
 }
@@ -76,6 +95,7 @@ pub struct RegistryBuilder {
     dial_timeout: Duration,
     request_timeout: Duration,
     auth: Option<(String, String)>,
+    keep_alive: Option<(Duration, Duration)>,
     #[cfg(feature = "tls")]
     tls: Option<etcd_client::TlsOptions>,
 }
@@ -90,6 +110,7 @@ impl Default for RegistryBuilder {
             dial_timeout: DEFAULT_DIAL_TIMEOUT,
             request_timeout: DEFAULT_REQUEST_TIMEOUT,
             auth: None,
+            keep_alive: Some((DEFAULT_KEEP_ALIVE_INTERVAL, DEFAULT_KEEP_ALIVE_TIMEOUT)),
             #[cfg(feature = "tls")]
             tls: None,
         }
@@ -122,8 +143,12 @@ impl RegistryBuilder {
         self
     }
 
-    /// The lease TTL. Default 30 s. It must be a whole number of seconds, at least 2.
-    /// Keep-alives are sent every TTL/3.
+    /// The lease TTL. Default 10 s ([`DEFAULT_TTL`]). It must be a whole
+    /// number of seconds, at least 2. Keep-alives are sent every TTL/3.
+    ///
+    /// Trade-off: a crashed process's instances, and a crashed leader's
+    /// claim, last up to one TTL; an etcd outage longer than the TTL expires
+    /// the lease (the registry then re-registers everything on a new one).
     pub fn ttl(mut self, ttl: Duration) -> Self {
         self.ttl = ttl;
         self
@@ -139,6 +164,33 @@ impl RegistryBuilder {
     /// before it counts as failed. Default 5 s.
     pub fn request_timeout(mut self, timeout: Duration) -> Self {
         self.request_timeout = timeout;
+        self
+    }
+
+    /// HTTP/2 keep-alive pings on the etcd connection: one every `interval`
+    /// while a stream (keep-alive, watch) is open, and the connection is
+    /// dropped when a ping is not answered within `timeout`. Default 10 s and
+    /// 10 s. No pings are sent on a connection with no open stream.
+    ///
+    /// etcd sends `GOAWAY too_many_pings` and drops the connection of a
+    /// client that pings more often than its `--grpc-keepalive-min-time`
+    /// (default 5 s), so `interval` must be at least 5 s
+    /// ([`MIN_KEEP_ALIVE_INTERVAL`]). etcd's own `--grpc-keepalive-interval`
+    /// (default 2 h) and `--grpc-keepalive-timeout` (20 s) are the server's
+    /// pings to the client and need nothing from this setting.
+    ///
+    /// Nothing safety-related depends on these pings: the lease deadline
+    /// behind `lost()`, and the progress requests that restart a silent watch,
+    /// detect a blackholed connection on their own. The pings only let a dead
+    /// connection be replaced sooner.
+    pub fn keep_alive(mut self, interval: Duration, timeout: Duration) -> Self {
+        self.keep_alive = Some((interval, timeout));
+        self
+    }
+
+    /// Sends no HTTP/2 keep-alive pings at all (see [`keep_alive`](Self::keep_alive)).
+    pub fn no_keep_alive(mut self) -> Self {
+        self.keep_alive = None;
         self
     }
 
@@ -190,6 +242,23 @@ impl RegistryBuilder {
         if self.request_timeout.is_zero() {
             return Err(Error::invalid("request_timeout", "must be above zero"));
         }
+        if let Some((interval, timeout)) = self.keep_alive {
+            if interval < MIN_KEEP_ALIVE_INTERVAL {
+                return Err(Error::invalid(
+                    "keep_alive",
+                    format!(
+                        "an interval of {interval:?} is under etcd's default --grpc-keepalive-min-time \
+                         of 5 s; etcd would drop the connection with GOAWAY too_many_pings"
+                    ),
+                ));
+            }
+            if timeout.is_zero() {
+                return Err(Error::invalid(
+                    "keep_alive",
+                    "the timeout must be above zero",
+                ));
+            }
+        }
         if let Some((user, _)) = &self.auth
             && user.is_empty()
         {
@@ -203,6 +272,7 @@ impl RegistryBuilder {
             dial_timeout: self.dial_timeout,
             request_timeout: self.request_timeout,
             auth: self.auth.clone(),
+            keep_alive: self.keep_alive,
             #[cfg(feature = "tls")]
             tls: self.tls.clone(),
         })
@@ -266,7 +336,7 @@ mod tests {
         let c = RegistryBuilder::default().build_config().unwrap();
         assert_eq!(c.namespace(), "default");
         assert_eq!(c.key_prefix(), "/etcd_registry");
-        assert_eq!(c.ttl(), Duration::from_secs(30));
+        assert_eq!(c.ttl(), Duration::from_secs(10));
     }
 
     #[test]
@@ -281,6 +351,9 @@ mod tests {
         assert_eq!(field(b().key_prefix("")), "key_prefix");
         assert_eq!(field(b().key_prefix("/x/")), "key_prefix");
         assert_eq!(field(b().key_prefix("/x\u{7}")), "key_prefix");
+        let (two, ten) = (Duration::from_secs(2), Duration::from_secs(10));
+        assert_eq!(field(b().keep_alive(two, ten)), "keep_alive");
+        assert_eq!(field(b().keep_alive(ten, Duration::ZERO)), "keep_alive");
     }
 
     #[test]

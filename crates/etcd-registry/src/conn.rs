@@ -125,9 +125,15 @@ fn connect_options(config: &Config) -> ConnectOptions {
     // streams. Unary requests get `request_timeout` in `Conn::once` instead.
     let mut options = ConnectOptions::new()
         .with_connect_timeout(config.dial_timeout)
-        .with_keep_alive(Duration::from_secs(2), Duration::from_secs(2))
-        .with_keep_alive_while_idle(true)
         .with_require_leader(true);
+    if let Some((interval, timeout)) = config.keep_alive {
+        // Pings only while a stream is open: etcd's default enforcement
+        // (PermitWithoutStream=false) counts pings on a connection without
+        // streams as abuse whatever their interval.
+        options = options
+            .with_keep_alive(interval, timeout)
+            .with_keep_alive_while_idle(false);
+    }
     if let Some((user, password)) = &config.auth {
         // etcd's auth tokens expire (simple tokens after 5 idle minutes by
         // default); a long-lived registry must re-authenticate on its own.

@@ -73,21 +73,20 @@ mod registry;
 mod session;
 mod watch;
 
+#[cfg(feature = "tower")]
+pub use balance::ServiceDiscover;
+pub use cache::{ServiceCache, Strategy};
 pub use config::{
-    Config, DEFAULT_DIAL_TIMEOUT, DEFAULT_KEY_PREFIX, DEFAULT_NAMESPACE, DEFAULT_REQUEST_TIMEOUT,
-    DEFAULT_TTL, RegistryBuilder,
+    Config, DEFAULT_DIAL_TIMEOUT, DEFAULT_KEEP_ALIVE_INTERVAL, DEFAULT_KEEP_ALIVE_TIMEOUT,
+    DEFAULT_KEY_PREFIX, DEFAULT_NAMESPACE, DEFAULT_REQUEST_TIMEOUT, DEFAULT_TTL,
+    MIN_KEEP_ALIVE_INTERVAL, RegistryBuilder,
 };
+pub use election::{Election, LeaderInfo, LeaderStream, Leadership, LostReason};
 pub use error::{Error, Result};
 pub use instance::{MAX_ENTRY_BYTES, ServiceInstance};
 pub use registry::{Registration, Registry};
 pub use session::RegistryState;
-// watch/cache/balance re-exports (issue 4) go on the next line(s):
-#[cfg(feature = "tower")]
-pub use balance::ServiceDiscover;
-pub use cache::{ServiceCache, Strategy};
 pub use watch::{ServiceEvent, ServiceWatch};
-// election re-exports (issue 5) go on the next line(s):
-pub use election::{Election, LeaderInfo, LeaderStream, Leadership, LostReason};
 
 /// The README's code is compiled as a doc test, so it stays true.
 #[cfg(doctest)]

@@ -64,7 +64,7 @@ struct Entry {
 
 impl Registry {
     /// A builder with every default: endpoint `127.0.0.1:2379`, namespace
-    /// `default`, prefix `/etcd_registry`, TTL 30 s, dial timeout 5 s.
+    /// `default`, prefix `/etcd_registry`, TTL 10 s, dial timeout 5 s.
     pub fn builder() -> RegistryBuilder {
         RegistryBuilder::default()
     }
