@@ -39,7 +39,7 @@ pub(crate) struct Inner {
     pub(crate) config: Config,
     pub(crate) session: Arc<Session>,
     pub(crate) cancel: CancellationToken,
-    /// Live service caches, shared per service (issue 4, see cache.rs).
+    /// Live service caches, shared per service (see cache.rs).
     pub(crate) caches: crate::cache::Caches,
     /// Candidate keys in use by this registry's campaigns (see election.rs).
     pub(crate) election_slots: crate::election::Slots,

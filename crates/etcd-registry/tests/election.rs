@@ -1,4 +1,4 @@
-//! Leader election against real etcd (issue 5): campaign, handover, crash
+//! Leader election against real etcd: campaign, handover, crash
 //! failover, partition safety, lease loss while campaigning, withdrawal on
 //! drop, `etcdctl elect` interop, observe across a restart, mutual exclusion
 //! under churn, and `lead()`.
