@@ -4,210 +4,13 @@
 //! Every await that could hang is under a timeout, and conditions are polled
 //! with a deadline.
 
-use std::future::Future;
-use std::process::{ExitStatus, Output, Stdio};
+mod common;
+
 use std::time::Duration;
 
-use etcd_registry::{Registry, ServiceInstance};
-use etcd_registry_testkit::{EtcdServer, shared_server, unique_name};
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader, Lines};
-use tokio::process::{Child, ChildStdout, Command};
+use common::*;
+use etcd_registry::ServiceInstance;
 use tokio::time::{Instant, timeout};
-
-const BIN: &str = env!("CARGO_BIN_EXE_etcd-registry");
-/// Bound of any one step: a command run, a line read, a process exit.
-const STEP: Duration = Duration::from_secs(20);
-/// Bound of a polled condition.
-const DEADLINE: Duration = Duration::from_secs(15);
-
-/// The binary with the connection flags of one test's namespace.
-struct Ctx {
-    etcd: &'static EtcdServer,
-    ns: String,
-}
-
-impl Ctx {
-    async fn new(prefix: &str) -> Self {
-        Ctx {
-            etcd: shared_server().await,
-            ns: unique_name(prefix),
-        }
-    }
-
-    fn command(&self, args: &[&str]) -> Command {
-        let mut cmd = bare_command();
-        cmd.arg("--endpoints")
-            .arg(self.etcd.endpoint())
-            .arg("--namespace")
-            .arg(&self.ns)
-            .args(args);
-        cmd
-    }
-
-    async fn run(&self, args: &[&str]) -> Output {
-        run(self.command(args), args).await
-    }
-
-    /// Runs a command that must succeed and returns its stdout.
-    async fn stdout(&self, args: &[&str]) -> String {
-        let out = self.run(args).await;
-        assert!(
-            out.status.success(),
-            "`{}` failed with {}: {}",
-            args.join(" "),
-            out.status,
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).expect("stdout is UTF-8")
-    }
-
-    fn spawn(&self, args: &[&str]) -> Background {
-        let mut child = self
-            .command(args)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn etcd-registry");
-        let stdout = child.stdout.take().expect("piped stdout");
-        Background {
-            what: args.join(" "),
-            child,
-            lines: BufReader::new(stdout).lines(),
-        }
-    }
-
-    /// A library registry in the same namespace, as a service would use it.
-    async fn registry(&self) -> Registry {
-        timeout(
-            STEP,
-            Registry::builder()
-                .endpoints(self.etcd.endpoints())
-                .namespace(&self.ns)
-                .connect(),
-        )
-        .await
-        .expect("connect timed out")
-        .expect("connect")
-    }
-
-    /// Every key of the namespace, read with etcdctl (not through our code).
-    async fn raw_keys(&self) -> String {
-        let prefix = format!("/etcd_registry/{}/", self.ns);
-        let mut cmd = self.etcd.etcdctl();
-        cmd.args(["get", "--prefix", "--keys-only", &prefix]);
-        let out = run(cmd, &["etcdctl get"]).await;
-        assert!(out.status.success(), "etcdctl get failed: {out:?}");
-        String::from_utf8_lossy(&out.stdout).trim().to_owned()
-    }
-}
-
-/// The binary with no inherited configuration.
-fn bare_command() -> Command {
-    let mut cmd = Command::new(BIN);
-    for var in [
-        "ETCD_ENDPOINTS",
-        "ETCD_REGISTRY_NAMESPACE",
-        "ETCD_REGISTRY_PREFIX",
-        "ETCD_USER",
-        "ETCD_PASSWORD",
-        "RUST_LOG",
-    ] {
-        cmd.env_remove(var);
-    }
-    cmd.stdin(Stdio::null()).kill_on_drop(true);
-    cmd
-}
-
-async fn run(mut cmd: Command, what: &[&str]) -> Output {
-    timeout(STEP, cmd.output())
-        .await
-        .unwrap_or_else(|_| panic!("`{}` did not finish within {STEP:?}", what.join(" ")))
-        .expect("run etcd-registry")
-}
-
-/// A long-running command: its stdout read line by line.
-struct Background {
-    what: String,
-    child: Child,
-    lines: Lines<BufReader<ChildStdout>>,
-}
-
-impl Background {
-    async fn next_line(&mut self) -> String {
-        match timeout(STEP, self.lines.next_line()).await {
-            Ok(Ok(Some(line))) => line,
-            Ok(Ok(None)) => {
-                let stderr = self.stderr().await;
-                panic!("`{}` ended its output early; stderr: {stderr}", self.what)
-            }
-            Ok(Err(e)) => panic!("reading from `{}`: {e}", self.what),
-            Err(_) => panic!("`{}` printed nothing for {STEP:?}", self.what),
-        }
-    }
-
-    /// Reads lines until one starts with `prefix`; returns it.
-    async fn line_starting(&mut self, prefix: &str) -> String {
-        loop {
-            let line = self.next_line().await;
-            if line.starts_with(prefix) {
-                return line;
-            }
-        }
-    }
-
-    /// SIGTERM to this child only, by its PID.
-    fn sigterm(&self) {
-        let pid = self.child.id().expect("the child is still running");
-        let status = std::process::Command::new("kill")
-            .args(["-TERM", &pid.to_string()])
-            .status()
-            .expect("run kill");
-        assert!(status.success(), "kill -TERM {pid} failed");
-    }
-
-    async fn exit(&mut self) -> ExitStatus {
-        timeout(STEP, self.child.wait())
-            .await
-            .unwrap_or_else(|_| panic!("`{}` did not exit within {STEP:?}", self.what))
-            .expect("wait for child")
-    }
-
-    /// The rest of stdout, once the process has exited.
-    async fn rest(&mut self) -> Vec<String> {
-        let mut rest = Vec::new();
-        while let Ok(Ok(Some(line))) = timeout(STEP, self.lines.next_line()).await {
-            rest.push(line);
-        }
-        rest
-    }
-
-    async fn stderr(&mut self) -> String {
-        let mut text = String::new();
-        if let Some(mut err) = self.child.stderr.take() {
-            let _ = timeout(Duration::from_secs(2), err.read_to_string(&mut text)).await;
-        }
-        text
-    }
-}
-
-/// Polls `check` until it returns `Some`, failing after [`DEADLINE`].
-async fn eventually<T, F, Fut>(what: &str, mut check: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Option<T>>,
-{
-    let deadline = Instant::now() + DEADLINE;
-    loop {
-        if let Some(value) = check().await {
-            return value;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {DEADLINE:?} waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
 
 const WEB_1_JSON: &str = r#"{"name":"web","id":"web-1","address":"10.0.0.7","port":"8080","version":"1.0.2","weight":10,"metadata":{"zone":"eu-1"}}"#;
 
@@ -235,10 +38,13 @@ async fn register_is_listed_in_go_format_and_sigterm_revokes_it() {
 
     let listed = eventually("list --json to show web-1", || async {
         let out = ctx.stdout(&["list", "--json"]).await;
-        (!out.is_empty()).then_some(out)
+        (out != "[]\n").then_some(out)
     })
     .await;
-    assert_eq!(listed, format!("{WEB_1_JSON}\n"));
+    // One JSON document, an array of wire-format instances.
+    assert_eq!(listed, format!("[{WEB_1_JSON}]\n"));
+    let parsed: serde_json::Value = serde_json::from_str(&listed).expect("one JSON document");
+    assert_eq!(parsed[0]["port"], "8080", "the Go wire format keeps port a string");
     assert_eq!(ctx.stdout(&["list", "--json", "web"]).await, listed);
     let table = ctx.stdout(&["list", "web"]).await;
     assert_eq!(
@@ -257,22 +63,39 @@ async fn register_is_listed_in_go_format_and_sigterm_revokes_it() {
         "{rest:?}"
     );
     // The TTL is 10 s: only the revocation on close explains an empty list now.
-    assert_eq!(ctx.stdout(&["list", "--json"]).await, "");
+    assert_eq!(ctx.stdout(&["list", "--json"]).await, "[]\n");
     assert_eq!(ctx.raw_keys().await, "");
 }
 
 #[tokio::test]
-async fn invalid_input_names_the_field_and_writes_nothing() {
+async fn invalid_input_names_the_field_exits_2_and_writes_nothing() {
     let ctx = Ctx::new("cli-invalid").await;
     let out = ctx.run(&["register", "a/b", "1", "h", "80"]).await;
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "stderr: {stderr}");
+    assert_eq!(out.status.code(), Some(2), "stderr: {stderr}");
     assert!(
         stderr.contains("error: invalid name: \"a/b\" contains '/'"),
         "{stderr}"
     );
     assert!(stderr.contains("hint: "), "{stderr}");
-    assert_eq!(ctx.stdout(&["list", "--json"]).await, "");
+    // Names checked by the library after connecting are input errors too.
+    for args in [
+        &["leader", "a/b"][..],
+        &["campaign", "a\tb", "p"],
+        &["list", "a/b"],
+        &["deregister", "web", "x/y"],
+    ] {
+        let out = ctx.run(args).await;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
+        assert!(stderr.contains("error: invalid "), "{args:?}: {stderr}");
+    }
+    // A setting the library rejects, and one the parser rejects.
+    let out = ctx.run(&["--prefix", "no-slash", "list"]).await;
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    let out = ctx.run(&["--ttl", "1s", "list"]).await;
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    assert_eq!(ctx.stdout(&["list", "--json"]).await, "[]\n");
     assert_eq!(ctx.raw_keys().await, "", "no key of any kind was written");
 }
 
@@ -284,7 +107,7 @@ async fn unreachable_endpoint_fails_naming_it() {
         .port();
     let endpoint = format!("127.0.0.1:{port}");
     let mut cmd = bare_command();
-    cmd.args(["--endpoints", &endpoint, "--dial-timeout", "1", "list"]);
+    cmd.args(["--endpoints", &endpoint, "--dial-timeout", "700ms", "list"]);
     let started = Instant::now();
     let out = run(cmd, &["list (unreachable)"]).await;
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -294,7 +117,7 @@ async fn unreachable_endpoint_fails_naming_it() {
     assert!(out.stdout.is_empty());
     assert!(
         started.elapsed() < Duration::from_secs(10),
-        "the dial timeout of 1 s was not honoured: {:?}",
+        "the dial timeout of 700 ms was not honoured: {:?}",
         started.elapsed()
     );
 }
@@ -408,6 +231,9 @@ async fn help_lists_every_subcommand_and_a_bad_flag_is_a_usage_error() {
         "leader",
         "campaign",
         "observe",
+        "status",
+        "completions",
+        "man",
     ] {
         assert!(
             help.lines()
@@ -453,10 +279,14 @@ async fn admin_deletes_report_what_existed_for_values_written_by_go() {
         ctx.stdout(&["deregister", "legacy", "g-1"]).await,
         "deleted legacy/g-1\n"
     );
+    let out = ctx.run(&["deregister", "legacy", "g-1"]).await;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert_eq!(
-        ctx.stdout(&["deregister", "legacy", "g-1"]).await,
-        "legacy/g-1 was not registered; nothing deleted\n"
+        stderr.trim(),
+        format!("error: no instance legacy/g-1 in namespace {}", ctx.ns)
     );
+    assert!(out.stdout.is_empty());
     assert_eq!(
         ctx.stdout(&["delete-service", "legacy"]).await,
         "deleted 1 instance of legacy\n"
