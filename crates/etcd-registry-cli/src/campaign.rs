@@ -83,10 +83,7 @@ impl Run {
             ("ETCD_REGISTRY_ELECTION", self.election.name().to_owned()),
             ("ETCD_REGISTRY_LEASE_ID", lease),
         ];
-        let ended = self
-            .supervisor
-            .run(&env, leadership.lost(), shutdown)
-            .await;
+        let ended = self.supervisor.run(&env, leadership.lost(), shutdown).await;
         let ended = match ended {
             Ok(ended) => ended,
             Err(e) => {

@@ -120,7 +120,9 @@ impl From<etcd_registry::Error> for CliError {
                 "key_prefix" => {
                     Some("give --prefix like /etcd_registry, without a trailing '/'".into())
                 }
-                "auth" => Some("give both --user and --password (or ETCD_USER/ETCD_PASSWORD)".into()),
+                "auth" => {
+                    Some("give both --user and --password (or ETCD_USER/ETCD_PASSWORD)".into())
+                }
                 _ => None,
             },
             E::Connect { .. } => Some(

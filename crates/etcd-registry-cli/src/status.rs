@@ -20,7 +20,9 @@ pub async fn status(g: &Global, json: bool) -> CliResult {
     }
     if !answered {
         if json {
-            line(&json!({ "endpoints": endpoints_json(&endpoints), "namespace": null }).to_string())?;
+            line(
+                &json!({ "endpoints": endpoints_json(&endpoints), "namespace": null }).to_string(),
+            )?;
         }
         return Err(CliError::msg(format!(
             "no endpoint answered: {}",

@@ -218,7 +218,9 @@ impl Supervisor {
 fn signal_group(group: Pid, signal: Signal) {
     match killpg(group, signal) {
         Ok(()) | Err(nix::errno::Errno::ESRCH) => {}
-        Err(error) => tracing::warn!(%error, %signal, pgid = group.as_raw(), "cannot signal the command"),
+        Err(error) => {
+            tracing::warn!(%error, %signal, pgid = group.as_raw(), "cannot signal the command")
+        }
     }
 }
 

@@ -44,7 +44,10 @@ async fn register_is_listed_in_go_format_and_sigterm_revokes_it() {
     // One JSON document, an array of wire-format instances.
     assert_eq!(listed, format!("[{WEB_1_JSON}]\n"));
     let parsed: serde_json::Value = serde_json::from_str(&listed).expect("one JSON document");
-    assert_eq!(parsed[0]["port"], "8080", "the Go wire format keeps port a string");
+    assert_eq!(
+        parsed[0]["port"], "8080",
+        "the Go wire format keeps port a string"
+    );
     assert_eq!(ctx.stdout(&["list", "--json", "web"]).await, listed);
     let table = ctx.stdout(&["list", "web"]).await;
     assert_eq!(
@@ -91,8 +94,9 @@ async fn invalid_input_names_the_field_exits_2_and_writes_nothing() {
         assert!(stderr.contains("error: invalid "), "{args:?}: {stderr}");
     }
     // A setting the library rejects, and one the parser rejects.
-    let out = ctx.run(&["--prefix", "no-slash", "list"]).await;
+    let out = ctx.run(&["--prefix", "/trailing/", "list"]).await;
     assert_eq!(out.status.code(), Some(2), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("error: invalid key_prefix"));
     let out = ctx.run(&["--ttl", "1s", "list"]).await;
     assert_eq!(out.status.code(), Some(2), "{out:?}");
     assert_eq!(ctx.stdout(&["list", "--json"]).await, "[]\n");
@@ -292,4 +296,186 @@ async fn admin_deletes_report_what_existed_for_values_written_by_go() {
         "deleted 1 instance of legacy\n"
     );
     assert_eq!(ctx.raw_keys().await, "");
+}
+
+#[tokio::test]
+async fn status_shows_each_endpoint_then_the_namespace() {
+    let ctx = Ctx::new("cli-status").await;
+    let registry = ctx.registry().await;
+    for (service, id) in [("web", "w-1"), ("web", "w-2"), ("api", "a-1")] {
+        let _ = registry
+            .register(ServiceInstance::new(service, id, "10.0.0.1", 80))
+            .await
+            .expect("register");
+    }
+    let leadership = timeout(
+        STEP,
+        registry.election("cron").expect("name").campaign("boss"),
+    )
+    .await
+    .expect("campaign timed out")
+    .expect("campaign");
+    let token = leadership.fencing_token();
+    let lease = format!("{:x}", leadership.lease_id());
+    let dead = format!("127.0.0.1:{}", free_port());
+    let endpoints = format!("{},{dead}", ctx.etcd.endpoint());
+
+    let mut cmd = bare_command();
+    cmd.args(["--endpoints", &endpoints, "--namespace", &ctx.ns])
+        .args(["--dial-timeout", "2s", "status"]);
+    let out = run(cmd, &["status"]).await;
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines: Vec<&str> = text.lines().collect();
+    assert!(lines[0].starts_with("ENDPOINT "), "{text}");
+    let live = lines[1];
+    assert!(live.starts_with(&ctx.etcd.endpoint()), "{text}");
+    assert!(
+        live.contains(" 3.") && live.contains(" yes ") && live.ends_with(" ok"),
+        "{text}"
+    );
+    assert!(
+        lines[2].starts_with(&dead) && lines[2].contains("unreachable: "),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!(
+            "namespace {} (prefix /etcd_registry): 2 services, 3 instances, 1 election",
+            ctx.ns
+        )),
+        "{text}"
+    );
+    assert!(
+        text.contains("\napi      1 instance\nweb      2 instances\n"),
+        "{text}"
+    );
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.split_whitespace().collect::<Vec<_>>()
+                == ["cron", "boss", &token.to_string(), &lease, "1"]),
+        "{text}"
+    );
+
+    let mut cmd = bare_command();
+    cmd.args(["--endpoints", &endpoints, "--namespace", &ctx.ns])
+        .args(["--dial-timeout", "2s", "status", "--json"]);
+    let out = run(cmd, &["status --json"]).await;
+    assert!(out.status.success());
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON document");
+    assert_eq!(json["endpoints"][0]["reachable"], true);
+    assert_eq!(json["endpoints"][0]["is_leader"], true);
+    assert!(json["endpoints"][0]["db_size"].as_i64().unwrap() > 0);
+    assert_eq!(json["endpoints"][1]["reachable"], false);
+    assert!(json["endpoints"][1]["error"].as_str().unwrap().len() > 0);
+    assert_eq!(json["namespace"]["instances"], 3);
+    assert_eq!(
+        json["namespace"]["services"][1],
+        serde_json::json!({"name": "web", "instances": 2})
+    );
+    assert_eq!(
+        json["namespace"]["elections"],
+        serde_json::json!([{"name": "cron", "candidates": 1,
+            "leader": {"proposal": "boss", "fencing_token": token, "lease_id": lease}}])
+    );
+
+    // No endpoint answers: each says why, and the exit status is 1.
+    let mut cmd = bare_command();
+    cmd.args(["--endpoints", &dead, "--dial-timeout", "500ms", "status"]);
+    let out = run(cmd, &["status (unreachable)"]).await;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("unreachable: "));
+    assert!(
+        stderr.contains(&format!("error: no endpoint answered: {dead}")),
+        "{stderr}"
+    );
+    timeout(STEP, registry.close())
+        .await
+        .expect("close timed out")
+        .expect("close");
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("pick a free port")
+        .port()
+}
+
+#[tokio::test]
+async fn durations_take_units_or_whole_seconds() {
+    let ctx = Ctx::new("cli-durations").await;
+    // --for and --ttl with units: registered, then gone after 1 s on its own.
+    let started = Instant::now();
+    let out = ctx
+        .run(&[
+            "--ttl", "1m", "register", "web", "w", "h", "1", "--for", "1s",
+        ])
+        .await;
+    assert!(out.status.success(), "{out:?}");
+    assert!(started.elapsed() >= Duration::from_secs(1));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("--for elapsed; closing"), "{stdout}");
+    // --timeout with a unit; whole seconds still work.
+    for t in ["500ms", "1"] {
+        let out = ctx
+            .run(&["watch", "web", "--count", "1", "--timeout", t])
+            .await;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{stderr}");
+        assert!(
+            stderr.contains("--timeout elapsed after 0 of 1 events"),
+            "{stderr}"
+        );
+    }
+    for bad in [
+        ["--dial-timeout", "soon"],
+        ["--dial-timeout", "0s"],
+        ["--ttl", "2500ms"],
+    ] {
+        let out = ctx.run(&[bad[0], bad[1], "list"]).await;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{bad:?}: {stderr}");
+        assert!(stderr.contains(bad[0]), "{stderr}");
+    }
+}
+
+#[tokio::test]
+async fn completions_and_man_page_cover_every_subcommand() {
+    for shell in ["bash", "zsh", "fish"] {
+        let mut cmd = bare_command();
+        cmd.args(["completions", shell]);
+        let out = run(cmd, &["completions", shell]).await;
+        assert!(out.status.success(), "{shell}: {out:?}");
+        let script = String::from_utf8_lossy(&out.stdout);
+        for word in [
+            "etcd-registry",
+            "campaign",
+            "status",
+            "dial-timeout",
+            "grace",
+        ] {
+            assert!(script.contains(word), "{shell} completion lacks {word}");
+        }
+    }
+    let mut cmd = bare_command();
+    cmd.arg("man");
+    let out = run(cmd, &["man"]).await;
+    assert!(out.status.success());
+    let page = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        page.starts_with(".ie") || page.contains(".TH etcd-registry"),
+        "{page}"
+    );
+    for sub in ["campaign", "status", "completions", "deregister"] {
+        assert!(page.contains(sub), "man page lacks {sub}");
+    }
+    let mut cmd = bare_command();
+    cmd.args(["completions", "tcsh"]);
+    assert_eq!(run(cmd, &["completions tcsh"]).await.status.code(), Some(2));
 }

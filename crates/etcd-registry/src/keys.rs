@@ -136,9 +136,18 @@ mod tests {
             k.parse_election_key("/etcd_registry/ns/elections/job/694d77b4e1a2c00b"),
             Some("job")
         );
-        assert_eq!(k.parse_election_key("/etcd_registry/ns/elections/job"), None);
-        assert_eq!(k.parse_election_key("/etcd_registry/ns/elections/job/a/b"), None);
-        assert_eq!(k.parse_election_key("/etcd_registry/ns/services/job/a"), None);
+        assert_eq!(
+            k.parse_election_key("/etcd_registry/ns/elections/job"),
+            None
+        );
+        assert_eq!(
+            k.parse_election_key("/etcd_registry/ns/elections/job/a/b"),
+            None
+        );
+        assert_eq!(
+            k.parse_election_key("/etcd_registry/ns/services/job/a"),
+            None
+        );
     }
 
     #[test]

@@ -60,18 +60,21 @@ impl Ctx {
     }
 
     pub fn spawn(&self, args: &[&str]) -> Background {
-        let mut child = self
-            .command(args)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn etcd-registry");
-        let stdout = child.stdout.take().expect("piped stdout");
-        Background {
-            what: args.join(" "),
-            child,
-            lines: BufReader::new(stdout).lines(),
-        }
+        Background::start(self.command(args), args)
+    }
+
+    /// Every key under `{prefix}/{ns}/{sub}`, read with etcdctl.
+    pub async fn raw_keys_under(&self, sub: &str) -> Vec<String> {
+        let prefix = format!("/etcd_registry/{}/{sub}", self.ns);
+        let mut cmd = self.etcd.etcdctl();
+        cmd.args(["get", "--prefix", "--keys-only", &prefix]);
+        let out = run(cmd, &["etcdctl get"]).await;
+        assert!(out.status.success(), "etcdctl get failed: {out:?}");
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter(|l| !l.is_empty())
+            .map(str::to_owned)
+            .collect()
     }
 
     /// A library registry in the same namespace, as a service would use it.
@@ -131,6 +134,31 @@ pub struct Background {
 }
 
 impl Background {
+    /// Spawns `cmd` with stdout and stderr piped.
+    pub fn start(mut cmd: Command, args: &[&str]) -> Background {
+        let mut child = cmd
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn etcd-registry");
+        let stdout = child.stdout.take().expect("piped stdout");
+        Background {
+            what: args.join(" "),
+            child,
+            lines: BufReader::new(stdout).lines(),
+        }
+    }
+
+    /// Sends `signal` to this child only, by its PID.
+    pub fn signal(&self, signal: &str) {
+        let pid = self.child.id().expect("the child is still running");
+        let status = std::process::Command::new("kill")
+            .args([&format!("-{signal}"), &pid.to_string()])
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill -{signal} {pid} failed");
+    }
+
     pub async fn next_line(&mut self) -> String {
         match timeout(STEP, self.lines.next_line()).await {
             Ok(Ok(Some(line))) => line,
@@ -155,12 +183,7 @@ impl Background {
 
     /// SIGTERM to this child only, by its PID.
     pub fn sigterm(&self) {
-        let pid = self.child.id().expect("the child is still running");
-        let status = std::process::Command::new("kill")
-            .args(["-TERM", &pid.to_string()])
-            .status()
-            .expect("run kill");
-        assert!(status.success(), "kill -TERM {pid} failed");
+        self.signal("TERM");
     }
 
     pub async fn exit(&mut self) -> ExitStatus {
@@ -206,4 +229,3 @@ where
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
-
