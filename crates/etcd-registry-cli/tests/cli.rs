@@ -371,7 +371,7 @@ async fn status_shows_each_endpoint_then_the_namespace() {
     assert_eq!(json["endpoints"][0]["is_leader"], true);
     assert!(json["endpoints"][0]["db_size"].as_i64().unwrap() > 0);
     assert_eq!(json["endpoints"][1]["reachable"], false);
-    assert!(json["endpoints"][1]["error"].as_str().unwrap().len() > 0);
+    assert!(!json["endpoints"][1]["error"].as_str().unwrap().is_empty());
     assert_eq!(json["namespace"]["instances"], 3);
     assert_eq!(
         json["namespace"]["services"][1],
