@@ -108,19 +108,19 @@ pub async fn run(cli: Cli) -> CliResult {
                 .await;
             }
             let supervisor = Supervisor::new(cmd, grace)?;
-            let result = with_registry(g, async |r| {
+            with_registry(g, async move |r| {
                 let run = crate::campaign::Run {
                     election: r.election(&election)?,
                     proposal,
                     once,
                     supervisor,
                 };
-                run.run(&mut shutdown).await
+                let result = run.run(&mut shutdown).await;
+                // CMD has ended; a signal during the close ends the CLI at once.
+                shutdown.exit_on_next();
+                result
             })
-            .await;
-            // A signal during the close must still end the CLI at once.
-            shutdown.exit_on_next();
-            result
+            .await
         }
         Command::Observe {
             election,

@@ -332,3 +332,31 @@ async fn a_blackholed_leader_stops_its_cmd_before_the_rival_starts_its_own() {
     a.signal("KILL");
     a.exit().await;
 }
+
+/// A CLI that dies without stopping CMD (SIGKILL) must not leave CMD running
+/// past its leadership: CMD is killed with it (`PR_SET_PDEATHSIG`).
+///
+/// Checked by hand: without the `pre_exec` in src/supervise.rs this test
+/// fails (the CMD process is still alive).
+#[tokio::test]
+async fn cmd_dies_with_a_killed_cli() {
+    let ctx = Ctx::new("cli-cmd-orphan").await;
+    let log = Log::new();
+    // `exec` keeps the pid and the parent-death signal.
+    let script = r#"echo "start $NAME $$" >> "$LOG"; exec sleep 1000"#;
+    let mut cli = Background::start(
+        campaign(&ctx, None, &["job", "me"], "me", &log.path, script),
+        &["campaign job me -- sleep"],
+    );
+    let (_, start) = log.wait_for("start me ").await;
+    let pid = nix::unistd::Pid::from_raw(field(&start, 2).parse().expect("pid"));
+    assert!(nix::sys::signal::kill(pid, None).is_ok(), "CMD is running");
+    cli.signal("KILL");
+    cli.exit().await;
+    eventually("CMD to die with the CLI", || async {
+        // ESRCH: gone. A zombie would still answer, but CMD's parent (the CLI)
+        // is gone, so init reaps it.
+        nix::sys::signal::kill(pid, None).is_err().then_some(())
+    })
+    .await;
+}
