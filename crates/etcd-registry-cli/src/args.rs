@@ -229,7 +229,13 @@ pub enum Command {
         #[arg(long, requires = "cmd")]
         once: bool,
         /// With CMD: how long CMD may take to exit after SIGTERM before SIGKILL.
-        #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = duration)]
+        #[arg(
+            long,
+            value_name = "DURATION",
+            default_value = "10s",
+            value_parser = duration,
+            requires = "cmd"
+        )]
         grace: Duration,
         /// The command to run while leading, after `--`.
         #[arg(last = true, value_name = "CMD")]

@@ -72,6 +72,16 @@ impl Run {
         leadership: &Leadership,
         shutdown: &mut Shutdown,
     ) -> CliResult<Option<CliResult>> {
+        if let Some(reason) = leadership.lost_reason() {
+            // Lost between the win and now: do not start CMD only to stop it.
+            say(format!(
+                "leadership lost before the command started ({reason})"
+            ));
+            resign(leadership).await;
+            return Ok(self
+                .once
+                .then(|| Err(CliError::msg(format!("leadership lost: {reason}")))));
+        }
         let token = leadership.fencing_token();
         let lease = lease_hex(leadership.lease_id());
         say(format!(

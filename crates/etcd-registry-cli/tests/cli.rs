@@ -257,6 +257,18 @@ async fn help_lists_every_subcommand_and_a_bad_flag_is_a_usage_error() {
     .await;
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("--no-such-flag"));
+
+    // The CMD-only flags need a CMD; --for and CMD exclude each other.
+    for args in [
+        &["campaign", "e", "p", "--grace", "1s"][..],
+        &["campaign", "e", "p", "--once"],
+        &["campaign", "e", "p", "--for", "1s", "--", "true"],
+    ] {
+        let mut c = bare_command();
+        c.args(args);
+        let out = run(c, args).await;
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {out:?}");
+    }
 }
 
 #[tokio::test]
