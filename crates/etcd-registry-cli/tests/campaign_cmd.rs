@@ -360,3 +360,33 @@ async fn cmd_dies_with_a_killed_cli() {
     })
     .await;
 }
+
+/// Ctrl-C reaches CMD as SIGINT (forwarded once, to CMD's process group), and
+/// the CLI exits with CMD's status.
+#[tokio::test]
+async fn sigint_is_forwarded_as_sigint_and_cmd_status_is_the_exit_status() {
+    let ctx = Ctx::new("cli-cmd-sigint").await;
+    let log = Log::new();
+    let script = r#"trap 'echo "int $NAME" >> "$LOG"; kill $! 2>/dev/null; exit 3' INT
+echo "start $NAME" >> "$LOG"
+sleep 1000 & wait $!"#;
+    let mut cli = Background::start(
+        campaign(&ctx, None, &["job", "me"], "me", &log.path, script),
+        &["campaign job me -- INT trap"],
+    );
+    log.wait_for("start me").await;
+    cli.signal("INT");
+    let status = cli.exit().await;
+    let stderr = cli.stderr().await;
+    assert_eq!(status.code(), Some(3), "{stderr}");
+    assert_eq!(
+        log.lines(),
+        ["start me", "int me"],
+        "one SIGINT, forwarded once"
+    );
+    assert!(
+        stderr.contains("received interrupt; forwarding it"),
+        "{stderr}"
+    );
+    assert_eq!(ctx.stdout(&["leader", "job"]).await, "no leader\n");
+}

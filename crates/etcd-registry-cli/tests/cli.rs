@@ -329,6 +329,18 @@ async fn status_shows_each_endpoint_then_the_namespace() {
     .expect("campaign");
     let token = leadership.fencing_token();
     let lease = format!("{:x}", leadership.lease_id());
+    // A second candidate, queued behind the leader: etcdctl, a peer.
+    let mut elect = ctx.etcd.etcdctl();
+    elect.args([
+        "elect",
+        &format!("/etcd_registry/{}/elections/cron", ctx.ns),
+        "etcdctl",
+    ]);
+    let _etcdctl = Background::start(elect, &["etcdctl elect"]);
+    eventually("etcdctl's candidate key", || async {
+        (ctx.raw_keys_under("elections/cron/").await.len() == 2).then_some(())
+    })
+    .await;
     let dead = format!("127.0.0.1:{}", free_port());
     let endpoints = format!("{},{dead}", ctx.etcd.endpoint());
 
@@ -369,7 +381,7 @@ async fn status_shows_each_endpoint_then_the_namespace() {
         lines
             .iter()
             .any(|l| l.split_whitespace().collect::<Vec<_>>()
-                == ["cron", "boss", &token.to_string(), &lease, "1"]),
+                == ["cron", "boss", &token.to_string(), &lease, "2"]),
         "{text}"
     );
 
@@ -391,7 +403,7 @@ async fn status_shows_each_endpoint_then_the_namespace() {
     );
     assert_eq!(
         json["namespace"]["elections"],
-        serde_json::json!([{"name": "cron", "candidates": 1,
+        serde_json::json!([{"name": "cron", "candidates": 2,
             "leader": {"proposal": "boss", "fencing_token": token, "lease_id": lease}}])
     );
 
