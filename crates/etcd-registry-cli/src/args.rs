@@ -1,12 +1,17 @@
 //! The command line: global connection options and one subcommand.
 
+use std::ffi::OsString;
+use std::time::Duration;
+
 use clap::{Args, Parser, Subcommand};
 
 /// Service registration, discovery, watching and leader election on etcd v3.
 ///
 /// Every command except `dev` connects to etcd with the options below, does
 /// its job and closes the registry (revoking its lease) before it exits.
-/// Exit status: 0 on success, 1 when the command failed, 2 on a usage error.
+/// Durations take a unit (`500ms`, `2s`, `1m`, `1h 30m`) or are whole seconds (`2`).
+/// Exit status: 0 on success, 1 when the command failed, 2 on a usage error
+/// or invalid input; `campaign -- CMD` exits with CMD's status.
 #[derive(Debug, Parser)]
 #[command(name = "etcd-registry", version)]
 #[command(after_help = "Start a throwaway etcd with `etcd-registry dev`, then \
@@ -19,7 +24,7 @@ pub struct Cli {
 }
 
 /// Options that every command accepts, before or after its name.
-#[derive(Debug, Args)]
+#[derive(Clone, Debug, Args)]
 pub struct Global {
     /// etcd endpoints, comma-separated: `host:port` or `http://host:port`.
     #[arg(
@@ -52,26 +57,26 @@ pub struct Global {
     )]
     pub prefix: String,
 
-    /// Lease TTL in seconds (at least 2): how long registrations and
-    /// leadership outlive this process if it dies without closing.
+    /// Lease TTL, whole seconds, at least 2 (`10`, `10s`, `1m`): how long
+    /// registrations and leadership outlive this process if it dies without closing.
     #[arg(
         long,
         global = true,
-        default_value_t = 10,
-        value_name = "SECS",
-        value_parser = ttl_secs
+        default_value = "10s",
+        value_name = "DURATION",
+        value_parser = ttl
     )]
-    pub ttl: u64,
+    pub ttl: Duration,
 
-    /// How long to wait for an endpoint to answer, in seconds.
+    /// How long to wait for an endpoint to answer (`5s`, `500ms`).
     #[arg(
         long,
         global = true,
-        default_value_t = 5,
-        value_name = "SECS",
-        value_parser = positive_secs
+        default_value = "5s",
+        value_name = "DURATION",
+        value_parser = positive_duration
     )]
-    pub dial_timeout: u64,
+    pub dial_timeout: Duration,
 
     /// etcd user name (needs --password).
     #[arg(
@@ -108,11 +113,19 @@ pub enum Command {
     /// lives in a temporary directory that is removed when it stops.
     Dev,
 
+    /// Show each endpoint's health, then the namespace: services, instances,
+    /// elections and their leaders. Exits 1 if no endpoint answers.
+    Status {
+        /// One JSON object: {"endpoints":[..],"namespace":{..}}.
+        #[arg(long)]
+        json: bool,
+    },
+
     /// List the instances of SERVICE, or of every service, in one consistent read.
     List {
         /// The service; all services of the namespace when omitted.
         service: Option<String>,
-        /// One JSON object per line, in the Go library's wire format.
+        /// One JSON array of instances in the Go library's wire format.
         #[arg(long)]
         json: bool,
     },
@@ -131,9 +144,9 @@ pub enum Command {
         /// Exit 0 after this many events following the snapshot.
         #[arg(long, value_name = "N")]
         count: Option<u64>,
-        /// Stop after this many seconds.
-        #[arg(long, value_name = "SECS")]
-        timeout: Option<u64>,
+        /// Stop after this long (`30s`, `2m`).
+        #[arg(long, value_name = "DURATION", value_parser = duration)]
+        timeout: Option<Duration>,
     },
 
     /// Register an instance and hold the registration until Ctrl-C/SIGTERM or --for.
@@ -158,9 +171,9 @@ pub enum Command {
         /// Metadata entry; repeat for more.
         #[arg(long = "meta", value_name = "KEY=VALUE", value_parser = parse_key_value)]
         meta: Vec<(String, String)>,
-        /// Deregister and exit after this many seconds.
-        #[arg(long = "for", value_name = "SECS")]
-        for_secs: Option<u64>,
+        /// Deregister and exit after this long (`30s`, `1h`).
+        #[arg(long = "for", value_name = "DURATION", value_parser = duration)]
+        for_secs: Option<Duration>,
     },
 
     /// Delete one instance, whoever registered it (admin).
@@ -193,14 +206,40 @@ pub enum Command {
 
     /// Campaign in an election and hold leadership until Ctrl-C/SIGTERM, --for,
     /// or until it is lost (exit 1). Resigns before it exits.
+    ///
+    /// With `-- CMD [ARGS...]`, runs CMD only while leading, with
+    /// ETCD_REGISTRY_FENCING_TOKEN, ETCD_REGISTRY_ELECTION and
+    /// ETCD_REGISTRY_LEASE_ID (hex) in its environment. When leadership is
+    /// lost, CMD gets SIGTERM at once and SIGKILL after --grace; then the
+    /// campaign starts again and CMD is restarted on the next win (with
+    /// --once: exit 1 instead). When CMD exits, the CLI resigns and exits
+    /// with CMD's status (128+N if killed by signal N). SIGINT/SIGTERM are
+    /// forwarded to CMD; once it ended (or --grace passed), the CLI resigns
+    /// and exits with CMD's status. The CLI's own lines go to stderr,
+    /// prefixed with `etcd-registry: `.
     Campaign {
         /// Election name.
         election: String,
         /// The value the leader key holds while this candidate leads.
         proposal: String,
-        /// Resign and exit this many seconds after winning.
-        #[arg(long = "for", value_name = "SECS")]
-        for_secs: Option<u64>,
+        /// Resign and exit this long after winning (`30s`, `1h`); not with CMD.
+        #[arg(long = "for", value_name = "DURATION", value_parser = duration, conflicts_with = "cmd")]
+        for_secs: Option<Duration>,
+        /// With CMD: exit 1 when leadership is lost, instead of campaigning again.
+        #[arg(long, requires = "cmd")]
+        once: bool,
+        /// With CMD: how long CMD may take to exit after SIGTERM before SIGKILL.
+        #[arg(
+            long,
+            value_name = "DURATION",
+            default_value = "10s",
+            value_parser = duration,
+            requires = "cmd"
+        )]
+        grace: Duration,
+        /// The command to run while leading, after `--`.
+        #[arg(last = true, value_name = "CMD")]
+        cmd: Vec<OsString>,
     },
 
     /// Print the leader of an election, then every change (including "no leader").
@@ -214,19 +253,43 @@ pub enum Command {
         #[arg(long, value_name = "N")]
         count: Option<u64>,
     },
+
+    /// Print a shell completion script: `etcd-registry completions bash > /etc/bash_completion.d/etcd-registry`.
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
+
+    /// Print the man page (roff): `etcd-registry man | man -l -`.
+    Man,
 }
 
-fn ttl_secs(s: &str) -> Result<u64, String> {
-    match s.parse::<u64>() {
-        Ok(n) if n >= 2 => Ok(n),
-        _ => Err("expected a whole number of seconds, at least 2".to_owned()),
+/// A duration in etcdctl's style (`500ms`, `2s`, `1m`) or in whole seconds (`2`).
+fn duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    if !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) {
+        return s
+            .parse::<u64>()
+            .map(Duration::from_secs)
+            .map_err(|e| format!("{s:?}: {e}"));
+    }
+    humantime::parse_duration(s)
+        .map_err(|e| format!("{e}; expected a duration such as 500ms, 2s, 1m, or whole seconds"))
+}
+
+fn positive_duration(s: &str) -> Result<Duration, String> {
+    match duration(s)? {
+        d if d.is_zero() => Err("must be above zero".to_owned()),
+        d => Ok(d),
     }
 }
 
-fn positive_secs(s: &str) -> Result<u64, String> {
-    match s.parse::<u64>() {
-        Ok(n) if n >= 1 => Ok(n),
-        _ => Err("expected a whole number of seconds, at least 1".to_owned()),
+/// etcd grants leases in whole seconds.
+fn ttl(s: &str) -> Result<Duration, String> {
+    match duration(s)? {
+        d if d < Duration::from_secs(2) => Err("must be at least 2s".to_owned()),
+        d if d.subsec_nanos() != 0 => Err("must be whole seconds".to_owned()),
+        d => Ok(d),
     }
 }
 
@@ -245,6 +308,22 @@ mod tests {
     #[test]
     fn the_command_line_is_consistent() {
         Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn durations_take_units_or_whole_seconds() {
+        assert_eq!(duration("2"), Ok(Duration::from_secs(2)));
+        assert_eq!(duration("2s"), Ok(Duration::from_secs(2)));
+        assert_eq!(duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(duration("1m"), Ok(Duration::from_secs(60)));
+        assert_eq!(duration("1m 30s"), Ok(Duration::from_secs(90)));
+        assert!(duration("").is_err());
+        assert!(duration("-1s").is_err());
+        assert!(duration("2 fortnights").is_err());
+        assert!(positive_duration("0s").is_err());
+        assert_eq!(ttl("1m"), Ok(Duration::from_secs(60)));
+        assert!(ttl("1s").is_err());
+        assert!(ttl("2500ms").is_err());
     }
 
     #[test]

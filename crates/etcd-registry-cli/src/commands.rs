@@ -6,7 +6,7 @@
 
 use std::time::Duration;
 
-use etcd_registry::{Registry, ServiceEvent, ServiceInstance};
+use etcd_registry::{Registry, RegistryBuilder, ServiceEvent, ServiceInstance};
 use etcd_registry_testkit::EtcdServer;
 use futures::StreamExt;
 use tokio::time::{Instant, sleep_until};
@@ -15,11 +15,15 @@ use crate::args::{Cli, Command, Global};
 use crate::error::{CliError, CliResult};
 use crate::output::{self, line};
 use crate::shutdown::Shutdown;
+use crate::supervise::Supervisor;
 
 pub async fn run(cli: Cli) -> CliResult {
     let g = &cli.global;
     match cli.command {
         Command::Dev => dev().await,
+        Command::Completions { shell } => output::completions(shell),
+        Command::Man => output::man(),
+        Command::Status { json } => crate::status::status(g, json).await,
         Command::List { service, json } => {
             with_registry(g, async |r| list(r, service.as_deref(), json).await).await
         }
@@ -30,7 +34,7 @@ pub async fn run(cli: Cli) -> CliResult {
             timeout,
         } => {
             let shutdown = Shutdown::listen()?;
-            let deadline = timeout.map(|s| Instant::now() + Duration::from_secs(s));
+            let deadline = timeout.map(|d| Instant::now() + d);
             with_registry(g, async |r| {
                 watch(r, service.as_deref(), json, count, deadline, shutdown).await
             })
@@ -61,7 +65,10 @@ pub async fn run(cli: Cli) -> CliResult {
                 if r.delete_instance(&name, &id).await? {
                     line(&format!("deleted {name}/{id}"))
                 } else {
-                    line(&format!("{name}/{id} was not registered; nothing deleted"))
+                    let ns = r.config().namespace();
+                    Err(CliError::msg(format!(
+                        "no instance {name}/{id} in namespace {ns}"
+                    )))
                 }
             })
             .await
@@ -89,10 +96,29 @@ pub async fn run(cli: Cli) -> CliResult {
             election,
             proposal,
             for_secs,
+            once,
+            grace,
+            cmd,
         } => {
-            let shutdown = Shutdown::listen()?;
-            with_registry(g, async |r| {
-                campaign(r, &election, proposal, for_secs, shutdown).await
+            let mut shutdown = Shutdown::listen()?;
+            if cmd.is_empty() {
+                return with_registry(g, async |r| {
+                    campaign(r, &election, proposal, for_secs, shutdown).await
+                })
+                .await;
+            }
+            let supervisor = Supervisor::new(cmd, grace)?;
+            with_registry(g, async move |r| {
+                let run = crate::campaign::Run {
+                    election: r.election(&election)?,
+                    proposal,
+                    once,
+                    supervisor,
+                };
+                let result = run.run(&mut shutdown).await;
+                // CMD has ended; a signal during the close ends the CLI at once.
+                shutdown.exit_on_next();
+                result
             })
             .await
         }
@@ -111,7 +137,7 @@ pub async fn run(cli: Cli) -> CliResult {
 }
 
 /// Connects, runs `body`, and closes the registry whatever `body` returned.
-async fn with_registry<T>(
+pub async fn with_registry<T>(
     g: &Global,
     body: impl AsyncFnOnce(&Registry) -> CliResult<T>,
 ) -> CliResult<T> {
@@ -121,6 +147,13 @@ async fn with_registry<T>(
 }
 
 async fn connect(g: &Global) -> CliResult<Registry> {
+    let registry = builder(g).connect().await?;
+    tracing::debug!(?registry, "connected");
+    Ok(registry)
+}
+
+/// The registry settings of the global options.
+pub fn builder(g: &Global) -> RegistryBuilder {
     let endpoints: Vec<String> = g
         .endpoints
         .iter()
@@ -131,14 +164,12 @@ async fn connect(g: &Global) -> CliResult<Registry> {
         .endpoints(endpoints)
         .namespace(&g.namespace)
         .key_prefix(&g.prefix)
-        .ttl(Duration::from_secs(g.ttl))
-        .dial_timeout(Duration::from_secs(g.dial_timeout));
+        .ttl(g.ttl)
+        .dial_timeout(g.dial_timeout);
     if let (Some(user), Some(password)) = (&g.user, &g.password) {
         builder = builder.auth(user, password);
     }
-    let registry = builder.connect().await?;
-    tracing::debug!(?registry, "connected");
-    Ok(registry)
+    builder
 }
 
 /// Closes the registry; the command's own error wins over a close error.
@@ -157,10 +188,10 @@ async fn finish<T>(registry: Registry, result: CliResult<T>) -> CliResult<T> {
     }
 }
 
-/// Sleeps for `secs`, or forever when `None`.
-async fn sleep_for(secs: Option<u64>) {
-    match secs {
-        Some(s) => tokio::time::sleep(Duration::from_secs(s)).await,
+/// Sleeps for `d`, or forever when `None`.
+async fn sleep_for(d: Option<Duration>) {
+    match d {
+        Some(d) => tokio::time::sleep(d).await,
         None => std::future::pending().await,
     }
 }
@@ -217,9 +248,7 @@ async fn list(registry: &Registry, service: Option<&str>, json: bool) -> CliResu
         None => registry.all_instances().await?,
     };
     if json {
-        for i in &instances {
-            line(&output::instance_json(i))?;
-        }
+        line(&output::instances_json(&instances))?;
     } else if instances.is_empty() {
         let ns = registry.config().namespace();
         match service {
@@ -299,7 +328,7 @@ async fn watch(
 async fn register(
     registry: &Registry,
     instance: ServiceInstance,
-    for_secs: Option<u64>,
+    for_secs: Option<Duration>,
     shutdown: Shutdown,
 ) -> CliResult {
     let mut state = registry.state();
@@ -344,7 +373,7 @@ async fn campaign(
     registry: &Registry,
     election: &str,
     proposal: String,
-    for_secs: Option<u64>,
+    for_secs: Option<Duration>,
     shutdown: Shutdown,
 ) -> CliResult {
     let election = registry.election(election)?;

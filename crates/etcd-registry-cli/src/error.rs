@@ -14,6 +14,15 @@ pub enum CliError {
         message: String,
         hint: Option<String>,
     },
+    /// Invalid input (a bad name, a bad setting) found after parsing: printed
+    /// as [`CliError::Failed`] but exits 2, as clap's usage errors do.
+    Usage {
+        message: String,
+        hint: Option<String>,
+    },
+    /// Exit with this status and print nothing more: the status of a
+    /// supervised command, which has said what it had to say.
+    Exit(u8),
 }
 
 pub type CliResult<T = ()> = Result<T, CliError>;
@@ -33,6 +42,10 @@ impl CliError {
                 message,
                 hint: Some(hint.into()),
             },
+            CliError::Usage { message, .. } => CliError::Usage {
+                message,
+                hint: Some(hint.into()),
+            },
             other => other,
         }
     }
@@ -45,22 +58,35 @@ impl CliError {
                 message: format!("{doing}: {message}"),
                 hint,
             },
+            CliError::Usage { message, hint } => CliError::Usage {
+                message: format!("{doing}: {message}"),
+                hint,
+            },
             other => other,
+        }
+    }
+
+    /// The exit status: 0 for a closed stdout, 2 for invalid input, 1 for
+    /// other failures, or a supervised command's own status.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            CliError::BrokenPipe => 0,
+            CliError::Failed { .. } => 1,
+            CliError::Usage { .. } => 2,
+            CliError::Exit(code) => *code,
         }
     }
 
     /// Prints the error to stderr and returns the exit code.
     pub fn report(self) -> ExitCode {
-        match self {
-            CliError::BrokenPipe => ExitCode::SUCCESS,
-            CliError::Failed { message, hint } => {
-                eprintln!("error: {message}");
-                if let Some(hint) = hint {
-                    eprintln!("hint: {hint}");
-                }
-                ExitCode::FAILURE
+        let code = self.exit_code();
+        if let CliError::Failed { message, hint } | CliError::Usage { message, hint } = self {
+            eprintln!("error: {message}");
+            if let Some(hint) = hint {
+                eprintln!("hint: {hint}");
             }
         }
+        ExitCode::from(code)
     }
 }
 
@@ -83,18 +109,22 @@ impl From<etcd_registry::Error> for CliError {
     fn from(e: etcd_registry::Error) -> Self {
         use etcd_registry::Error as E;
         let hint = match &e {
-            E::InvalidInput { field, .. } => Some(match *field {
-                "name" | "id" | "election" | "namespace" => {
-                    format!("a {field} must be non-empty, without '/' or control characters")
+            E::InvalidInput { field, .. } => match *field {
+                "name" | "id" | "election" | "namespace" => Some(format!(
+                    "a {field} must be non-empty, without '/' or control characters"
+                )),
+                "ttl" => Some("use --ttl with a whole number of seconds, at least 2".to_owned()),
+                "endpoints" => Some(
+                    "give --endpoints (or ETCD_ENDPOINTS) as host:port[,host:port...]".to_owned(),
+                ),
+                "key_prefix" => {
+                    Some("give --prefix like /etcd_registry, without a trailing '/'".into())
                 }
-                "ttl" => "use --ttl with a whole number of seconds, at least 2".to_owned(),
-                "endpoints" => {
-                    "give --endpoints (or ETCD_ENDPOINTS) as host:port[,host:port...]".to_owned()
+                "auth" => {
+                    Some("give both --user and --password (or ETCD_USER/ETCD_PASSWORD)".into())
                 }
-                "key_prefix" => "give --prefix like /etcd_registry, without a trailing '/'".into(),
-                "auth" => "give both --user and --password (or ETCD_USER/ETCD_PASSWORD)".into(),
-                _ => return CliError::msg(chain(&e)),
-            }),
+                _ => None,
+            },
             E::Connect { .. } => Some(
                 "is etcd running there? Check --endpoints (or ETCD_ENDPOINTS), \
                  raise --dial-timeout, or start a local one with `etcd-registry dev`"
@@ -106,6 +136,12 @@ impl From<etcd_registry::Error> for CliError {
             }
             _ => None,
         };
+        if matches!(e, E::InvalidInput { .. }) {
+            return CliError::Usage {
+                message: chain(&e),
+                hint,
+            };
+        }
         CliError::Failed {
             message: chain(&e),
             hint,
@@ -138,8 +174,10 @@ mod tests {
         let e = etcd_registry::ServiceInstance::new("a/b", "1", "h", 80)
             .validate()
             .unwrap_err();
-        match CliError::from(e) {
-            CliError::Failed { message, hint } => {
+        let e = CliError::from(e);
+        assert_eq!(e.exit_code(), 2, "invalid input is a usage error");
+        match e {
+            CliError::Usage { message, hint } => {
                 assert!(message.starts_with("invalid name"), "{message}");
                 assert!(hint.unwrap().contains("without '/'"));
             }

@@ -1,10 +1,13 @@
 //! `etcd-registry`: register, list, watch and elect on etcd from the shell.
 
 mod args;
+mod campaign;
 mod commands;
 mod error;
 mod output;
 mod shutdown;
+mod status;
+mod supervise;
 
 use std::io::IsTerminal as _;
 use std::process::ExitCode;

@@ -22,6 +22,12 @@ pub fn instance_json(instance: &ServiceInstance) -> String {
     String::from_utf8_lossy(&instance.to_json()).into_owned()
 }
 
+/// `[{...},{...}]`: instances in the Go wire format, as one JSON document.
+pub fn instances_json(instances: &[ServiceInstance]) -> String {
+    let items: Vec<String> = instances.iter().map(instance_json).collect();
+    format!("[{}]", items.join(","))
+}
+
 /// `{"event":"added","instance":{...}}`, the instance in the Go wire format.
 ///
 /// Built by hand so that the instance keeps the wire format's key order.
@@ -35,11 +41,33 @@ pub fn event_json(kind: &str, instance: &ServiceInstance) -> String {
 
 /// `{"event":"snapshot","instances":[...]}`.
 pub fn snapshot_json(instances: &[ServiceInstance]) -> String {
-    let items: Vec<String> = instances.iter().map(instance_json).collect();
     format!(
-        r#"{{"event":"snapshot","instances":[{}]}}"#,
-        items.join(",")
+        r#"{{"event":"snapshot","instances":{}}}"#,
+        instances_json(instances)
     )
+}
+
+/// `completions SHELL`: the completion script on stdout.
+pub fn completions(shell: clap_complete::Shell) -> CliResult {
+    let mut command = <crate::args::Cli as clap::CommandFactory>::command();
+    let mut script = Vec::new();
+    clap_complete::generate(shell, &mut command, "etcd-registry", &mut script);
+    write_all(&script)
+}
+
+/// `man`: the man page (roff) on stdout, generated from the same definition as `--help`.
+pub fn man() -> CliResult {
+    let command = <crate::args::Cli as clap::CommandFactory>::command();
+    let mut page = Vec::new();
+    clap_mangen::Man::new(command).render(&mut page)?;
+    write_all(&page)
+}
+
+fn write_all(bytes: &[u8]) -> CliResult {
+    let mut out = std::io::stdout().lock();
+    out.write_all(bytes)?;
+    out.flush()?;
+    Ok(())
 }
 
 /// The name of an event as printed: `snapshot`, `added`, `updated`, `removed`.
@@ -79,32 +107,37 @@ fn cells(i: &ServiceInstance) -> [String; 6] {
     ]
 }
 
-/// Aligned columns with a header; the last column is not padded.
+/// Instances as aligned columns with a header.
 pub fn table(instances: &[ServiceInstance]) -> Vec<String> {
-    let rows: Vec<[String; 6]> = instances.iter().map(cells).collect();
-    let mut widths = HEADER.map(str::len);
+    columns(HEADER, instances.iter().map(cells))
+}
+
+/// Aligned columns with a header; the last column is not padded.
+pub fn columns<const N: usize>(
+    header: [&str; N],
+    rows: impl IntoIterator<Item = [String; N]>,
+) -> Vec<String> {
+    let rows: Vec<[String; N]> = std::iter::once(header.map(str::to_owned))
+        .chain(rows)
+        .collect();
+    let mut widths = [0; N];
     for row in &rows {
         for (w, cell) in widths.iter_mut().zip(row) {
             *w = (*w).max(cell.chars().count());
         }
     }
-    let render = |row: [&str; 6]| {
-        let mut s = String::new();
-        for (n, (cell, w)) in row.iter().zip(widths).enumerate() {
-            if n + 1 == row.len() {
+    rows.iter()
+        .map(|row| {
+            let mut s = String::new();
+            for (n, (cell, w)) in row.iter().zip(widths).enumerate() {
                 s.push_str(cell);
-            } else {
-                s.push_str(cell);
-                s.push_str(&" ".repeat(w - cell.chars().count() + 2));
+                if n + 1 < N {
+                    s.push_str(&" ".repeat(w - cell.chars().count() + 2));
+                }
             }
-        }
-        s
-    };
-    let mut lines = vec![render(HEADER)];
-    for row in &rows {
-        lines.push(render(row.each_ref().map(String::as_str)));
-    }
-    lines
+            s
+        })
+        .collect()
 }
 
 /// One instance on one line, for `watch`: `web/web-1 10.0.0.7:8080 version=1.0 weight=10 zone=eu`.

@@ -4,210 +4,13 @@
 //! Every await that could hang is under a timeout, and conditions are polled
 //! with a deadline.
 
-use std::future::Future;
-use std::process::{ExitStatus, Output, Stdio};
+mod common;
+
 use std::time::Duration;
 
-use etcd_registry::{Registry, ServiceInstance};
-use etcd_registry_testkit::{EtcdServer, shared_server, unique_name};
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader, Lines};
-use tokio::process::{Child, ChildStdout, Command};
+use common::*;
+use etcd_registry::ServiceInstance;
 use tokio::time::{Instant, timeout};
-
-const BIN: &str = env!("CARGO_BIN_EXE_etcd-registry");
-/// Bound of any one step: a command run, a line read, a process exit.
-const STEP: Duration = Duration::from_secs(20);
-/// Bound of a polled condition.
-const DEADLINE: Duration = Duration::from_secs(15);
-
-/// The binary with the connection flags of one test's namespace.
-struct Ctx {
-    etcd: &'static EtcdServer,
-    ns: String,
-}
-
-impl Ctx {
-    async fn new(prefix: &str) -> Self {
-        Ctx {
-            etcd: shared_server().await,
-            ns: unique_name(prefix),
-        }
-    }
-
-    fn command(&self, args: &[&str]) -> Command {
-        let mut cmd = bare_command();
-        cmd.arg("--endpoints")
-            .arg(self.etcd.endpoint())
-            .arg("--namespace")
-            .arg(&self.ns)
-            .args(args);
-        cmd
-    }
-
-    async fn run(&self, args: &[&str]) -> Output {
-        run(self.command(args), args).await
-    }
-
-    /// Runs a command that must succeed and returns its stdout.
-    async fn stdout(&self, args: &[&str]) -> String {
-        let out = self.run(args).await;
-        assert!(
-            out.status.success(),
-            "`{}` failed with {}: {}",
-            args.join(" "),
-            out.status,
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).expect("stdout is UTF-8")
-    }
-
-    fn spawn(&self, args: &[&str]) -> Background {
-        let mut child = self
-            .command(args)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn etcd-registry");
-        let stdout = child.stdout.take().expect("piped stdout");
-        Background {
-            what: args.join(" "),
-            child,
-            lines: BufReader::new(stdout).lines(),
-        }
-    }
-
-    /// A library registry in the same namespace, as a service would use it.
-    async fn registry(&self) -> Registry {
-        timeout(
-            STEP,
-            Registry::builder()
-                .endpoints(self.etcd.endpoints())
-                .namespace(&self.ns)
-                .connect(),
-        )
-        .await
-        .expect("connect timed out")
-        .expect("connect")
-    }
-
-    /// Every key of the namespace, read with etcdctl (not through our code).
-    async fn raw_keys(&self) -> String {
-        let prefix = format!("/etcd_registry/{}/", self.ns);
-        let mut cmd = self.etcd.etcdctl();
-        cmd.args(["get", "--prefix", "--keys-only", &prefix]);
-        let out = run(cmd, &["etcdctl get"]).await;
-        assert!(out.status.success(), "etcdctl get failed: {out:?}");
-        String::from_utf8_lossy(&out.stdout).trim().to_owned()
-    }
-}
-
-/// The binary with no inherited configuration.
-fn bare_command() -> Command {
-    let mut cmd = Command::new(BIN);
-    for var in [
-        "ETCD_ENDPOINTS",
-        "ETCD_REGISTRY_NAMESPACE",
-        "ETCD_REGISTRY_PREFIX",
-        "ETCD_USER",
-        "ETCD_PASSWORD",
-        "RUST_LOG",
-    ] {
-        cmd.env_remove(var);
-    }
-    cmd.stdin(Stdio::null()).kill_on_drop(true);
-    cmd
-}
-
-async fn run(mut cmd: Command, what: &[&str]) -> Output {
-    timeout(STEP, cmd.output())
-        .await
-        .unwrap_or_else(|_| panic!("`{}` did not finish within {STEP:?}", what.join(" ")))
-        .expect("run etcd-registry")
-}
-
-/// A long-running command: its stdout read line by line.
-struct Background {
-    what: String,
-    child: Child,
-    lines: Lines<BufReader<ChildStdout>>,
-}
-
-impl Background {
-    async fn next_line(&mut self) -> String {
-        match timeout(STEP, self.lines.next_line()).await {
-            Ok(Ok(Some(line))) => line,
-            Ok(Ok(None)) => {
-                let stderr = self.stderr().await;
-                panic!("`{}` ended its output early; stderr: {stderr}", self.what)
-            }
-            Ok(Err(e)) => panic!("reading from `{}`: {e}", self.what),
-            Err(_) => panic!("`{}` printed nothing for {STEP:?}", self.what),
-        }
-    }
-
-    /// Reads lines until one starts with `prefix`; returns it.
-    async fn line_starting(&mut self, prefix: &str) -> String {
-        loop {
-            let line = self.next_line().await;
-            if line.starts_with(prefix) {
-                return line;
-            }
-        }
-    }
-
-    /// SIGTERM to this child only, by its PID.
-    fn sigterm(&self) {
-        let pid = self.child.id().expect("the child is still running");
-        let status = std::process::Command::new("kill")
-            .args(["-TERM", &pid.to_string()])
-            .status()
-            .expect("run kill");
-        assert!(status.success(), "kill -TERM {pid} failed");
-    }
-
-    async fn exit(&mut self) -> ExitStatus {
-        timeout(STEP, self.child.wait())
-            .await
-            .unwrap_or_else(|_| panic!("`{}` did not exit within {STEP:?}", self.what))
-            .expect("wait for child")
-    }
-
-    /// The rest of stdout, once the process has exited.
-    async fn rest(&mut self) -> Vec<String> {
-        let mut rest = Vec::new();
-        while let Ok(Ok(Some(line))) = timeout(STEP, self.lines.next_line()).await {
-            rest.push(line);
-        }
-        rest
-    }
-
-    async fn stderr(&mut self) -> String {
-        let mut text = String::new();
-        if let Some(mut err) = self.child.stderr.take() {
-            let _ = timeout(Duration::from_secs(2), err.read_to_string(&mut text)).await;
-        }
-        text
-    }
-}
-
-/// Polls `check` until it returns `Some`, failing after [`DEADLINE`].
-async fn eventually<T, F, Fut>(what: &str, mut check: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Option<T>>,
-{
-    let deadline = Instant::now() + DEADLINE;
-    loop {
-        if let Some(value) = check().await {
-            return value;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {DEADLINE:?} waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
 
 const WEB_1_JSON: &str = r#"{"name":"web","id":"web-1","address":"10.0.0.7","port":"8080","version":"1.0.2","weight":10,"metadata":{"zone":"eu-1"}}"#;
 
@@ -235,10 +38,16 @@ async fn register_is_listed_in_go_format_and_sigterm_revokes_it() {
 
     let listed = eventually("list --json to show web-1", || async {
         let out = ctx.stdout(&["list", "--json"]).await;
-        (!out.is_empty()).then_some(out)
+        (out != "[]\n").then_some(out)
     })
     .await;
-    assert_eq!(listed, format!("{WEB_1_JSON}\n"));
+    // One JSON document, an array of wire-format instances.
+    assert_eq!(listed, format!("[{WEB_1_JSON}]\n"));
+    let parsed: serde_json::Value = serde_json::from_str(&listed).expect("one JSON document");
+    assert_eq!(
+        parsed[0]["port"], "8080",
+        "the Go wire format keeps port a string"
+    );
     assert_eq!(ctx.stdout(&["list", "--json", "web"]).await, listed);
     let table = ctx.stdout(&["list", "web"]).await;
     assert_eq!(
@@ -257,22 +66,40 @@ async fn register_is_listed_in_go_format_and_sigterm_revokes_it() {
         "{rest:?}"
     );
     // The TTL is 10 s: only the revocation on close explains an empty list now.
-    assert_eq!(ctx.stdout(&["list", "--json"]).await, "");
+    assert_eq!(ctx.stdout(&["list", "--json"]).await, "[]\n");
     assert_eq!(ctx.raw_keys().await, "");
 }
 
 #[tokio::test]
-async fn invalid_input_names_the_field_and_writes_nothing() {
+async fn invalid_input_names_the_field_exits_2_and_writes_nothing() {
     let ctx = Ctx::new("cli-invalid").await;
     let out = ctx.run(&["register", "a/b", "1", "h", "80"]).await;
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "stderr: {stderr}");
+    assert_eq!(out.status.code(), Some(2), "stderr: {stderr}");
     assert!(
         stderr.contains("error: invalid name: \"a/b\" contains '/'"),
         "{stderr}"
     );
     assert!(stderr.contains("hint: "), "{stderr}");
-    assert_eq!(ctx.stdout(&["list", "--json"]).await, "");
+    // Names checked by the library after connecting are input errors too.
+    for args in [
+        &["leader", "a/b"][..],
+        &["campaign", "a\tb", "p"],
+        &["list", "a/b"],
+        &["deregister", "web", "x/y"],
+    ] {
+        let out = ctx.run(args).await;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
+        assert!(stderr.contains("error: invalid "), "{args:?}: {stderr}");
+    }
+    // A setting the library rejects, and one the parser rejects.
+    let out = ctx.run(&["--prefix", "/trailing/", "list"]).await;
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("error: invalid key_prefix"));
+    let out = ctx.run(&["--ttl", "1s", "list"]).await;
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    assert_eq!(ctx.stdout(&["list", "--json"]).await, "[]\n");
     assert_eq!(ctx.raw_keys().await, "", "no key of any kind was written");
 }
 
@@ -284,7 +111,7 @@ async fn unreachable_endpoint_fails_naming_it() {
         .port();
     let endpoint = format!("127.0.0.1:{port}");
     let mut cmd = bare_command();
-    cmd.args(["--endpoints", &endpoint, "--dial-timeout", "1", "list"]);
+    cmd.args(["--endpoints", &endpoint, "--dial-timeout", "700ms", "list"]);
     let started = Instant::now();
     let out = run(cmd, &["list (unreachable)"]).await;
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -294,7 +121,7 @@ async fn unreachable_endpoint_fails_naming_it() {
     assert!(out.stdout.is_empty());
     assert!(
         started.elapsed() < Duration::from_secs(10),
-        "the dial timeout of 1 s was not honoured: {:?}",
+        "the dial timeout of 700 ms was not honoured: {:?}",
         started.elapsed()
     );
 }
@@ -408,6 +235,9 @@ async fn help_lists_every_subcommand_and_a_bad_flag_is_a_usage_error() {
         "leader",
         "campaign",
         "observe",
+        "status",
+        "completions",
+        "man",
     ] {
         assert!(
             help.lines()
@@ -427,6 +257,18 @@ async fn help_lists_every_subcommand_and_a_bad_flag_is_a_usage_error() {
     .await;
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("--no-such-flag"));
+
+    // The CMD-only flags need a CMD; --for and CMD exclude each other.
+    for args in [
+        &["campaign", "e", "p", "--grace", "1s"][..],
+        &["campaign", "e", "p", "--once"],
+        &["campaign", "e", "p", "--for", "1s", "--", "true"],
+    ] {
+        let mut c = bare_command();
+        c.args(args);
+        let out = run(c, args).await;
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {out:?}");
+    }
 }
 
 #[tokio::test]
@@ -453,13 +295,211 @@ async fn admin_deletes_report_what_existed_for_values_written_by_go() {
         ctx.stdout(&["deregister", "legacy", "g-1"]).await,
         "deleted legacy/g-1\n"
     );
+    let out = ctx.run(&["deregister", "legacy", "g-1"]).await;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert_eq!(
-        ctx.stdout(&["deregister", "legacy", "g-1"]).await,
-        "legacy/g-1 was not registered; nothing deleted\n"
+        stderr.trim(),
+        format!("error: no instance legacy/g-1 in namespace {}", ctx.ns)
     );
+    assert!(out.stdout.is_empty());
     assert_eq!(
         ctx.stdout(&["delete-service", "legacy"]).await,
         "deleted 1 instance of legacy\n"
     );
     assert_eq!(ctx.raw_keys().await, "");
+}
+
+#[tokio::test]
+async fn status_shows_each_endpoint_then_the_namespace() {
+    let ctx = Ctx::new("cli-status").await;
+    let registry = ctx.registry().await;
+    for (service, id) in [("web", "w-1"), ("web", "w-2"), ("api", "a-1")] {
+        let _ = registry
+            .register(ServiceInstance::new(service, id, "10.0.0.1", 80))
+            .await
+            .expect("register");
+    }
+    let leadership = timeout(
+        STEP,
+        registry.election("cron").expect("name").campaign("boss"),
+    )
+    .await
+    .expect("campaign timed out")
+    .expect("campaign");
+    let token = leadership.fencing_token();
+    let lease = format!("{:x}", leadership.lease_id());
+    // A second candidate, queued behind the leader: etcdctl, a peer.
+    let mut elect = ctx.etcd.etcdctl();
+    elect.args([
+        "elect",
+        &format!("/etcd_registry/{}/elections/cron", ctx.ns),
+        "etcdctl",
+    ]);
+    let _etcdctl = Background::start(elect, &["etcdctl elect"]);
+    eventually("etcdctl's candidate key", || async {
+        (ctx.raw_keys_under("elections/cron/").await.len() == 2).then_some(())
+    })
+    .await;
+    let dead = format!("127.0.0.1:{}", free_port());
+    let endpoints = format!("{},{dead}", ctx.etcd.endpoint());
+
+    let mut cmd = bare_command();
+    cmd.args(["--endpoints", &endpoints, "--namespace", &ctx.ns])
+        .args(["--dial-timeout", "2s", "status"]);
+    let out = run(cmd, &["status"]).await;
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines: Vec<&str> = text.lines().collect();
+    assert!(lines[0].starts_with("ENDPOINT "), "{text}");
+    let live = lines[1];
+    assert!(live.starts_with(&ctx.etcd.endpoint()), "{text}");
+    assert!(
+        live.contains(" 3.") && live.contains(" yes ") && live.ends_with(" ok"),
+        "{text}"
+    );
+    assert!(
+        lines[2].starts_with(&dead) && lines[2].contains("unreachable: "),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!(
+            "namespace {} (prefix /etcd_registry): 2 services, 3 instances, 1 election",
+            ctx.ns
+        )),
+        "{text}"
+    );
+    assert!(
+        text.contains("\napi      1 instance\nweb      2 instances\n"),
+        "{text}"
+    );
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.split_whitespace().collect::<Vec<_>>()
+                == ["cron", "boss", &token.to_string(), &lease, "2"]),
+        "{text}"
+    );
+
+    let mut cmd = bare_command();
+    cmd.args(["--endpoints", &endpoints, "--namespace", &ctx.ns])
+        .args(["--dial-timeout", "2s", "status", "--json"]);
+    let out = run(cmd, &["status --json"]).await;
+    assert!(out.status.success());
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON document");
+    assert_eq!(json["endpoints"][0]["reachable"], true);
+    assert_eq!(json["endpoints"][0]["is_leader"], true);
+    assert!(json["endpoints"][0]["db_size"].as_i64().unwrap() > 0);
+    assert_eq!(json["endpoints"][1]["reachable"], false);
+    assert!(!json["endpoints"][1]["error"].as_str().unwrap().is_empty());
+    assert_eq!(json["namespace"]["instances"], 3);
+    assert_eq!(
+        json["namespace"]["services"][1],
+        serde_json::json!({"name": "web", "instances": 2})
+    );
+    assert_eq!(
+        json["namespace"]["elections"],
+        serde_json::json!([{"name": "cron", "candidates": 2,
+            "leader": {"proposal": "boss", "fencing_token": token, "lease_id": lease}}])
+    );
+
+    // No endpoint answers: each says why, and the exit status is 1.
+    let mut cmd = bare_command();
+    cmd.args(["--endpoints", &dead, "--dial-timeout", "500ms", "status"]);
+    let out = run(cmd, &["status (unreachable)"]).await;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("unreachable: "));
+    assert!(
+        stderr.contains(&format!("error: no endpoint answered: {dead}")),
+        "{stderr}"
+    );
+    timeout(STEP, registry.close())
+        .await
+        .expect("close timed out")
+        .expect("close");
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("pick a free port")
+        .port()
+}
+
+#[tokio::test]
+async fn durations_take_units_or_whole_seconds() {
+    let ctx = Ctx::new("cli-durations").await;
+    // --for and --ttl with units: registered, then gone after 1 s on its own.
+    let started = Instant::now();
+    let out = ctx
+        .run(&[
+            "--ttl", "1m", "register", "web", "w", "h", "1", "--for", "1s",
+        ])
+        .await;
+    assert!(out.status.success(), "{out:?}");
+    assert!(started.elapsed() >= Duration::from_secs(1));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("--for elapsed; closing"), "{stdout}");
+    // --timeout with a unit; whole seconds still work.
+    for t in ["500ms", "1"] {
+        let out = ctx
+            .run(&["watch", "web", "--count", "1", "--timeout", t])
+            .await;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{stderr}");
+        assert!(
+            stderr.contains("--timeout elapsed after 0 of 1 events"),
+            "{stderr}"
+        );
+    }
+    for bad in [
+        ["--dial-timeout", "soon"],
+        ["--dial-timeout", "0s"],
+        ["--ttl", "2500ms"],
+    ] {
+        let out = ctx.run(&[bad[0], bad[1], "list"]).await;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{bad:?}: {stderr}");
+        assert!(stderr.contains(bad[0]), "{stderr}");
+    }
+}
+
+#[tokio::test]
+async fn completions_and_man_page_cover_every_subcommand() {
+    for shell in ["bash", "zsh", "fish"] {
+        let mut cmd = bare_command();
+        cmd.args(["completions", shell]);
+        let out = run(cmd, &["completions", shell]).await;
+        assert!(out.status.success(), "{shell}: {out:?}");
+        let script = String::from_utf8_lossy(&out.stdout);
+        for word in [
+            "etcd-registry",
+            "campaign",
+            "status",
+            "dial-timeout",
+            "grace",
+        ] {
+            assert!(script.contains(word), "{shell} completion lacks {word}");
+        }
+    }
+    let mut cmd = bare_command();
+    cmd.arg("man");
+    let out = run(cmd, &["man"]).await;
+    assert!(out.status.success());
+    let page = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        page.starts_with(".ie") || page.contains(".TH etcd-registry"),
+        "{page}"
+    );
+    for sub in ["campaign", "status", "completions", "deregister"] {
+        assert!(page.contains(sub), "man page lacks {sub}");
+    }
+    let mut cmd = bare_command();
+    cmd.args(["completions", "tcsh"]);
+    assert_eq!(run(cmd, &["completions tcsh"]).await.status.code(), Some(2));
 }

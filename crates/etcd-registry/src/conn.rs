@@ -3,7 +3,7 @@
 use std::future::Future;
 use std::time::Duration;
 
-use etcd_client::{Client, ConnectOptions};
+use etcd_client::{Client, ConnectOptions, StatusResponse};
 
 use crate::config::Config;
 use crate::error::{Error, Result, is_transient};
@@ -26,15 +26,10 @@ impl Conn {
         let probes = config.endpoints.iter().map(|ep| {
             let options = options.clone();
             async move {
-                let attempt = async {
-                    let mut c = Client::connect([ep.as_str()], Some(options)).await?;
-                    c.status().await.map(|_| ())
-                };
-                match tokio::time::timeout(config.dial_timeout, attempt).await {
-                    Ok(Ok(())) => Ok(ep.clone()),
-                    Ok(Err(e)) => Err(format!("{ep}: {e}")),
-                    Err(_) => Err(format!("{ep}: no answer within {:?}", config.dial_timeout)),
-                }
+                probe(ep, options, config.dial_timeout)
+                    .await
+                    .map(|_| ep.clone())
+                    .map_err(|e| format!("{ep}: {e}"))
             }
         });
         let results = futures::future::join_all(probes).await;
@@ -120,7 +115,26 @@ impl Conn {
     }
 }
 
-fn connect_options(config: &Config) -> ConnectOptions {
+/// Asks one endpoint, on a connection of its own, for its status within
+/// `dial_timeout`: the proof that it answers (`Client::connect` is lazy).
+/// The error says why it did not, for people.
+pub(crate) async fn probe(
+    endpoint: &str,
+    options: ConnectOptions,
+    dial_timeout: Duration,
+) -> std::result::Result<StatusResponse, String> {
+    let attempt = async {
+        let mut c = Client::connect([endpoint], Some(options)).await?;
+        c.status().await
+    };
+    match tokio::time::timeout(dial_timeout, attempt).await {
+        Ok(Ok(status)) => Ok(status),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err(format!("no answer within {dial_timeout:?}")),
+    }
+}
+
+pub(crate) fn connect_options(config: &Config) -> ConnectOptions {
     // No channel-wide timeout: it would cut long-lived watch and keep-alive
     // streams. Unary requests get `request_timeout` in `Conn::once` instead.
     let mut options = ConnectOptions::new()

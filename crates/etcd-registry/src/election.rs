@@ -106,7 +106,7 @@ impl LeaderInfo {
         String::from_utf8_lossy(&self.proposal)
     }
 
-    fn from_kv(kv: &KeyValue) -> Self {
+    pub(crate) fn from_kv(kv: &KeyValue) -> Self {
         LeaderInfo {
             proposal: kv.value().to_vec(),
             fencing_token: kv.create_revision(),

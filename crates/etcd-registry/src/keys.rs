@@ -43,6 +43,19 @@ impl Keys {
         (!name.is_empty() && !id.is_empty() && !id.contains('/')).then_some((name, id))
     }
 
+    /// `{root}/elections/`: every election of the namespace.
+    pub(crate) fn elections_prefix(&self) -> &str {
+        &self.elections
+    }
+
+    /// The election a candidate key belongs to; `None` for keys outside the layout.
+    pub(crate) fn parse_election_key<'a>(&self, key: &'a str) -> Option<&'a str> {
+        let rest = key.strip_prefix(self.elections.as_str())?;
+        let (election, candidate) = rest.split_once('/')?;
+        (!election.is_empty() && !candidate.is_empty() && !candidate.contains('/'))
+            .then_some(election)
+    }
+
     /// `{root}/elections/{election}`: the name `etcdctl elect` takes.
     pub(crate) fn election_name(&self, election: &str) -> String {
         format!("{}{election}", self.elections)
@@ -112,6 +125,27 @@ mod tests {
         );
         assert_eq!(
             k.parse_instance_key("/company/registry/other/services/web/a"),
+            None
+        );
+    }
+
+    #[test]
+    fn parses_only_candidate_keys() {
+        let k = Keys::new("/etcd_registry", "ns");
+        assert_eq!(
+            k.parse_election_key("/etcd_registry/ns/elections/job/694d77b4e1a2c00b"),
+            Some("job")
+        );
+        assert_eq!(
+            k.parse_election_key("/etcd_registry/ns/elections/job"),
+            None
+        );
+        assert_eq!(
+            k.parse_election_key("/etcd_registry/ns/elections/job/a/b"),
+            None
+        );
+        assert_eq!(
+            k.parse_election_key("/etcd_registry/ns/services/job/a"),
             None
         );
     }

@@ -71,6 +71,7 @@ mod instance;
 mod keys;
 mod registry;
 mod session;
+mod status;
 mod watch;
 
 #[cfg(feature = "tower")]
@@ -86,6 +87,7 @@ pub use error::{Error, Result};
 pub use instance::{MAX_ENTRY_BYTES, ServiceInstance};
 pub use registry::{Registration, Registry};
 pub use session::RegistryState;
+pub use status::{ElectionSummary, EndpointStatus, MemberStatus};
 pub use watch::{ServiceEvent, ServiceWatch};
 
 /// The README's code is compiled as a doc test, so it stays true.

@@ -1,0 +1,163 @@
+//! What an operator looks at first: [`EndpointStatus`] of each etcd endpoint
+//! ([`RegistryBuilder::endpoint_status`]) and the elections of a namespace
+//! ([`Registry::elections`]). `etcd-registry status` prints both.
+
+use std::collections::BTreeMap;
+
+use etcd_client::{GetOptions, SortOrder, SortTarget};
+
+use crate::config::RegistryBuilder;
+use crate::conn;
+use crate::election::LeaderInfo;
+use crate::error::Result;
+use crate::registry::Registry;
+
+/// What one endpoint said when asked for its status, or why it did not answer.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct EndpointStatus {
+    /// The endpoint as configured.
+    pub endpoint: String,
+    /// The member's answer, or why there was none (refused, timed out, auth
+    /// failed, ...), as text for people.
+    pub result: std::result::Result<MemberStatus, String>,
+}
+
+/// The status an etcd member reports about itself (etcd's `Maintenance.Status`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct MemberStatus {
+    /// The etcd server version, e.g. `3.4.23`.
+    pub version: String,
+    /// This member's id (etcd shows it in hex).
+    pub member_id: u64,
+    /// The id of the raft leader this member knows of; 0 when it knows none.
+    pub leader_id: u64,
+    /// The size of the backend database in bytes.
+    pub db_size: i64,
+    /// The raft term.
+    pub raft_term: u64,
+    /// The raft index.
+    pub raft_index: u64,
+    /// Alarms and errors the member reports (e.g. `NOSPACE`); usually empty.
+    pub errors: Vec<String>,
+}
+
+impl MemberStatus {
+    /// Whether this member is the raft leader.
+    pub fn is_leader(&self) -> bool {
+        self.member_id != 0 && self.member_id == self.leader_id
+    }
+}
+
+impl RegistryBuilder {
+    /// Asks every configured endpoint for its status, each on a connection of
+    /// its own and within the dial timeout, with the builder's credentials.
+    /// Grants no lease and writes nothing.
+    ///
+    /// An endpoint that does not answer is reported in its
+    /// [`EndpointStatus::result`], not as an error.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidInput`](crate::Error::InvalidInput) when the settings
+    /// are invalid, as [`build_config`](RegistryBuilder::build_config).
+    ///
+    /// ```no_run
+    /// # async fn demo() -> etcd_registry::Result<()> {
+    /// let builder = etcd_registry::Registry::builder().endpoints(["127.0.0.1:2379"]);
+    /// for s in builder.endpoint_status().await? {
+    ///     match s.result {
+    ///         Ok(m) => println!("{}: etcd {}, leader: {}", s.endpoint, m.version, m.is_leader()),
+    ///         Err(why) => println!("{}: unreachable: {why}", s.endpoint),
+    ///     }
+    /// }
+    /// # Ok(()) }
+    /// ```
+    pub async fn endpoint_status(&self) -> Result<Vec<EndpointStatus>> {
+        let config = self.build_config()?;
+        let options = conn::connect_options(&config);
+        let asks = config.endpoints.iter().map(|endpoint| {
+            let options = options.clone();
+            async move {
+                let result = conn::probe(endpoint, options, config.dial_timeout)
+                    .await
+                    .map(|s| MemberStatus {
+                        version: s.version().to_owned(),
+                        member_id: s.header().map_or(0, |h| h.member_id()),
+                        leader_id: s.leader(),
+                        db_size: s.db_size(),
+                        raft_term: s.raft_term(),
+                        raft_index: s.raft_index(),
+                        errors: s.errors().to_vec(),
+                    });
+                EndpointStatus {
+                    endpoint: endpoint.clone(),
+                    result,
+                }
+            }
+        });
+        Ok(futures::future::join_all(asks).await)
+    }
+}
+
+/// An election with at least one candidate, as returned by [`Registry::elections`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ElectionSummary {
+    /// The election name, as given to [`Registry::election`].
+    pub name: String,
+    /// How many candidates it has, the leader included.
+    pub candidates: usize,
+    /// The leader: the candidate with the lowest create revision.
+    pub leader: LeaderInfo,
+}
+
+impl Registry {
+    /// Every election of the namespace that has a candidate, by name, with its
+    /// leader and number of candidates, in one consistent read. Elections
+    /// without candidates leave nothing in etcd and are not listed.
+    ///
+    /// `etcdctl elect` candidates under the namespace's election prefix are
+    /// counted as well.
+    ///
+    /// ```no_run
+    /// # async fn demo(registry: etcd_registry::Registry) -> etcd_registry::Result<()> {
+    /// for e in registry.elections().await? {
+    ///     println!("{}: {} leads, {} candidates", e.name, e.leader.proposal_str(), e.candidates);
+    /// }
+    /// # Ok(()) }
+    /// ```
+    pub async fn elections(&self) -> Result<Vec<ElectionSummary>> {
+        let keys = &self.inner.keys;
+        let prefix = keys.elections_prefix().to_owned();
+        let resp = self
+            .inner
+            .conn
+            .retry("get", |mut c| {
+                let prefix = prefix.clone();
+                // Ascending create revision: the first key seen of an election is its leader.
+                let options = GetOptions::new()
+                    .with_prefix()
+                    .with_sort(SortTarget::Create, SortOrder::Ascend);
+                async move { c.get(prefix, Some(options)).await }
+            })
+            .await?;
+        let mut elections: BTreeMap<String, ElectionSummary> = BTreeMap::new();
+        for kv in resp.kvs() {
+            let Some(name) = kv.key_str().ok().and_then(|k| keys.parse_election_key(k)) else {
+                tracing::warn!(key = %String::from_utf8_lossy(kv.key()), "skipping a key outside the election layout");
+                continue;
+            };
+            elections
+                .entry(name.to_owned())
+                .and_modify(|e| e.candidates += 1)
+                .or_insert_with(|| ElectionSummary {
+                    name: name.to_owned(),
+                    candidates: 1,
+                    leader: LeaderInfo::from_kv(kv),
+                });
+        }
+        Ok(elections.into_values().collect())
+    }
+}
