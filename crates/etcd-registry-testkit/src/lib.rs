@@ -39,7 +39,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 pub use cluster::EtcdCluster;
 pub use error::{Error, Result};
-pub use proxy::{FaultProxy, ProxyMode};
+pub use proxy::{Direction, FaultProxy, ProxyMode};
 pub use server::{EtcdServer, EtcdServerBuilder};
 pub use wait::{eventually, within};
 

@@ -1,13 +1,15 @@
-//! A TCP proxy that can partition or reset a client's connections to etcd.
+//! A TCP proxy that can partition, slow down or reset a client's connections to etcd.
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{ReadHalf, WriteHalf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
+use tokio::time::Instant;
 
 use crate::Result;
 use crate::server::POLL;
@@ -21,11 +23,36 @@ pub enum ProxyMode {
     Blackhole,
 }
 
+/// Which way bytes travel through a [`FaultProxy`]; see [`FaultProxy::set_latency`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Direction {
+    /// From etcd to the client: answers, watch events, keep-alive responses.
+    ToClient,
+    /// From the client to etcd: requests.
+    ToServer,
+    /// Both ways.
+    Both,
+}
+
 #[derive(Debug, Clone, Copy)]
 struct State {
     mode: ProxyMode,
     /// Bumped by [`FaultProxy::reset`]; a connection dies when it changes.
     generation: u64,
+    /// Delay of every byte from etcd to the client.
+    to_client: Duration,
+    /// Delay of every byte from the client to etcd.
+    to_server: Duration,
+}
+
+impl State {
+    fn latency(&self, direction: Direction) -> Duration {
+        match direction {
+            Direction::ToClient => self.to_client,
+            Direction::ToServer => self.to_server,
+            Direction::Both => self.to_client.max(self.to_server),
+        }
+    }
 }
 
 /// A TCP proxy from `127.0.0.1:<random port>` to one upstream endpoint, for
@@ -34,7 +61,8 @@ struct State {
 /// Connect the client to [`endpoint`](Self::endpoint) instead of etcd's.
 /// [`blackhole`](Self::blackhole) models a network partition as the client
 /// sees it (TCP stays up, nothing arrives), [`reset`](Self::reset) a dropped
-/// connection. Dropping the proxy closes its listener and all connections.
+/// connection and [`set_latency`](Self::set_latency) a slow network or a
+/// stalled server. Dropping the proxy closes its listener and all connections.
 ///
 /// The proxy's tasks run on the tokio runtime that called
 /// [`start`](Self::start); they stop when that runtime shuts down.
@@ -78,6 +106,8 @@ impl FaultProxy {
         let (state, rx) = watch::channel(State {
             mode: ProxyMode::Pass,
             generation: 0,
+            to_client: Duration::ZERO,
+            to_server: Duration::ZERO,
         });
         tracing::debug!(%addr, %upstream, "fault proxy listening");
         let accept_task = tokio::spawn(accept_loop(listener, upstream, rx));
@@ -94,7 +124,9 @@ impl FaultProxy {
     }
 
     /// Stops forwarding on existing and new connections (which are still
-    /// accepted). Bytes already read are delivered; nothing more is read.
+    /// accepted). Nothing more is read, and bytes already read but not yet
+    /// delivered (held back by a latency) wait until [`heal`](Self::heal),
+    /// as TCP would retransmit them once a partition ends.
     pub fn blackhole(&self) {
         tracing::debug!(addr = %self.addr, "fault proxy: blackhole");
         self.state.send_modify(|s| s.mode = ProxyMode::Blackhole);
@@ -116,6 +148,42 @@ impl FaultProxy {
     /// The current mode.
     pub fn mode(&self) -> ProxyMode {
         self.state.borrow().mode
+    }
+
+    /// Delays every byte travelling in `direction` by `delay`, on existing
+    /// and new connections; `Duration::ZERO` (the default) forwards at once.
+    ///
+    /// Bytes are read as soon as they arrive and delivered `delay` after
+    /// that, in order, so the delay adds to each request's or answer's
+    /// latency without limiting throughput: what `delay` models is a long
+    /// network path or a stalled server. A new delay applies to bytes read
+    /// from then on; bytes never overtake earlier ones. Setting one
+    /// direction leaves the other as it was.
+    ///
+    /// ```no_run
+    /// # async fn demo(proxy: &etcd_registry_testkit::FaultProxy) {
+    /// use std::time::Duration;
+    /// use etcd_registry_testkit::Direction;
+    ///
+    /// // Every answer of etcd reaches the client one second late.
+    /// proxy.set_latency(Direction::ToClient, Duration::from_secs(1));
+    /// # }
+    /// ```
+    pub fn set_latency(&self, direction: Direction, delay: Duration) {
+        tracing::debug!(addr = %self.addr, ?direction, ?delay, "fault proxy: latency");
+        self.state.send_modify(|s| match direction {
+            Direction::ToClient => s.to_client = delay,
+            Direction::ToServer => s.to_server = delay,
+            Direction::Both => {
+                s.to_client = delay;
+                s.to_server = delay;
+            }
+        });
+    }
+
+    /// The delay currently added in `direction` (for `Both`, the larger one).
+    pub fn latency(&self, direction: Direction) -> Duration {
+        self.state.borrow().latency(direction)
     }
 }
 
@@ -179,8 +247,8 @@ async fn connection(
         let (server_rd, server_wr) = server.split();
         let pumps = async {
             tokio::try_join!(
-                pump(client_rd, server_wr, rx.clone()),
-                pump(server_rd, client_wr, rx.clone())
+                pump(client_rd, server_wr, rx.clone(), Direction::ToServer),
+                pump(server_rd, client_wr, rx.clone(), Direction::ToClient)
             )
         };
         tokio::select! {
@@ -195,30 +263,60 @@ async fn connection(
     }
 }
 
-/// Copies `from` to `to` while the mode is `Pass`. `Ok` on end of stream
-/// (after passing the half-close on), `Err` when the connection is broken or
-/// the proxy is gone, which ends the other direction too.
+/// Copies `from` to `to` while the mode is `Pass`, each chunk delivered
+/// the `direction`'s latency after it was read. `Ok` on end of stream (after
+/// passing the half-close on), `Err` when the connection is broken or the
+/// proxy is gone, which ends the other direction too.
+///
+/// Reading and writing are separate halves joined by a queue, so a latency
+/// delays bytes without throttling the stream to one chunk per delay.
 async fn pump(
     mut from: ReadHalf<'_>,
     mut to: WriteHalf<'_>,
-    mut rx: watch::Receiver<State>,
+    rx: watch::Receiver<State>,
+    direction: Direction,
 ) -> std::result::Result<(), ()> {
-    let mut buf = vec![0u8; 16 * 1024];
-    loop {
-        wait_pass(&mut rx).await.ok_or(())?;
-        // `read` is cancel-safe: a mode change drops it without losing bytes.
-        tokio::select! {
-            changed = rx.changed() => changed.map_err(|_| ())?,
-            read = from.read(&mut buf) => match read {
-                Ok(0) => {
+    // `None` marks the end of stream, delivered in order like the bytes.
+    let (queue, mut queued) = mpsc::unbounded_channel::<(Instant, Option<Vec<u8>>)>();
+    let mut read_rx = rx.clone();
+    let read = async move {
+        let mut buf = vec![0u8; 16 * 1024];
+        loop {
+            wait_pass(&mut read_rx).await.ok_or(())?;
+            // `read` is cancel-safe: a mode change drops it without losing bytes.
+            tokio::select! {
+                changed = read_rx.changed() => changed.map_err(|_| ())?,
+                read = from.read(&mut buf) => {
+                    let due = Instant::now() + read_rx.borrow().latency(direction);
+                    match read {
+                        Ok(0) => {
+                            let _ = queue.send((due, None));
+                            return Ok(());
+                        }
+                        Ok(n) => queue.send((due, Some(buf[..n].to_vec()))).map_err(|_| ())?,
+                        Err(_) => return Err(()),
+                    }
+                }
+            }
+        }
+    };
+    let mut write_rx = rx;
+    let write = async move {
+        while let Some((due, chunk)) = queued.recv().await {
+            tokio::time::sleep_until(due).await;
+            // Held bytes wait out a blackhole, like a retransmitting TCP.
+            wait_pass(&mut write_rx).await.ok_or(())?;
+            match chunk {
+                Some(bytes) => to.write_all(&bytes).await.map_err(|_| ())?,
+                None => {
                     let _ = to.shutdown().await;
                     return Ok(());
                 }
-                Ok(n) => to.write_all(&buf[..n]).await.map_err(|_| ())?,
-                Err(_) => return Err(()),
-            },
+            }
         }
-    }
+        Ok(())
+    };
+    tokio::try_join!(read, write).map(|_| ())
 }
 
 /// Returns once the mode is `Pass`; `None` if the proxy is gone.

@@ -437,12 +437,49 @@ impl EtcdServer {
     /// single-member cluster on the same ports (all keys, leases and revisions
     /// are gone; the log is kept). Waits until it is healthy.
     ///
+    /// The new cluster gets a new cluster token, so clients see a new
+    /// cluster id in every response header; see
+    /// [`restart_wiped_same_cluster`](Self::restart_wiped_same_cluster) for
+    /// a wiped store that keeps its id.
+    ///
     /// # Errors
     ///
     /// [`Error::Unsupported`] for a member of a multi-member cluster (it would
     /// rejoin with an empty raft log, which etcd rejects); otherwise as for
     /// [`restart`](Self::restart).
     pub async fn restart_wiped(&mut self) -> Result<()> {
+        self.wipe_and_start(true).await
+    }
+
+    /// Like [`restart_wiped`](Self::restart_wiped), but the new store keeps
+    /// the old cluster id: same name, peer URL and cluster token, from
+    /// which etcd derives the member and cluster ids.
+    ///
+    /// This is what a production etcd that lost its data directory and was
+    /// restarted with its usual configuration looks like: the cluster id in
+    /// response headers does not change, and only the revisions and keys
+    /// tell a client that the history it saw is gone.
+    ///
+    /// ```no_run
+    /// # async fn demo() -> etcd_registry_testkit::Result<()> {
+    /// let mut etcd = etcd_registry_testkit::EtcdServer::start().await?;
+    /// let mut client = etcd.client().await?;
+    /// let before = client.status().await?.header().map(|h| h.cluster_id());
+    /// etcd.restart_wiped_same_cluster().await?;
+    /// let after = client.status().await?.header().map(|h| h.cluster_id());
+    /// assert_eq!(before, after);
+    /// # Ok(())
+    /// # }
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// As for [`restart_wiped`](Self::restart_wiped).
+    pub async fn restart_wiped_same_cluster(&mut self) -> Result<()> {
+        self.wipe_and_start(false).await
+    }
+
+    async fn wipe_and_start(&mut self, new_cluster: bool) -> Result<()> {
         if self.clustered {
             return Err(Error::Unsupported(format!(
                 "restart_wiped of member `{}` of a multi-member cluster",
@@ -454,7 +491,9 @@ impl EtcdServer {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e.into()),
             _ => {}
         }
-        self.cluster_token = unique_name("token");
+        if new_cluster {
+            self.cluster_token = unique_name("token");
+        }
         self.spawn().await?;
         self.wait_healthy(Instant::now() + self.start_timeout).await
     }
