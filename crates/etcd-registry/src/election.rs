@@ -1407,6 +1407,32 @@ mod tests {
         assert_eq!(Instant::now(), start + Duration::from_secs(5));
     }
 
+    // Pins the deadline arithmetic: with the margin set to zero, or with the
+    // deadline counted from the answer's arrival, this fails (checked by hand).
+    // The integration test `a_leader_behind_slow_answers_stops_before_the_server_deadline`
+    // (tests/safety.rs) pins that the session passes the send time in.
+    #[tokio::test(start_paused = true)]
+    async fn the_deadline_counts_from_the_send_time_minus_a_margin() {
+        let ttl = Duration::from_secs(3);
+        let sent = Instant::now();
+        // The answer arrives one second after the keep-alive was sent.
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let expires = crate::session::lease_deadline(sent, 3, ttl);
+        let server_deadline = sent + ttl;
+        assert!(
+            server_deadline - expires >= Duration::from_millis(250),
+            "the margin must be at least 250 ms, it is {:?}",
+            server_deadline - expires
+        );
+        assert_eq!(expires, sent + ttl - Duration::from_millis(310));
+        let (_tx, rx) = watch::channel(Some(Lease { id: 7, expires }));
+        assert_eq!(lease_lost(rx, 7).await, LostReason::LeaseDeadline);
+        assert!(Instant::now() < server_deadline);
+        assert_eq!(Instant::now(), sent + Duration::from_millis(2690));
+        // A TTL etcd reports as expired gives no time at all.
+        assert!(crate::session::lease_deadline(Instant::now(), -1, ttl) <= Instant::now());
+    }
+
     #[tokio::test(start_paused = true)]
     async fn a_new_lease_id_is_a_lost_session() {
         let now = Instant::now();

@@ -60,6 +60,15 @@ pub(crate) fn safety_margin(ttl: Duration) -> Duration {
     Duration::from_millis(250) + ttl / 50
 }
 
+/// [`Lease::expires`] for a grant or keep-alive sent at `sent` and answered
+/// with `granted_secs`. Counted from the send time, never from the answer's
+/// arrival: etcd may have refreshed the lease at any moment after the send,
+/// and an answer that comes late (slow network, stalled etcd) must not
+/// stretch the deadline past the server's.
+pub(crate) fn lease_deadline(sent: Instant, granted_secs: i64, ttl: Duration) -> Instant {
+    sent + Duration::from_secs(granted_secs.max(0) as u64) - safety_margin(ttl)
+}
+
 /// Shared lease bookkeeping. Written only by the session task (and by
 /// `close`); read by registrations, watches and elections.
 pub(crate) struct Session {
@@ -189,7 +198,7 @@ impl Session {
             .await?;
         let lease = Lease {
             id: resp.id(),
-            expires: sent + Duration::from_secs(resp.ttl().max(0) as u64) - safety_margin(self.ttl),
+            expires: lease_deadline(sent, resp.ttl(), self.ttl),
         };
         tracing::info!(lease = %format_args!("{:x}", lease.id), ttl = resp.ttl(), "lease granted");
         Ok(lease)
@@ -367,7 +376,16 @@ async fn keep_alive(
         if let Err(e) = keeper.keep_alive().await {
             return KeepAlive::Broken(e.to_string());
         }
-        let answer = tokio::time::timeout(period.max(Duration::from_millis(500)), stream.message());
+        // A late answer still extends the lease (from its send time), so it
+        // is worth waiting for until the current deadline: giving up after
+        // one period would make a lease behind a slow link, whose answers
+        // take longer than TTL/3, look lost while etcd keeps it alive.
+        let patience = lease
+            .expires
+            .saturating_duration_since(sent)
+            .max(period)
+            .max(Duration::from_millis(500));
+        let answer = tokio::time::timeout(patience, stream.message());
         match cancellable(cancel, answer).await {
             None => return KeepAlive::Cancelled,
             Some(Err(_)) => return KeepAlive::Broken("no keep-alive answer in time".into()),
@@ -375,7 +393,7 @@ async fn keep_alive(
             Some(Ok(Ok(None))) => return KeepAlive::Broken("keep-alive stream ended".into()),
             Some(Ok(Ok(Some(resp)))) if resp.ttl() <= 0 => return KeepAlive::Lost,
             Some(Ok(Ok(Some(resp)))) => {
-                lease.expires = sent + Duration::from_secs(resp.ttl() as u64) - safety_margin(ttl);
+                lease.expires = lease_deadline(sent, resp.ttl(), ttl);
                 session.publish(Some(lease));
                 session.set_state(RegistryState::Active { lease_id: lease.id });
                 backoff.reset();
@@ -383,9 +401,12 @@ async fn keep_alive(
         }
         // Between ticks, keep reading the stream: a broken connection (etcd
         // restarted, member lost) shows up here at once, not at the next tick.
+        // Ticks are a period apart from send to send: counting the period
+        // from the answer would space keep-alives by period + latency, and a
+        // latency above TTL/3 would then let the deadline pass between them.
         tokio::select! {
             _ = cancel.cancelled() => return KeepAlive::Cancelled,
-            _ = tokio::time::sleep(period) => {}
+            _ = tokio::time::sleep_until(sent + period) => {}
             _ = session.suspect.notified() => {
                 tracing::debug!(lease = %format_args!("{:x}", lease.id), "lease reported missing; checking now");
             }

@@ -22,10 +22,11 @@
 //! * **Resuming** runs after a broken stream. A keys-only read checks that the
 //!   store still holds the history the consumer saw (its revision did not go
 //!   back and every key last modified at or before that revision is exactly
-//!   the one seen). If so the watch resumes from the last revision seen + 1
-//!   without re-listing; if not (etcd was wiped or replaced) it re-lists.
+//!   the one seen, and every key seen is still there). If so the watch
+//!   resumes from the last revision seen + 1 without re-listing; if not
+//!   (etcd was wiped or replaced, or a key was deleted meanwhile) it re-lists.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, HashSet, VecDeque};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -500,6 +501,11 @@ impl Watcher {
                     .get(kv.key())
                     .is_some_and(|s| s.mod_revision == kv.mod_revision())
         });
+        // A key we saw that is gone was either deleted after our revision
+        // (the watch would report it) or lost with a wiped store (nothing
+        // would): only a re-list tells, and its diff is right in both cases.
+        let present: HashSet<&[u8]> = resp.kvs().iter().map(KeyValue::key).collect();
+        let consistent = consistent && self.seen.keys().all(|k| present.contains(k.as_slice()));
         if !consistent {
             tracing::warn!(
                 service = %self.service, revision = self.revision,
