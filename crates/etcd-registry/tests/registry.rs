@@ -386,6 +386,9 @@ async fn dropped_registry_keys_expire_after_the_ttl_and_not_before() {
     assert!(dropped.elapsed() >= Duration::from_secs(3));
 }
 
+// Anti-entropy would restore these keys too; the session's own re-put after
+// a re-grant is pinned by `after_a_revoke_the_session_re_puts_every_registration_at_once`
+// in tests/safety.rs.
 #[tokio::test]
 async fn revoked_lease_is_replaced_and_everything_reregistered() {
     let server = shared_server().await;
@@ -440,6 +443,14 @@ async fn revoked_lease_is_replaced_and_everything_reregistered() {
     reg.close().await.unwrap();
 }
 
+// Pins restore-on-delete (registry.rs, `keeper_pass` reconciling Delete
+// events). Mutant checked by hand (issue 19): Delete events skipped by the
+// anti-entropy watch; this test then failed ("deleted key restored" timed
+// out), and so did `keys_of_a_service_registered_later_are_restored_too`.
+// The first delete can race the anti-entropy pass that a new registration
+// starts, whose fresh read restores the key without any Delete event; the
+// second round happens after that pass is watching, so only the event path
+// can restore it.
 #[tokio::test]
 async fn deleted_or_overwritten_keys_are_restored_but_takeovers_are_yielded() {
     let server = shared_server().await;
@@ -450,20 +461,25 @@ async fn deleted_or_overwritten_keys_are_restored_but_takeovers_are_yielded() {
     let client = server.client().await.unwrap();
     let mine = raw(&client, &key).await;
 
-    assert!(
-        server
-            .etcdctl()
-            .args(["del", &key])
-            .status()
-            .await
-            .unwrap()
-            .success()
-    );
-    let took = eventually("deleted key restored", Duration::from_secs(10), || async {
-        raw(&client, &key).await == mine
-    })
-    .await;
-    assert!(took < Duration::from_secs(2), "restore took {took:?}");
+    for round in 0..2 {
+        assert!(
+            server
+                .etcdctl()
+                .args(["del", &key])
+                .status()
+                .await
+                .unwrap()
+                .success()
+        );
+        let took = eventually("deleted key restored", Duration::from_secs(10), || async {
+            raw(&client, &key).await == mine
+        })
+        .await;
+        assert!(
+            took < Duration::from_secs(2),
+            "round {round}: restore took {took:?}"
+        );
+    }
 
     assert!(
         server
@@ -501,6 +517,10 @@ async fn deleted_or_overwritten_keys_are_restored_but_takeovers_are_yielded() {
     reg.close().await.unwrap();
 }
 
+// Pins restore-on-delete for a service added after the anti-entropy watch
+// started (the watch is widened). Mutant checked by hand (issue 19): Delete
+// events skipped by the anti-entropy watch; this test then failed ("the later
+// service's key restored" timed out).
 #[tokio::test]
 async fn keys_of_a_service_registered_later_are_restored_too() {
     let server = shared_server().await;

@@ -362,7 +362,8 @@ async fn after_proclaim_leader_and_observe_report_the_leaderships_fencing_token(
 /// before it reports `Active` again, so all keys share one mod revision;
 /// anti-entropy restores key by key, each at its own revision. Mutant checked
 /// by hand: no re-put after the re-grant (`restore_all` returns at once);
-/// anti-entropy brought the keys back one by one and this test failed.
+/// the session then reported `Active` on the new lease with none of the keys
+/// back, and this test failed.
 #[tokio::test(flavor = "multi_thread")]
 async fn after_a_revoke_the_session_re_puts_every_registration_at_once() {
     let server = shared_server().await;
