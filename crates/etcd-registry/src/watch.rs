@@ -22,9 +22,10 @@
 //! * **Resuming** runs after a broken stream. A keys-only read checks that the
 //!   store still holds the history the consumer saw (its revision did not go
 //!   back and every key last modified at or before that revision is exactly
-//!   the one seen, and every key seen is still there). If so the watch
-//!   resumes from the last revision seen + 1 without re-listing; if not
-//!   (etcd was wiped or replaced, or a key was deleted meanwhile) it re-lists.
+//!   the one seen; if a key seen is gone, the store as of that revision still
+//!   holds exactly what was seen). If so the watch resumes from the last
+//!   revision seen + 1 without re-listing; if not (etcd was wiped or
+//!   replaced) it re-lists.
 
 use std::collections::{BTreeMap, HashSet, VecDeque};
 use std::pin::Pin;
@@ -411,11 +412,19 @@ impl Watcher {
         }
     }
 
-    async fn get(&self, keys_only: bool) -> Option<Result<etcd_client::GetResponse>> {
+    /// Reads the prefix now, or as of `at` (a revision) when given.
+    async fn get(
+        &self,
+        keys_only: bool,
+        at: Option<i64>,
+    ) -> Option<Result<etcd_client::GetResponse>> {
         let prefix = self.prefix.clone();
         let mut options = GetOptions::new().with_prefix();
         if keys_only {
             options = options.with_keys_only();
+        }
+        if let Some(revision) = at {
+            options = options.with_revision(revision);
         }
         let read = self.inner.conn.retry("watch list", |mut c| {
             let (prefix, options) = (prefix.clone(), options.clone());
@@ -426,7 +435,7 @@ impl Watcher {
 
     /// Listing: one consistent read, sent as the snapshot or as a diff.
     async fn list(&mut self) -> Next {
-        let mut resp = match self.get(false).await {
+        let mut resp = match self.get(false, None).await {
             None => return Next::Stop,
             Some(Err(e)) => return Next::Retry(State::Listing, e.to_string()),
             Some(Ok(resp)) => resp,
@@ -475,7 +484,7 @@ impl Watcher {
 
     /// Resuming: decides between watching on from `revision + 1` and re-listing.
     async fn check(&mut self) -> Next {
-        let resp = match self.get(true).await {
+        let resp = match self.get(true, None).await {
             None => return Next::Stop,
             Some(Err(e)) => return Next::Retry(State::Resuming, e.to_string()),
             Some(Ok(resp)) => resp,
@@ -501,15 +510,44 @@ impl Watcher {
                     .get(kv.key())
                     .is_some_and(|s| s.mod_revision == kv.mod_revision())
         });
-        // A key we saw that is gone was either deleted after our revision
-        // (the watch would report it) or lost with a wiped store (nothing
-        // would): only a re-list tells, and its diff is right in both cases.
-        let present: HashSet<&[u8]> = resp.kvs().iter().map(KeyValue::key).collect();
-        let consistent = consistent && self.seen.keys().all(|k| present.contains(k.as_slice()));
         if !consistent {
             tracing::warn!(
                 service = %self.service, revision = self.revision,
                 "etcd no longer holds what was seen (wiped or replaced); re-listing"
+            );
+            return Next::Go(State::Listing);
+        }
+        let present: HashSet<&[u8]> = resp.kvs().iter().map(KeyValue::key).collect();
+        if self.seen.keys().all(|k| present.contains(k.as_slice())) {
+            return Next::Go(State::Watching {
+                from: self.revision + 1,
+            });
+        }
+        // A key we saw is gone: deleted after our revision (the watch will
+        // report it) or lost with a wiped store that kept its cluster id
+        // (nothing would). The store as of our revision tells which.
+        let then = match self.get(true, Some(self.revision)).await {
+            None => return Next::Stop,
+            Some(Ok(then)) => then,
+            // History compacted past our revision: the watch reports that,
+            // and the re-list that follows sends the difference.
+            Some(Err(e)) if is_compacted(&e) => {
+                return Next::Go(State::Watching {
+                    from: self.revision + 1,
+                });
+            }
+            Some(Err(e)) => return Next::Retry(State::Resuming, e.to_string()),
+        };
+        let same = then.kvs().len() == self.seen.len()
+            && then.kvs().iter().all(|kv| {
+                self.seen
+                    .get(kv.key())
+                    .is_some_and(|s| s.mod_revision == kv.mod_revision())
+            });
+        if !same {
+            tracing::warn!(
+                service = %self.service, revision = self.revision,
+                "etcd's history at the last revision seen differs from what was seen (wiped); re-listing"
             );
             return Next::Go(State::Listing);
         }
@@ -639,6 +677,11 @@ impl Watcher {
         }
         out
     }
+}
+
+/// Whether etcd refused a read because its revision was compacted.
+fn is_compacted(e: &Error) -> bool {
+    matches!(e, Error::Etcd { source: etcd_client::Error::GRpcStatus(s), .. } if s.message().contains("compacted"))
 }
 
 /// The event that turns `old` into `new`, if any.
