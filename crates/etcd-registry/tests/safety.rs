@@ -409,3 +409,47 @@ async fn after_a_revoke_the_session_re_puts_every_registration_at_once() {
     );
     registry.close().await.unwrap();
 }
+
+// ---------------------------------------------------------------------------
+// A watch that went silent is restarted.
+// ---------------------------------------------------------------------------
+
+/// With HTTP/2 pings switched off nothing but the watch's own staleness bound
+/// (progress requests every 5 s, restart after 10 s of silence) notices a
+/// blackholed stream. Mutant checked by hand: the staleness timer removed
+/// from `Watcher::watch`; the cut was then never noticed and this test failed.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_silent_watch_is_restarted_without_http2_pings() {
+    let server = shared_server().await;
+    let ns = unique_name("safety-stale");
+    let proxy = FaultProxy::start(&server.endpoint()).await.unwrap();
+    let builder = common::builder(vec![proxy.endpoint()], &ns, 30)
+        .request_timeout(Duration::from_secs(5))
+        .no_keep_alive();
+    let watcher = common::connect_with(builder).await;
+    let writer = connect(server.endpoints(), &ns, 30).await;
+    let mut watch = watcher.watch("svc").unwrap();
+    assert_eq!(next(&mut watch).await, ServiceEvent::Snapshot(Vec::new()));
+    // An event proves the etcd watch is open, so the cut hits a live stream.
+    let _a = within("register", T, writer.register(inst("a", 1)))
+        .await
+        .unwrap();
+    assert_eq!(next(&mut watch).await, ServiceEvent::Added(inst("a", 1)));
+
+    proxy.blackhole();
+    let cut = Instant::now();
+    eventually(
+        "the silent watch is restarted",
+        ServiceWatch::STALE_AFTER + Duration::from_secs(10),
+        || async { watch.errors() >= 1 },
+    )
+    .await;
+    eprintln!("the cut was noticed after {:?}", cut.elapsed());
+    proxy.heal();
+    let _b = within("register", T, writer.register(inst("b", 2)))
+        .await
+        .unwrap();
+    assert_eq!(next(&mut watch).await, ServiceEvent::Added(inst("b", 2)));
+    within("close", T, watcher.close()).await.ok();
+    writer.close().await.unwrap();
+}
