@@ -450,7 +450,9 @@ async fn revoked_lease_is_replaced_and_everything_reregistered() {
 // The first delete can race the anti-entropy pass that a new registration
 // starts, whose fresh read restores the key without any Delete event; the
 // second round happens after that pass is watching, so only the event path
-// can restore it.
+// can restore it. The take-over part pins the yield: with keys under a foreign
+// lease restored instead of yielded (checked by hand), "the take-over must
+// not be fought" failed.
 #[tokio::test]
 async fn deleted_or_overwritten_keys_are_restored_but_takeovers_are_yielded() {
     let server = shared_server().await;
