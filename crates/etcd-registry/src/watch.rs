@@ -14,7 +14,8 @@
 //!                                          +---------------+ consistent
 //! ```
 //!
-//! * **Listing** reads the prefix in one consistent read at revision `R`. The
+//! * **Listing** reads the prefix in one consistent read at revision `R`
+//!   (paged, every page at `R`; see `Conn::read_prefixes`). The
 //!   first read is sent as [`ServiceEvent::Snapshot`]; every later one is
 //!   diffed against what the consumer has already seen and sent as
 //!   `Added`/`Updated`/`Removed`.
@@ -32,13 +33,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use etcd_client::{Event, EventType, GetOptions, KeyValue, ResponseHeader};
+use etcd_client::{Event, EventType, KeyValue, ResponseHeader};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 
-use crate::conn::WatchEnd;
+use crate::conn::{Paged, WatchEnd};
 use crate::error::{Error, Result};
 use crate::instance::ServiceInstance;
 use crate::keys::validate_segment;
@@ -397,8 +398,8 @@ impl Watcher {
     }
 
     /// Checks a response header for another cluster; records the first one.
-    fn same_cluster(&mut self, header: Option<&ResponseHeader>) -> bool {
-        let Some(cluster_id) = header.map(ResponseHeader::cluster_id) else {
+    fn same_cluster(&mut self, cluster_id: Option<u64>) -> bool {
+        let Some(cluster_id) = cluster_id else {
             return true;
         };
         match self.cluster_id {
@@ -410,49 +411,47 @@ impl Watcher {
         }
     }
 
-    async fn get(&self, keys_only: bool) -> Option<Result<etcd_client::GetResponse>> {
-        let prefix = self.prefix.clone();
-        let mut options = GetOptions::new().with_prefix();
-        if keys_only {
-            options = options.with_keys_only();
-        }
-        let read = self.inner.conn.retry("watch list", |mut c| {
-            let (prefix, options) = (prefix.clone(), options.clone());
-            async move { c.get(prefix, Some(options)).await }
-        });
-        self.cancellable(read).await
-    }
-
-    /// Listing: one consistent read, sent as the snapshot or as a diff.
+    /// Listing: one consistent (paged) read, sent as the snapshot or as a diff.
     async fn list(&mut self) -> Next {
-        let mut resp = match self.get(false).await {
+        let prefixes = [self.prefix.clone()];
+        let read = self.inner.conn.read_prefixes(
+            "watch list",
+            &prefixes,
+            false,
+            BTreeMap::new,
+            |fresh, kvs| {
+                for kv in kvs {
+                    let instance = match self.seen.get(kv.key()) {
+                        // Unchanged bytes: reuse, and do not warn again about a malformed value.
+                        Some(old) if old.value == kv.value() => old.instance.clone(),
+                        _ => self.parse(&kv),
+                    };
+                    let mod_revision = kv.mod_revision();
+                    let (key, value) = kv.into_key_value();
+                    fresh.insert(
+                        key,
+                        Seen {
+                            instance,
+                            value,
+                            mod_revision,
+                        },
+                    );
+                }
+            },
+        );
+        let Paged {
+            revision,
+            cluster_id,
+            value: fresh,
+        } = match self.cancellable(read).await {
             None => return Next::Stop,
             Some(Err(e)) => return Next::Retry(State::Listing, e.to_string()),
-            Some(Ok(resp)) => resp,
+            Some(Ok(read)) => read,
         };
-        let header = resp.take_header();
-        let revision = header.as_ref().map_or(0, ResponseHeader::revision);
-        let cluster_id = header.as_ref().map(ResponseHeader::cluster_id);
         if self.listed && (revision < self.revision || cluster_id != self.cluster_id) {
             tracing::warn!(
                 service = %self.service, revision, last_seen = self.revision,
                 "etcd's history differs from what was seen (wiped or replaced); sending the difference"
-            );
-        }
-        let mut fresh = BTreeMap::new();
-        for kv in resp.kvs() {
-            let instance = match self.seen.get(kv.key()) {
-                // Unchanged bytes: reuse, and do not warn again about a malformed value.
-                Some(old) if old.value == kv.value() => old.instance.clone(),
-                _ => self.parse(kv),
-            };
-            fresh.insert(
-                kv.key().to_vec(),
-                Seen {
-                    instance,
-                    value: kv.value().to_vec(),
-                    mod_revision: kv.mod_revision(),
-                },
             );
         }
         let events = if self.listed {
@@ -474,13 +473,35 @@ impl Watcher {
 
     /// Resuming: decides between watching on from `revision + 1` and re-listing.
     async fn check(&mut self) -> Next {
-        let resp = match self.get(true).await {
+        let floor = self.revision;
+        let prefixes = [self.prefix.clone()];
+        // Every key last written at or before the revision we caught up to
+        // must be exactly one we saw; anything else means the history changed.
+        let read = self.inner.conn.read_prefixes(
+            "watch check",
+            &prefixes,
+            true,
+            || true,
+            |consistent, kvs| {
+                *consistent &= kvs.iter().all(|kv| {
+                    kv.mod_revision() > floor
+                        || self
+                            .seen
+                            .get(kv.key())
+                            .is_some_and(|s| s.mod_revision == kv.mod_revision())
+                });
+            },
+        );
+        let Paged {
+            revision,
+            cluster_id,
+            value: consistent,
+        } = match self.cancellable(read).await {
             None => return Next::Stop,
             Some(Err(e)) => return Next::Retry(State::Resuming, e.to_string()),
-            Some(Ok(resp)) => resp,
+            Some(Ok(read)) => read,
         };
-        let revision = resp.header().map_or(0, ResponseHeader::revision);
-        if !self.same_cluster(resp.header()) {
+        if !self.same_cluster(cluster_id) {
             tracing::warn!(service = %self.service, revision = self.revision, "etcd cluster id changed; re-listing");
             return Next::Go(State::Listing);
         }
@@ -491,15 +512,6 @@ impl Watcher {
             );
             return Next::Go(State::Listing);
         }
-        // Every key last written at or before the revision we caught up to
-        // must be exactly one we saw; anything else means the history changed.
-        let consistent = resp.kvs().iter().all(|kv| {
-            kv.mod_revision() > self.revision
-                || self
-                    .seen
-                    .get(kv.key())
-                    .is_some_and(|s| s.mod_revision == kv.mod_revision())
-        });
         if !consistent {
             tracing::warn!(
                 service = %self.service, revision = self.revision,
@@ -556,7 +568,7 @@ impl Watcher {
                 }
             };
             heard = Instant::now();
-            if !self.same_cluster(resp.header()) {
+            if !self.same_cluster(resp.header().map(ResponseHeader::cluster_id)) {
                 self.errors.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(service = %self.service, revision = self.revision, "etcd cluster id changed; re-listing");
                 return Next::Go(State::Listing);
