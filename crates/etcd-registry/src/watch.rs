@@ -295,7 +295,10 @@ impl Drop for Feed {
 struct Seen {
     /// `None` for a malformed value or a key outside the layout: never sent.
     instance: Option<ServiceInstance>,
-    value: Vec<u8>,
+    /// The bytes of a value that did not parse, so that an unchanged one is
+    /// not warned about again. Valid values are not kept: the parsed
+    /// instance tells a change, and a large namespace is not held twice.
+    malformed: Option<Vec<u8>>,
     mod_revision: i64,
 }
 
@@ -397,6 +400,23 @@ impl Watcher {
         Some(instance)
     }
 
+    /// Parses `kv`, the new value of a key last seen as `old`: an unchanged
+    /// malformed value is not parsed (nor warned about) again.
+    fn reparse(
+        &self,
+        old: Option<&Seen>,
+        kv: &KeyValue,
+    ) -> (Option<ServiceInstance>, Option<Vec<u8>>) {
+        if let Some(bytes) = old.and_then(|o| o.malformed.as_ref())
+            && bytes.as_slice() == kv.value()
+        {
+            return (None, Some(bytes.clone()));
+        }
+        let instance = self.parse(kv);
+        let malformed = instance.is_none().then(|| kv.value().to_vec());
+        (instance, malformed)
+    }
+
     /// Checks a response header for another cluster; records the first one.
     fn same_cluster(&mut self, cluster_id: Option<u64>) -> bool {
         let Some(cluster_id) = cluster_id else {
@@ -421,19 +441,13 @@ impl Watcher {
             BTreeMap::new,
             |fresh, kvs| {
                 for kv in kvs {
-                    let instance = match self.seen.get(kv.key()) {
-                        // Unchanged bytes: reuse, and do not warn again about a malformed value.
-                        Some(old) if old.value == kv.value() => old.instance.clone(),
-                        _ => self.parse(&kv),
-                    };
-                    let mod_revision = kv.mod_revision();
-                    let (key, value) = kv.into_key_value();
+                    let (instance, malformed) = self.reparse(self.seen.get(kv.key()), &kv);
                     fresh.insert(
-                        key,
+                        kv.key().to_vec(),
                         Seen {
                             instance,
-                            value,
-                            mod_revision,
+                            malformed,
+                            mod_revision: kv.mod_revision(),
                         },
                     );
                 }
@@ -613,10 +627,7 @@ impl Watcher {
             match event.event_type() {
                 EventType::Put => {
                     let old = self.seen.get(kv.key());
-                    let instance = match old {
-                        Some(old) if old.value == kv.value() => old.instance.clone(),
-                        _ => self.parse(kv),
-                    };
+                    let (instance, malformed) = self.reparse(old, kv);
                     if let Some(e) =
                         change(old.and_then(|o| o.instance.as_ref()), instance.as_ref())
                     {
@@ -626,7 +637,7 @@ impl Watcher {
                         kv.key().to_vec(),
                         Seen {
                             instance,
-                            value: kv.value().to_vec(),
+                            malformed,
                             mod_revision,
                         },
                     );
@@ -683,7 +694,7 @@ mod tests {
     fn seen(port: u16) -> Seen {
         let instance = ServiceInstance::new("web", "a", "10.0.0.1", port);
         Seen {
-            value: instance.to_json(),
+            malformed: None,
             instance: Some(instance),
             mod_revision: 1,
         }

@@ -170,11 +170,17 @@ async fn lists_caches_and_watches_a_namespace_of_100k() {
     );
     assert_eq!(loaded(to_model(all)), data.model);
 
+    let rss_before = rss_kib();
     let start = Instant::now();
     let cache = within(120, "cache_all ready", registry.cache_all())
         .await
         .expect("cache_all");
-    eprintln!("cache_all() ready in {:?}", start.elapsed());
+    eprintln!(
+        "cache_all() ready in {:?}; resident memory {} KiB -> {} KiB (a rough figure: the test holds its own copy too)",
+        start.elapsed(),
+        rss_before,
+        rss_kib()
+    );
     assert_eq!(
         loaded(to_model(cache.instances().iter().cloned())),
         data.model
@@ -209,6 +215,18 @@ async fn lists_caches_and_watches_a_namespace_of_100k() {
     .await;
     assert_eq!(watch.errors(), 0, "no read had to be retried");
     within(10, "close", registry.close()).await.expect("close");
+}
+
+/// This process's resident memory (Linux), for the log; 0 if unknown.
+fn rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        })
+        .unwrap_or(0)
 }
 
 /// A hook that runs `f` between the pages of every paged read.
