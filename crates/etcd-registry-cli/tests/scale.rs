@@ -2,7 +2,6 @@
 //! (about 20 MB of values, five times the client's 4 MiB decode limit),
 //! loaded with raw batched transactions.
 
-use std::collections::BTreeSet;
 use std::future::Future;
 use std::process::Stdio;
 use std::time::Duration;
@@ -69,9 +68,9 @@ async fn list_and_watch_a_namespace_of_100k() {
     within(120, "load", put_batched(&client, kvs))
         .await
         .expect("load");
-    let want: BTreeSet<String> = (0..TOTAL)
-        .map(|n| String::from_utf8(instance(n).to_json()).expect("UTF-8"))
-        .collect();
+    // In key order, as `list` prints them.
+    let mut want: Vec<ServiceInstance> = (0..TOTAL).map(instance).collect();
+    want.sort_by(|a, b| (&a.name, &a.id).cmp(&(&b.name, &b.id)));
 
     let start = Instant::now();
     let out = within(
@@ -87,10 +86,10 @@ async fn list_and_watch_a_namespace_of_100k() {
         "list failed: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let listed: BTreeSet<String> = String::from_utf8(out.stdout)
-        .expect("UTF-8")
-        .lines()
-        .map(str::to_owned)
+    let listed: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).expect("a JSON array");
+    let listed: Vec<ServiceInstance> = listed
+        .iter()
+        .map(|v| ServiceInstance::from_json(v.to_string().as_bytes()).expect("an instance"))
         .collect();
     assert_eq!(listed.len(), TOTAL);
     assert!(listed == want, "list --json differs from what was loaded");
