@@ -26,6 +26,7 @@
 
 #![warn(missing_docs)]
 
+mod bulk;
 mod cluster;
 mod error;
 mod http;
@@ -37,6 +38,7 @@ mod wait;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
+pub use bulk::{MAX_TXN_OPS, put_batched};
 pub use cluster::EtcdCluster;
 pub use error::{Error, Result};
 pub use proxy::{Direction, FaultProxy, ProxyMode};

@@ -1,6 +1,7 @@
 //! The etcd client with per-request timeouts and retries of idempotent requests.
 
 use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 
 use etcd_client::{Client, ConnectOptions, StatusResponse};
@@ -16,6 +17,8 @@ const ATTEMPTS: u32 = 4;
 pub(crate) struct Conn {
     client: Client,
     request_timeout: Duration,
+    /// Test knobs of the paged reader; empty in normal use.
+    paging: Arc<std::sync::RwLock<PagingHooks>>,
 }
 
 impl Conn {
@@ -66,6 +69,7 @@ impl Conn {
         Ok(Self {
             client,
             request_timeout: config.request_timeout,
+            paging: Arc::default(),
         })
     }
 
@@ -290,5 +294,234 @@ impl Watch {
             .request_progress()
             .await
             .map_err(|e| Error::etcd("watch progress", e))
+    }
+}
+
+/// The size a page of a paged read aims at. etcd limits a page by count
+/// only, so the count of the next page is derived from the bytes per key
+/// seen so far. 1 MiB keeps a page a quarter of tonic's default 4 MiB
+/// decode limit, whatever the value size, and short enough to answer well
+/// within the request timeout on a loaded machine.
+pub(crate) const PAGE_BYTES: usize = 1 << 20;
+/// The count of the first page, before the size of a key is known: 256
+/// keys of etcd's largest default request (1.5 MiB) would not fit a page,
+/// but a page that does not fit is retried smaller (see below), and 256
+/// typical instances (about 200 bytes each) are 50 KiB.
+const FIRST_PAGE_KEYS: i64 = 256;
+/// No page holds more keys than this, however small they are (keys-only reads).
+const MAX_PAGE_KEYS: i64 = 10_000;
+/// The decode limit of paged reads: 16 MiB. A page aims at 1 MiB, and shrinks
+/// to a single key when it does not fit; a single key is at most etcd's
+/// `--max-request-bytes` (1.5 MiB by default, and etcd advises at most
+/// 10 MiB), so every key etcd accepted can be read. Other requests keep
+/// tonic's 4 MiB default: they read single keys or bounded ranges.
+pub(crate) const READ_DECODE_LIMIT: usize = 16 << 20;
+/// How many times a paged read starts again at a new revision after the
+/// revision it was reading at was compacted, before it gives up.
+const MAX_RESTARTS: u32 = 5;
+
+/// The result of a paged read.
+pub(crate) struct Paged<T> {
+    /// The revision every page was read at.
+    pub(crate) revision: i64,
+    /// The cluster that answered the first page.
+    pub(crate) cluster_id: Option<u64>,
+    /// What the pages were folded into.
+    pub(crate) value: T,
+}
+
+/// Called after each page that is not the last one, with the read's revision.
+pub(crate) type AfterPage =
+    Arc<dyn Fn(i64) -> futures::future::BoxFuture<'static, ()> + Send + Sync>;
+
+/// Test knobs of the paged reader (see `Registry::set_read_paging_for_tests`).
+#[derive(Clone, Default)]
+pub(crate) struct PagingHooks {
+    /// At most this many keys a page.
+    pub(crate) max_keys: Option<i64>,
+    pub(crate) after_page: Option<AfterPage>,
+}
+
+/// The end of the range of keys that start with `prefix`.
+fn prefix_end(prefix: &[u8]) -> Vec<u8> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    vec![0] // every key
+}
+
+/// etcd answers a read at a compacted revision with this.
+pub(crate) fn is_compacted(e: &Error) -> bool {
+    matches!(e, Error::Etcd { source: etcd_client::Error::GRpcStatus(s), .. }
+        if s.message().contains("required revision has been compacted"))
+}
+
+/// tonic refuses a response over the decode limit with this.
+fn is_too_large(e: &Error) -> bool {
+    matches!(e, Error::Etcd { source: etcd_client::Error::GRpcStatus(s), .. }
+        if s.message().contains("message length too large"))
+}
+
+/// The count of the next page, from the size of the last one.
+fn next_page_keys(keys: usize, bytes: usize, max: i64) -> i64 {
+    let per_key = (bytes / keys.max(1)).max(1);
+    i64::try_from(PAGE_BYTES / per_key)
+        .unwrap_or(max)
+        .clamp(1, max)
+}
+
+impl Conn {
+    /// Replaces the paged reader's test knobs.
+    pub(crate) fn set_paging_hooks(&self, hooks: PagingHooks) {
+        *self
+            .paging
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = hooks;
+    }
+
+    /// Reads every key under each of `prefixes` as one consistent snapshot:
+    /// in pages of about [`PAGE_BYTES`], all at the revision of the first
+    /// page. Each page is handed to `page` with the state made by `init` and
+    /// dropped after; if the revision is compacted before the last page, the
+    /// state is made anew and the read starts again at the current revision
+    /// (at most [`MAX_RESTARTS`] times). Returns the revision read at.
+    ///
+    /// Fails loudly rather than looping: a page that does not fit the decode
+    /// limit even as a single key, repeated compactions, and every error that
+    /// [`Conn::retry`] does not retry end the read with an error.
+    pub(crate) async fn read_prefixes<T>(
+        &self,
+        op: &'static str,
+        prefixes: &[String],
+        keys_only: bool,
+        init: impl FnMut() -> T,
+        page: impl FnMut(&mut T, Vec<etcd_client::KeyValue>),
+    ) -> Result<Paged<T>> {
+        self.read_prefixes_at(op, prefixes, keys_only, None, init, page)
+            .await
+    }
+
+    /// [`Conn::read_prefixes`] as of revision `at` (`None`: the current one).
+    /// A read as of a given revision does not restart when that revision is
+    /// compacted: it fails with etcd's compaction error instead.
+    pub(crate) async fn read_prefixes_at<T>(
+        &self,
+        op: &'static str,
+        prefixes: &[String],
+        keys_only: bool,
+        at: Option<i64>,
+        mut init: impl FnMut() -> T,
+        mut page: impl FnMut(&mut T, Vec<etcd_client::KeyValue>),
+    ) -> Result<Paged<T>> {
+        let hooks = self
+            .paging
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
+        let max_keys = hooks.max_keys.unwrap_or(MAX_PAGE_KEYS).max(1);
+        let mut restarts = 0;
+        'read: loop {
+            let mut state = init();
+            let mut revision = at.unwrap_or(0);
+            let mut cluster_id = None;
+            let mut limit = FIRST_PAGE_KEYS.min(max_keys);
+            for prefix in prefixes {
+                let end = prefix_end(prefix.as_bytes());
+                let mut from = prefix.as_bytes().to_vec();
+                loop {
+                    let mut options = etcd_client::GetOptions::new()
+                        .with_range(end.clone())
+                        .with_limit(limit)
+                        .with_revision(revision);
+                    if keys_only {
+                        options = options.with_keys_only();
+                    }
+                    let result = self
+                        .retry(op, |c| {
+                            let (from, options) = (from.clone(), options.clone());
+                            let mut kv = c.kv_client().max_decoding_message_size(READ_DECODE_LIMIT);
+                            async move { kv.get(from, Some(options)).await }
+                        })
+                        .await;
+                    let mut resp = match result {
+                        Ok(resp) => resp,
+                        Err(e) if is_compacted(&e) && at.is_none() && restarts < MAX_RESTARTS => {
+                            restarts += 1;
+                            tracing::warn!(
+                                op,
+                                revision,
+                                restarts,
+                                "the revision of a paged read was compacted; reading again at the current revision"
+                            );
+                            continue 'read;
+                        }
+                        Err(e) if is_too_large(&e) && limit > 1 => {
+                            limit = (limit / 4).max(1);
+                            tracing::warn!(op, revision, limit, error = %e, "a page did not fit the decode limit; reading smaller pages");
+                            continue;
+                        }
+                        Err(e) => return Err(e),
+                    };
+                    if revision == 0 {
+                        revision = resp.header().map_or(0, |h| h.revision());
+                    }
+                    if cluster_id.is_none() {
+                        cluster_id = resp.header().map(|h| h.cluster_id());
+                    }
+                    let more = resp.more();
+                    let kvs = resp.take_kvs();
+                    drop(resp);
+                    let bytes: usize = kvs
+                        .iter()
+                        .map(|kv| kv.key().len() + kv.value().len() + 32)
+                        .sum();
+                    let keys = kvs.len();
+                    if let Some(last) = kvs.last() {
+                        // The next page starts right after the last key read.
+                        from = last.key().to_vec();
+                        from.push(0);
+                    }
+                    page(&mut state, kvs);
+                    if !more || keys == 0 {
+                        break;
+                    }
+                    limit = next_page_keys(keys, bytes, max_keys);
+                    if let Some(after_page) = &hooks.after_page {
+                        after_page(revision).await;
+                    }
+                }
+            }
+            return Ok(Paged {
+                revision,
+                cluster_id,
+                value: state,
+            });
+        }
+    }
+}
+
+#[cfg(test)]
+mod paging_tests {
+    use super::*;
+
+    #[test]
+    fn prefix_end_increments_the_last_byte_below_ff() {
+        assert_eq!(prefix_end(b"a/b/"), b"a/b0");
+        assert_eq!(prefix_end(b"a\xff"), b"b");
+        assert_eq!(prefix_end(b"\xff\xff"), vec![0]);
+    }
+
+    #[test]
+    fn page_count_follows_the_bytes_per_key() {
+        // 200-byte keys: about 5,000 to a 1 MiB page.
+        assert_eq!(next_page_keys(100, 20_000, MAX_PAGE_KEYS), 5242);
+        // Tiny keys are capped; huge ones still read one at a time.
+        assert_eq!(next_page_keys(100, 100, MAX_PAGE_KEYS), MAX_PAGE_KEYS);
+        assert_eq!(next_page_keys(1, 8 << 20, MAX_PAGE_KEYS), 1);
+        assert_eq!(next_page_keys(0, 0, 3), 3);
     }
 }

@@ -1303,27 +1303,28 @@ async fn observe_pass(
     backoff: &mut Backoff,
 ) -> Result<bool> {
     if state.candidates.is_none() {
-        let resp = inner
+        // Paged: the number of candidates is not bounded.
+        let read = inner
             .conn
-            .retry("get", |mut c| {
-                let prefix = prefix.to_owned();
-                async move { c.get(prefix, Some(GetOptions::new().with_prefix())).await }
-            })
+            .read_prefixes(
+                "get",
+                &[prefix.to_owned()],
+                false,
+                BTreeMap::new,
+                |all, kvs| {
+                    all.extend(kvs.into_iter().map(|kv| {
+                        let c = Candidate {
+                            create_revision: kv.create_revision(),
+                            lease_id: kv.lease(),
+                            value: kv.value().to_vec(),
+                        };
+                        (kv.key().to_vec(), c)
+                    }));
+                },
+            )
             .await?;
-        state.revision = resp.header().map_or(0, |h| h.revision());
-        state.candidates = Some(
-            resp.kvs()
-                .iter()
-                .map(|kv| {
-                    let c = Candidate {
-                        create_revision: kv.create_revision(),
-                        lease_id: kv.lease(),
-                        value: kv.value().to_vec(),
-                    };
-                    (kv.key().to_vec(), c)
-                })
-                .collect(),
-        );
+        state.revision = read.revision;
+        state.candidates = Some(read.value);
         if !state.emit(tx).await {
             return Ok(false);
         }

@@ -5,9 +5,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use etcd_client::{
-    DeleteOptions, EventType, GetOptions, KeyValue, PutOptions, Txn, TxnOp, TxnOpResponse,
-};
+use etcd_client::{DeleteOptions, EventType, KeyValue, PutOptions, Txn, TxnOp};
 use tokio::sync::{Mutex, Notify, watch};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -164,18 +162,42 @@ impl Registry {
         })
     }
 
-    /// Every instance of service `name`, in one consistent read.
+    /// Every instance of service `name`, as one consistent snapshot.
     /// Malformed values are skipped with a warning.
+    ///
+    /// The read is paged (pages of about 1 MiB, all at the revision of the
+    /// first one), so a service of any size can be listed; if that revision
+    /// is compacted mid-way, the read starts again at the current revision.
     pub async fn instances(&self, name: &str) -> Result<Vec<ServiceInstance>> {
         validate_segment("name", name)?;
         let prefix = self.inner.keys.service_prefix(name);
         Ok(self.inner.list(&prefix).await?.1)
     }
 
-    /// Every instance of every service in the namespace, in one consistent read.
+    /// Every instance of every service in the namespace, as one consistent
+    /// snapshot, paged like [`Registry::instances`].
     pub async fn all_instances(&self) -> Result<Vec<ServiceInstance>> {
         let prefix = self.inner.keys.services_prefix().to_owned();
         Ok(self.inner.list(&prefix).await?.1)
+    }
+
+    /// Test knob, not part of the API: reads of this registry that are
+    /// paged (lists, watch and cache snapshots, re-lists, anti-entropy,
+    /// election reads) read at most `max_keys` keys a page, and await
+    /// `after_page(revision)` between pages. Lets a test compact etcd in the
+    /// middle of a paged read. Applies to reads started after the call.
+    #[doc(hidden)]
+    pub fn set_read_paging_for_tests(
+        &self,
+        max_keys: Option<i64>,
+        after_page: Option<
+            Arc<dyn Fn(i64) -> futures::future::BoxFuture<'static, ()> + Send + Sync>,
+        >,
+    ) {
+        self.inner.conn.set_paging_hooks(crate::conn::PagingHooks {
+            max_keys,
+            after_page,
+        });
     }
 
     /// Admin: deletes one instance, whoever registered it. Returns whether it existed.
@@ -256,23 +278,15 @@ impl Inner {
         }
     }
 
-    /// One consistent read of `prefix`: the revision and the parsed instances.
+    /// One consistent read of `prefix`, paged: the revision and the parsed
+    /// instances. Each page is parsed and dropped before the next one.
     pub(crate) async fn list(&self, prefix: &str) -> Result<(i64, Vec<ServiceInstance>)> {
-        let (rev, kvs) = self.get_prefix(prefix).await?;
-        let instances = kvs.iter().filter_map(|kv| self.parse_kv(kv)).collect();
-        Ok((rev, instances))
-    }
-
-    pub(crate) async fn get_prefix(&self, prefix: &str) -> Result<(i64, Vec<KeyValue>)> {
-        let mut resp = self
-            .conn
-            .retry("get", |mut c| {
-                let prefix = prefix.to_owned();
-                async move { c.get(prefix, Some(GetOptions::new().with_prefix())).await }
+        self.conn
+            .read_prefixes("get", &[prefix.to_owned()], false, Vec::new, |all, kvs| {
+                all.extend(kvs.iter().filter_map(|kv| self.parse_kv(kv)));
             })
-            .await?;
-        let rev = resp.header().map_or(0, |h| h.revision());
-        Ok((rev, resp.take_kvs()))
+            .await
+            .map(|paged| (paged.revision, paged.value))
     }
 
     /// Parses an instance key-value; `None` (with a warning) when malformed.
@@ -559,35 +573,33 @@ async fn keeper_pass(inner: &Inner) -> Result<()> {
         inner.services_changed.notified().await;
         return Ok(());
     }
-    let gets: Vec<TxnOp> = prefixes
-        .iter()
-        .map(|p| TxnOp::get(p.as_str(), Some(GetOptions::new().with_prefix())))
-        .collect();
-    let resp = inner
+    // Only the keys this registry maintained before the read are reconciled:
+    // one registered during the read was written at or after its revision,
+    // and the watch from there on covers it. Keeping only those keys bounds
+    // memory by what we maintain, not by the size of the namespace.
+    let maintained: HashSet<String> = inner.regs.lock().await.keys().cloned().collect();
+    let crate::conn::Paged {
+        revision: rev,
+        value: present,
+        ..
+    } = inner
         .conn
-        .retry("get", |mut c| {
-            let txn = Txn::new().and_then(gets.clone());
-            async move { c.txn(txn).await }
+        .read_prefixes("get", &prefixes, false, HashMap::new, |present, kvs| {
+            for kv in kvs {
+                if let Ok(key) = std::str::from_utf8(kv.key())
+                    && maintained.contains(key)
+                {
+                    present.insert(key.to_owned(), kv);
+                }
+            }
         })
         .await?;
-    let rev = resp.header().map_or(0, |h| h.revision());
-    let kvs: Vec<KeyValue> = resp
-        .op_responses()
-        .into_iter()
-        .filter_map(|op| match op {
-            TxnOpResponse::Get(mut g) => Some(g.take_kvs()),
-            _ => None,
-        })
-        .flatten()
-        .collect();
     {
         let mut regs = inner.regs.lock().await;
-        let present: HashMap<&[u8], &KeyValue> = kvs.iter().map(|kv| (kv.key(), kv)).collect();
-        let keys: Vec<String> = regs.keys().cloned().collect();
-        for key in keys {
-            let kv = present.get(key.as_bytes()).copied();
+        for key in &maintained {
+            let kv = present.get(key);
             let mod_rev = kv.map_or(rev, KeyValue::mod_revision);
-            inner.reconcile_key(&mut regs, &key, kv, mod_rev).await?;
+            inner.reconcile_key(&mut regs, key, kv, mod_rev).await?;
         }
     }
     let mut watch = inner

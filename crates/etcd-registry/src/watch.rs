@@ -14,7 +14,8 @@
 //!                                          +---------------+ consistent
 //! ```
 //!
-//! * **Listing** reads the prefix in one consistent read at revision `R`. The
+//! * **Listing** reads the prefix in one consistent read at revision `R`
+//!   (paged, every page at `R`; see `Conn::read_prefixes`). The
 //!   first read is sent as [`ServiceEvent::Snapshot`]; every later one is
 //!   diffed against what the consumer has already seen and sent as
 //!   `Added`/`Updated`/`Removed`.
@@ -27,20 +28,20 @@
 //!   revision seen + 1 without re-listing; if not (etcd was wiped or
 //!   replaced) it re-lists.
 
-use std::collections::{BTreeMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use etcd_client::{Event, EventType, GetOptions, KeyValue, ResponseHeader};
+use etcd_client::{Event, EventType, KeyValue, ResponseHeader};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 
-use crate::conn::WatchEnd;
+use crate::conn::{Paged, WatchEnd, is_compacted};
 use crate::error::{Error, Result};
 use crate::instance::ServiceInstance;
 use crate::keys::validate_segment;
@@ -296,7 +297,10 @@ impl Drop for Feed {
 struct Seen {
     /// `None` for a malformed value or a key outside the layout: never sent.
     instance: Option<ServiceInstance>,
-    value: Vec<u8>,
+    /// The bytes of a value that did not parse, so that an unchanged one is
+    /// not warned about again. Valid values are not kept: the parsed
+    /// instance tells a change, and a large namespace is not held twice.
+    malformed: Option<Vec<u8>>,
     mod_revision: i64,
 }
 
@@ -398,9 +402,26 @@ impl Watcher {
         Some(instance)
     }
 
+    /// Parses `kv`, the new value of a key last seen as `old`: an unchanged
+    /// malformed value is not parsed (nor warned about) again.
+    fn reparse(
+        &self,
+        old: Option<&Seen>,
+        kv: &KeyValue,
+    ) -> (Option<ServiceInstance>, Option<Vec<u8>>) {
+        if let Some(bytes) = old.and_then(|o| o.malformed.as_ref())
+            && bytes.as_slice() == kv.value()
+        {
+            return (None, Some(bytes.clone()));
+        }
+        let instance = self.parse(kv);
+        let malformed = instance.is_none().then(|| kv.value().to_vec());
+        (instance, malformed)
+    }
+
     /// Checks a response header for another cluster; records the first one.
-    fn same_cluster(&mut self, header: Option<&ResponseHeader>) -> bool {
-        let Some(cluster_id) = header.map(ResponseHeader::cluster_id) else {
+    fn same_cluster(&mut self, cluster_id: Option<u64>) -> bool {
+        let Some(cluster_id) = cluster_id else {
             return true;
         };
         match self.cluster_id {
@@ -412,57 +433,41 @@ impl Watcher {
         }
     }
 
-    /// Reads the prefix now, or as of `at` (a revision) when given.
-    async fn get(
-        &self,
-        keys_only: bool,
-        at: Option<i64>,
-    ) -> Option<Result<etcd_client::GetResponse>> {
-        let prefix = self.prefix.clone();
-        let mut options = GetOptions::new().with_prefix();
-        if keys_only {
-            options = options.with_keys_only();
-        }
-        if let Some(revision) = at {
-            options = options.with_revision(revision);
-        }
-        let read = self.inner.conn.retry("watch list", |mut c| {
-            let (prefix, options) = (prefix.clone(), options.clone());
-            async move { c.get(prefix, Some(options)).await }
-        });
-        self.cancellable(read).await
-    }
-
-    /// Listing: one consistent read, sent as the snapshot or as a diff.
+    /// Listing: one consistent (paged) read, sent as the snapshot or as a diff.
     async fn list(&mut self) -> Next {
-        let mut resp = match self.get(false, None).await {
+        let prefixes = [self.prefix.clone()];
+        let read = self.inner.conn.read_prefixes(
+            "watch list",
+            &prefixes,
+            false,
+            BTreeMap::new,
+            |fresh, kvs| {
+                for kv in kvs {
+                    let (instance, malformed) = self.reparse(self.seen.get(kv.key()), &kv);
+                    fresh.insert(
+                        kv.key().to_vec(),
+                        Seen {
+                            instance,
+                            malformed,
+                            mod_revision: kv.mod_revision(),
+                        },
+                    );
+                }
+            },
+        );
+        let Paged {
+            revision,
+            cluster_id,
+            value: fresh,
+        } = match self.cancellable(read).await {
             None => return Next::Stop,
             Some(Err(e)) => return Next::Retry(State::Listing, e.to_string()),
-            Some(Ok(resp)) => resp,
+            Some(Ok(read)) => read,
         };
-        let header = resp.take_header();
-        let revision = header.as_ref().map_or(0, ResponseHeader::revision);
-        let cluster_id = header.as_ref().map(ResponseHeader::cluster_id);
         if self.listed && (revision < self.revision || cluster_id != self.cluster_id) {
             tracing::warn!(
                 service = %self.service, revision, last_seen = self.revision,
                 "etcd's history differs from what was seen (wiped or replaced); sending the difference"
-            );
-        }
-        let mut fresh = BTreeMap::new();
-        for kv in resp.kvs() {
-            let instance = match self.seen.get(kv.key()) {
-                // Unchanged bytes: reuse, and do not warn again about a malformed value.
-                Some(old) if old.value == kv.value() => old.instance.clone(),
-                _ => self.parse(kv),
-            };
-            fresh.insert(
-                kv.key().to_vec(),
-                Seen {
-                    instance,
-                    value: kv.value().to_vec(),
-                    mod_revision: kv.mod_revision(),
-                },
             );
         }
         let events = if self.listed {
@@ -484,13 +489,35 @@ impl Watcher {
 
     /// Resuming: decides between watching on from `revision + 1` and re-listing.
     async fn check(&mut self) -> Next {
-        let resp = match self.get(true, None).await {
+        let floor = self.revision;
+        let prefixes = [self.prefix.clone()];
+        // Every key last written at or before the revision we caught up to
+        // must be exactly one we saw; anything else means the history changed.
+        // Counts the keys we saw that are still there, too.
+        let read = self.inner.conn.read_prefixes(
+            "watch check",
+            &prefixes,
+            true,
+            || (true, 0usize),
+            |(consistent, present), kvs| {
+                for kv in &kvs {
+                    let seen = self.seen.get(kv.key());
+                    *consistent &= kv.mod_revision() > floor
+                        || seen.is_some_and(|s| s.mod_revision == kv.mod_revision());
+                    *present += usize::from(seen.is_some());
+                }
+            },
+        );
+        let Paged {
+            revision,
+            cluster_id,
+            value: (consistent, present),
+        } = match self.cancellable(read).await {
             None => return Next::Stop,
             Some(Err(e)) => return Next::Retry(State::Resuming, e.to_string()),
-            Some(Ok(resp)) => resp,
+            Some(Ok(read)) => read,
         };
-        let revision = resp.header().map_or(0, ResponseHeader::revision);
-        if !self.same_cluster(resp.header()) {
+        if !self.same_cluster(cluster_id) {
             tracing::warn!(service = %self.service, revision = self.revision, "etcd cluster id changed; re-listing");
             return Next::Go(State::Listing);
         }
@@ -501,15 +528,6 @@ impl Watcher {
             );
             return Next::Go(State::Listing);
         }
-        // Every key last written at or before the revision we caught up to
-        // must be exactly one we saw; anything else means the history changed.
-        let consistent = resp.kvs().iter().all(|kv| {
-            kv.mod_revision() > self.revision
-                || self
-                    .seen
-                    .get(kv.key())
-                    .is_some_and(|s| s.mod_revision == kv.mod_revision())
-        });
         if !consistent {
             tracing::warn!(
                 service = %self.service, revision = self.revision,
@@ -517,8 +535,7 @@ impl Watcher {
             );
             return Next::Go(State::Listing);
         }
-        let present: HashSet<&[u8]> = resp.kvs().iter().map(KeyValue::key).collect();
-        if self.seen.keys().all(|k| present.contains(k.as_slice())) {
+        if present == self.seen.len() {
             return Next::Go(State::Watching {
                 from: self.revision + 1,
             });
@@ -526,9 +543,24 @@ impl Watcher {
         // A key we saw is gone: deleted after our revision (the watch will
         // report it) or lost with a wiped store that kept its cluster id
         // (nothing would). The store as of our revision tells which.
-        let then = match self.get(true, Some(self.revision)).await {
+        let then = self.inner.conn.read_prefixes_at(
+            "watch check",
+            &prefixes,
+            true,
+            Some(floor),
+            || (true, 0usize),
+            |(same, count), kvs| {
+                *count += kvs.len();
+                *same &= kvs.iter().all(|kv| {
+                    self.seen
+                        .get(kv.key())
+                        .is_some_and(|s| s.mod_revision == kv.mod_revision())
+                });
+            },
+        );
+        let (same, count) = match self.cancellable(then).await {
             None => return Next::Stop,
-            Some(Ok(then)) => then,
+            Some(Ok(then)) => then.value,
             // History compacted past our revision: the watch reports that,
             // and the re-list that follows sends the difference.
             Some(Err(e)) if is_compacted(&e) => {
@@ -538,13 +570,7 @@ impl Watcher {
             }
             Some(Err(e)) => return Next::Retry(State::Resuming, e.to_string()),
         };
-        let same = then.kvs().len() == self.seen.len()
-            && then.kvs().iter().all(|kv| {
-                self.seen
-                    .get(kv.key())
-                    .is_some_and(|s| s.mod_revision == kv.mod_revision())
-            });
-        if !same {
+        if !same || count != self.seen.len() {
             tracing::warn!(
                 service = %self.service, revision = self.revision,
                 "etcd's history at the last revision seen differs from what was seen (wiped); re-listing"
@@ -600,7 +626,7 @@ impl Watcher {
                 }
             };
             heard = Instant::now();
-            if !self.same_cluster(resp.header()) {
+            if !self.same_cluster(resp.header().map(ResponseHeader::cluster_id)) {
                 self.errors.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(service = %self.service, revision = self.revision, "etcd cluster id changed; re-listing");
                 return Next::Go(State::Listing);
@@ -645,10 +671,7 @@ impl Watcher {
             match event.event_type() {
                 EventType::Put => {
                     let old = self.seen.get(kv.key());
-                    let instance = match old {
-                        Some(old) if old.value == kv.value() => old.instance.clone(),
-                        _ => self.parse(kv),
-                    };
+                    let (instance, malformed) = self.reparse(old, kv);
                     if let Some(e) =
                         change(old.and_then(|o| o.instance.as_ref()), instance.as_ref())
                     {
@@ -658,7 +681,7 @@ impl Watcher {
                         kv.key().to_vec(),
                         Seen {
                             instance,
-                            value: kv.value().to_vec(),
+                            malformed,
                             mod_revision,
                         },
                     );
@@ -677,11 +700,6 @@ impl Watcher {
         }
         out
     }
-}
-
-/// Whether etcd refused a read because its revision was compacted.
-fn is_compacted(e: &Error) -> bool {
-    matches!(e, Error::Etcd { source: etcd_client::Error::GRpcStatus(s), .. } if s.message().contains("compacted"))
 }
 
 /// The event that turns `old` into `new`, if any.
@@ -720,7 +738,7 @@ mod tests {
     fn seen(port: u16) -> Seen {
         let instance = ServiceInstance::new("web", "a", "10.0.0.1", port);
         Seen {
-            value: instance.to_json(),
+            malformed: None,
             instance: Some(instance),
             mod_revision: 1,
         }
