@@ -9,6 +9,7 @@ use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
 use std::sync::{Mutex, MutexGuard, Once, PoisonError, mpsc};
+use std::time::Duration;
 
 use nix::sys::signal::Signal;
 use nix::unistd::Pid;
@@ -118,6 +119,33 @@ fn spawner() -> io::Result<mpsc::Sender<SpawnRequest>> {
 pub(crate) fn signal(pid: u32, sig: Signal) -> io::Result<()> {
     let pid = i32::try_from(pid).map_err(io::Error::other)?;
     nix::sys::signal::kill(Pid::from_raw(pid), sig).map_err(io::Error::from)
+}
+
+/// Waits (up to `limit`) until every thread of `pid` is stopped. SIGSTOP
+/// returns before a busy multi-threaded process has stopped all its threads,
+/// and a thread still running could answer a request sent right after.
+pub(crate) fn wait_stopped(pid: u32, limit: Duration) -> io::Result<()> {
+    let deadline = std::time::Instant::now() + limit;
+    loop {
+        let mut all_stopped = true;
+        for task in std::fs::read_dir(format!("/proc/{pid}/task"))? {
+            let stat = std::fs::read_to_string(task?.path().join("stat")).unwrap_or_default();
+            // The state follows the parenthesised command name: "T" or "t" is stopped.
+            let state = stat
+                .rsplit_once(") ")
+                .and_then(|(_, rest)| rest.chars().next());
+            all_stopped &= matches!(state, Some('T' | 't'));
+        }
+        if all_stopped {
+            return Ok(());
+        }
+        if std::time::Instant::now() >= deadline {
+            return Err(io::Error::other(format!(
+                "process {pid} did not stop within {limit:?} of SIGSTOP"
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
 }
 
 static PORTS_HANDED_OUT: Mutex<Option<HashSet<u16>>> = Mutex::new(None);

@@ -499,15 +499,17 @@ impl EtcdServer {
     }
 
     /// Freezes the process with SIGSTOP: connections stay open but nothing is
-    /// answered, like a hung server.
+    /// answered, like a hung server. Returns once every thread has stopped.
     ///
     /// # Errors
     ///
-    /// [`Error::NotRunning`] if there is no process, [`Error::Io`] if signalling fails.
+    /// [`Error::NotRunning`] if there is no process, [`Error::Io`] if signalling
+    /// fails or the process has not stopped within 5 s.
     pub fn pause(&self) -> Result<()> {
         let pid = self.running_pid()?;
         process::signal(pid, Signal::SIGSTOP)?;
         self.paused.store(true, Ordering::SeqCst);
+        process::wait_stopped(pid, Duration::from_secs(5))?;
         Ok(())
     }
 
