@@ -110,16 +110,13 @@ impl From<etcd_registry::Error> for CliError {
         use etcd_registry::Error as E;
         let hint = match &e {
             E::InvalidInput { field, .. } => match *field {
-                "name" | "id" | "election" | "namespace" => Some(format!(
+                "name" | "id" | "election" => Some(format!(
                     "a {field} must be non-empty, without '/' or control characters"
                 )),
                 "ttl" => Some("use --ttl with a whole number of seconds, at least 2".to_owned()),
                 "endpoints" => Some(
                     "give --endpoints (or ETCD_ENDPOINTS) as host:port[,host:port...]".to_owned(),
                 ),
-                "key_prefix" => {
-                    Some("give --prefix like /etcd_registry, without a trailing '/'".into())
-                }
                 "auth" => {
                     Some("give both --user and --password (or ETCD_USER/ETCD_PASSWORD)".into())
                 }

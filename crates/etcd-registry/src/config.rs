@@ -130,14 +130,23 @@ impl RegistryBuilder {
     }
 
     /// The namespace that isolates services. Default `default`.
-    /// It must be non-empty and hold no `/` and no control characters.
+    ///
+    /// Any string the Go library accepts is accepted, including an empty one
+    /// and one holding `/`: keys are composed by plain concatenation,
+    /// `{prefix}/{namespace}/services/...`, exactly as Go composes them, so a
+    /// Rust service joins a Go deployment with the same settings.
     pub fn namespace(mut self, namespace: impl Into<String>) -> Self {
         self.namespace = namespace.into();
         self
     }
 
     /// The root of every key. Default `/etcd_registry`.
-    /// It may hold inner `/` (`/company/registry`) but must not end with one.
+    ///
+    /// Any string the Go library accepts is accepted: `/company/registry`,
+    /// an empty prefix (keys start `/{namespace}/`), or one ending with `/`
+    /// (`/etcd_registry/` gives `/etcd_registry//{namespace}/...`, as in Go).
+    /// Nothing is normalised: `/etcd_registry/` and `/etcd_registry` are two
+    /// different deployments, in Go and here.
     pub fn key_prefix(mut self, prefix: impl Into<String>) -> Self {
         self.key_prefix = prefix.into();
         self
@@ -222,8 +231,10 @@ impl RegistryBuilder {
                 return Err(Error::invalid("endpoints", format!("bad endpoint {e:?}")));
             }
         }
-        validate_namespace(&self.namespace)?;
-        validate_key_prefix(&self.key_prefix)?;
+        // Prefix and namespace are not checked: listings always use the whole
+        // `{prefix}/{namespace}/services/` string, so no value Go accepts can
+        // make one deployment's listing ambiguous, and rejecting one would
+        // shut us out of a Go deployment that uses it.
         if self.ttl < Duration::from_secs(2) {
             return Err(Error::invalid(
                 "ttl",
@@ -288,38 +299,6 @@ impl RegistryBuilder {
     }
 }
 
-fn validate_namespace(ns: &str) -> Result<()> {
-    if ns.is_empty() {
-        return Err(Error::invalid("namespace", "must not be empty"));
-    }
-    if ns.contains('/') {
-        return Err(Error::invalid("namespace", format!("{ns:?} contains '/'")));
-    }
-    if ns.chars().any(char::is_control) {
-        return Err(Error::invalid(
-            "namespace",
-            format!("{ns:?} contains a control character"),
-        ));
-    }
-    Ok(())
-}
-
-fn validate_key_prefix(p: &str) -> Result<()> {
-    if p.is_empty() {
-        return Err(Error::invalid("key_prefix", "must not be empty"));
-    }
-    if p.ends_with('/') {
-        return Err(Error::invalid("key_prefix", format!("{p:?} ends with '/'")));
-    }
-    if p.chars().any(char::is_control) {
-        return Err(Error::invalid(
-            "key_prefix",
-            format!("{p:?} contains a control character"),
-        ));
-    }
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -345,12 +324,6 @@ mod tests {
         assert_eq!(field(b().ttl(Duration::from_millis(1500))), "ttl");
         assert_eq!(field(b().ttl(Duration::from_millis(2500))), "ttl");
         assert_eq!(field(b().endpoints(Vec::<String>::new())), "endpoints");
-        assert_eq!(field(b().namespace("")), "namespace");
-        assert_eq!(field(b().namespace("a/b")), "namespace");
-        assert_eq!(field(b().namespace("a\nb")), "namespace");
-        assert_eq!(field(b().key_prefix("")), "key_prefix");
-        assert_eq!(field(b().key_prefix("/x/")), "key_prefix");
-        assert_eq!(field(b().key_prefix("/x\u{7}")), "key_prefix");
         let (two, ten) = (Duration::from_secs(2), Duration::from_secs(10));
         assert_eq!(field(b().keep_alive(two, ten)), "keep_alive");
         assert_eq!(field(b().keep_alive(ten, Duration::ZERO)), "keep_alive");
@@ -370,5 +343,22 @@ mod tests {
                 .build_config()
                 .is_ok()
         );
+    }
+
+    #[test]
+    fn accepts_every_prefix_and_namespace_go_accepts() {
+        for (prefix, namespace) in [
+            ("/etcd_registry/", "default"),
+            ("", "default"),
+            ("/etcd_registry", "team/a"),
+            ("/etcd_registry", ""),
+        ] {
+            let c = RegistryBuilder::default()
+                .key_prefix(prefix)
+                .namespace(namespace)
+                .build_config()
+                .unwrap();
+            assert_eq!((c.key_prefix(), c.namespace()), (prefix, namespace));
+        }
     }
 }

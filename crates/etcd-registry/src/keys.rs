@@ -109,6 +109,34 @@ mod tests {
     }
 
     #[test]
+    fn composes_keys_by_concatenation_as_go_does() {
+        for (prefix, ns, key) in [
+            (
+                "/etcd_registry/",
+                "default",
+                "/etcd_registry//default/services/web/1",
+            ),
+            ("", "default", "/default/services/web/1"),
+            (
+                "/etcd_registry",
+                "team/a",
+                "/etcd_registry/team/a/services/web/1",
+            ),
+            ("/etcd_registry", "", "/etcd_registry//services/web/1"),
+        ] {
+            let k = Keys::new(prefix, ns);
+            assert_eq!(k.instance_key("web", "1"), key);
+            assert_eq!(k.parse_instance_key(key), Some(("web", "1")));
+            // Go: fmt.Sprintf("%s/%s/elections/%s", prefix, ns, name), and
+            // concurrency.NewElection appends "/" before the lease id.
+            assert_eq!(
+                k.election_prefix("job"),
+                format!("{prefix}/{ns}/elections/job/")
+            );
+        }
+    }
+
+    #[test]
     fn parses_only_instance_keys() {
         let k = Keys::new("/company/registry", "ns");
         assert_eq!(

@@ -84,7 +84,7 @@ pub use config::{
 };
 pub use election::{Election, LeaderInfo, LeaderStream, Leadership, LostReason};
 pub use error::{Error, Result};
-pub use instance::{MAX_ENTRY_BYTES, ServiceInstance};
+pub use instance::{MAX_ENTRY_BYTES, Port, ServiceInstance};
 pub use registry::{Registration, Registry};
 pub use session::RegistryState;
 pub use status::{ElectionSummary, EndpointStatus, MemberStatus};

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use etcd_client::{DeleteOptions, EventType, KeyValue, PutOptions, Txn, TxnOp};
+use etcd_client::{Compare, CompareOp, DeleteOptions, EventType, KeyValue, PutOptions, Txn, TxnOp};
 use tokio::sync::{Mutex, Notify, watch};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -294,6 +294,13 @@ impl Inner {
         let key = std::str::from_utf8(kv.key()).ok();
         let name_id = key.and_then(|k| self.keys.parse_instance_key(k));
         if name_id.is_none() {
+            // The Go library writes any name and id, `/` and empty included;
+            // such a key is still its instance when the value names exactly it.
+            if let (Some(key), Ok(inst)) = (key, ServiceInstance::from_json(kv.value()))
+                && self.keys.instance_key(&inst.name, &inst.id) == key
+            {
+                return Some(inst);
+            }
             tracing::warn!(key = %String::from_utf8_lossy(kv.key()), "skipping a key outside the service layout");
             return None;
         }
@@ -414,8 +421,12 @@ impl Inner {
         Ok(())
     }
 
-    /// Compares one observed key with what we maintain, and restores or yields.
-    /// `kv` is `None` when the key is absent (deleted).
+    /// Compares one observed key with what we maintain, and restores, yields
+    /// or reclaims. `kv` is `None` when the key is absent (deleted).
+    ///
+    /// A yielded key is reclaimed once it is gone (deleted, or expired with
+    /// the other owner's lease) or overwritten without a lease; while another
+    /// live lease holds it, it stays yielded.
     async fn reconcile_key(
         &self,
         regs: &mut HashMap<String, Entry>,
@@ -426,7 +437,7 @@ impl Inner {
         let Some(entry) = regs.get_mut(key) else {
             return Ok(());
         };
-        if entry.yielded || mod_rev <= entry.written_rev {
+        if mod_rev <= entry.written_rev {
             return Ok(());
         }
         let Some(lease) = self.session.lease() else {
@@ -435,12 +446,14 @@ impl Inner {
         if let Some(kv) = kv {
             let holder = kv.lease();
             if holder != 0 && !self.session.is_owned(holder) {
-                tracing::warn!(
-                    service = %entry.instance.name, id = %entry.instance.id,
-                    other_lease = %format_args!("{holder:x}"),
-                    "another lease took over this instance; yielding it"
-                );
-                entry.yielded = true;
+                if !entry.yielded {
+                    tracing::warn!(
+                        service = %entry.instance.name, id = %entry.instance.id,
+                        other_lease = %format_args!("{holder:x}"),
+                        "another lease took over this instance; yielding it"
+                    );
+                    entry.yielded = true;
+                }
                 return Ok(());
             }
             if holder != 0 {
@@ -452,25 +465,47 @@ impl Inner {
                 return Ok(());
             }
         }
-        tracing::warn!(
-            service = %entry.instance.name, id = %entry.instance.id,
-            revision = mod_rev,
-            "a maintained instance was deleted or overwritten; restoring it"
-        );
+        if entry.yielded {
+            tracing::warn!(
+                service = %entry.instance.name, id = %entry.instance.id,
+                revision = mod_rev,
+                "the instance taken over by another lease is gone or unleased; reclaiming it"
+            );
+        } else {
+            tracing::warn!(
+                service = %entry.instance.name, id = %entry.instance.id,
+                revision = mod_rev,
+                "a maintained instance was deleted or overwritten; restoring it"
+            );
+        }
+        // Written only if the key is still as observed: if its owner (or a new
+        // one) wrote it since, that write's event decides instead of this one.
+        let observed = kv.map_or(0, KeyValue::mod_revision);
         let value = entry.value.clone();
         let resp = self
             .conn
-            .retry("put", |mut c| {
-                let (key, value) = (key.to_owned(), value.clone());
-                async move {
-                    c.put(key, value, Some(PutOptions::new().with_lease(lease.id)))
-                        .await
-                }
+            .retry("restore", |mut c| {
+                let txn = Txn::new()
+                    .when([Compare::mod_revision(key, CompareOp::Equal, observed)])
+                    .and_then([TxnOp::put(
+                        key,
+                        value.clone(),
+                        Some(PutOptions::new().with_lease(lease.id)),
+                    )]);
+                async move { c.txn(txn).await }
             })
             .await;
         match resp {
-            Ok(resp) => {
+            Ok(resp) if resp.succeeded() => {
                 entry.written_rev = resp.header().map_or(0, |h| h.revision());
+                entry.yielded = false;
+                Ok(())
+            }
+            Ok(_) => {
+                tracing::debug!(
+                    key,
+                    "key changed before it could be restored; its next event decides"
+                );
                 Ok(())
             }
             Err(e) => {
