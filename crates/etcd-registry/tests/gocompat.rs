@@ -370,6 +370,11 @@ async fn a_killed_leaders_successor_wins_within_ttl_plus_one_second() {
         .unwrap();
     let took = killed.elapsed();
     eprintln!("successor won {took:?} after the leader was SIGKILLed (TTL {ttl:?})");
+    // The lease expires between 2/3 TTL (just after a keep-alive) and TTL after the kill.
+    assert!(
+        took >= ttl * 2 / 3 - Duration::from_millis(300),
+        "won after {took:?}: the key must have expired, not been deleted"
+    );
     assert!(
         took <= ttl + Duration::from_secs(1),
         "successor won after {took:?}, over TTL {ttl:?} + 1 s"
