@@ -128,6 +128,10 @@ pub enum Command {
         /// One JSON array of instances in the Go library's wire format.
         #[arg(long)]
         json: bool,
+        /// Each stored value byte for byte, one per line, as no re-encoding
+        /// can: whatever a client wrote, unknown fields and spelling included.
+        #[arg(long, conflicts_with = "json")]
+        raw: bool,
     },
 
     /// Print the instances of SERVICE (or of every service), then every change.

@@ -24,7 +24,10 @@ pub async fn run(cli: Cli) -> CliResult {
         Command::Completions { shell } => output::completions(shell),
         Command::Man => output::man(),
         Command::Status { json } => crate::status::status(g, json).await,
-        Command::List { service, json } => {
+        Command::List {
+            service, raw: true, ..
+        } => with_registry(g, async |r| list_raw(r, service.as_deref()).await).await,
+        Command::List { service, json, .. } => {
             with_registry(g, async |r| list(r, service.as_deref(), json).await).await
         }
         Command::Watch {
@@ -443,4 +446,13 @@ async fn observe(
         }
         items += 1;
     }
+}
+
+/// `list --raw`: the stored values, unparsed, so that nothing is hidden by a
+/// re-encoding (values only another client could have written included).
+async fn list_raw(registry: &Registry, service: Option<&str>) -> CliResult {
+    for (_key, value) in registry.stored_values(service).await? {
+        output::raw_line(&value)?;
+    }
+    Ok(())
 }

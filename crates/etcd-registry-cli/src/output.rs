@@ -17,7 +17,19 @@ pub fn line(text: &str) -> CliResult {
     Ok(())
 }
 
-/// An instance in the Go library's wire format, exactly as stored in etcd.
+/// Writes one stored value, byte for byte, as one line.
+pub fn raw_line(bytes: &[u8]) -> CliResult {
+    let mut out = std::io::stdout().lock();
+    out.write_all(bytes)?;
+    out.write_all(b"\n")?;
+    out.flush()?;
+    Ok(())
+}
+
+/// An instance in the Go library's wire format: the bytes Go writes for it,
+/// which are the stored bytes of every value Go or this library wrote. A
+/// value from another writer (extra fields, a numeric port) is re-encoded;
+/// `list --raw` prints stored bytes as they are.
 pub fn instance_json(instance: &ServiceInstance) -> String {
     String::from_utf8_lossy(&instance.to_json()).into_owned()
 }

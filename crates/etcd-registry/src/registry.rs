@@ -181,6 +181,30 @@ impl Registry {
         Ok(self.inner.list(&prefix).await?.1)
     }
 
+    /// The stored values of service `name` (every service of the namespace
+    /// with `None`) with their keys, byte for byte and unparsed, as one
+    /// consistent snapshot paged like [`Registry::instances`]: what it parses.
+    pub async fn stored_values(&self, name: Option<&str>) -> Result<Vec<(String, Vec<u8>)>> {
+        let prefix = match name {
+            Some(name) => {
+                validate_segment("name", name)?;
+                self.inner.keys.service_prefix(name)
+            }
+            None => self.inner.keys.services_prefix().to_owned(),
+        };
+        let read = self
+            .inner
+            .conn
+            .read_prefixes("get", &[prefix], false, Vec::new, |all, kvs| {
+                all.extend(kvs.into_iter().map(|kv| {
+                    let (key, value) = kv.into_key_value();
+                    (String::from_utf8_lossy(&key).into_owned(), value)
+                }));
+            })
+            .await?;
+        Ok(read.value)
+    }
+
     /// Test knob, not part of the API: reads of this registry that are
     /// paged (lists, watch and cache snapshots, re-lists, anti-entropy,
     /// election reads) read at most `max_keys` keys a page, and await
