@@ -51,14 +51,17 @@
 //! - overwritten under **another live lease**: that is a take-over by another
 //!   registry (last writer wins, as in the Go library), and the registration
 //!   is yielded, not fought for. [`Registration::deregister`] then leaves the
-//!   new owner's key alone.
+//!   new owner's key alone. Once that key is gone (deleted, or expired with
+//!   the other owner's lease, as when a Go process exits), the registration
+//!   reclaims it.
 //!
 //! Writes under this registry's own lease are its own and are left as they are.
 //!
 //! # Wire format
 //!
-//! Keys and values are the Go library's: see [`ServiceInstance::to_json`] and
-//! the layout `{prefix}/{namespace}/services/{name}/{id}`.
+//! Keys and values are the Go library's: see [`ServiceInstance::to_json`],
+//! [`Port`] and the layout `{prefix}/{namespace}/services/{name}/{id}`,
+//! composed by plain concatenation for any prefix and namespace, as Go does.
 
 #[cfg(feature = "tower")]
 mod balance;
