@@ -228,6 +228,10 @@ impl ServiceInstance {
     /// `json.Unmarshal` rejects too: not a JSON object, or a field of the
     /// wrong type. Empty `name`/`id` are filled from the key when listed.
     pub fn from_json(bytes: &[u8]) -> Result<Self, serde_json::Error> {
+        // serde would also fill the struct from a JSON array; Go would not.
+        if bytes.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+            return Err(serde::de::Error::custom("not a JSON object"));
+        }
         let w: WireIn = serde_json::from_slice(bytes)?;
         let port = match w.port {
             None => Port::default(),

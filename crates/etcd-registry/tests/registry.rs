@@ -236,11 +236,13 @@ async fn reads_the_go_librarys_bytes_and_writes_its_format() {
 
     let mut listed = reg.instances("a").await.unwrap();
     listed.sort_by(|x, y| x.id.cmp(&y.id));
+    // A port Go accepts ("70000") is listed, as Go lists it.
     assert_eq!(
         listed.len(),
-        3,
+        4,
         "malformed values are skipped, not fatal: {listed:?}"
     );
+    assert_eq!(listed[3].port.as_str(), "70000");
     assert_eq!(listed[0], ServiceInstance::new("a", "1", "10.0.0.1", 8080));
     assert_eq!(listed[1].port.number(), Some(9090));
     assert_eq!(listed[2].weight, 3);
