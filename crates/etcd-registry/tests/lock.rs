@@ -26,9 +26,10 @@ async fn connect(endpoints: Vec<String>, namespace: &str, ttl_secs: u64) -> Regi
 /// The keys under `lock` (a raw read): (key, create revision), oldest first.
 async fn lock_keys(client: &Client, lock: &Lock) -> Vec<(String, i64)> {
     let mut c = client.clone();
-    let options = GetOptions::new()
-        .with_prefix()
-        .with_sort(etcd_client::SortTarget::Create, etcd_client::SortOrder::Ascend);
+    let options = GetOptions::new().with_prefix().with_sort(
+        etcd_client::SortTarget::Create,
+        etcd_client::SortOrder::Ascend,
+    );
     let resp = within(
         "raw get",
         T,
@@ -79,9 +80,13 @@ async fn five_registries_increment_a_shared_counter_without_lost_updates() {
     let ns = unique_name("lock");
     let client = server.client().await.unwrap();
     let counter = format!("/{ns}/counter");
-    within("init counter", T, client.clone().put(counter.as_str(), "0", None))
-        .await
-        .unwrap();
+    within(
+        "init counter",
+        T,
+        client.clone().put(counter.as_str(), "0", None),
+    )
+    .await
+    .unwrap();
     let active = Arc::new(AtomicUsize::new(0));
     let max_active = Arc::new(AtomicUsize::new(0));
 
@@ -98,15 +103,21 @@ async fn five_registries_increment_a_shared_counter_without_lost_updates() {
         max_active.fetch_max(now, Ordering::SeqCst);
         assert!(guard.is_held());
         let mut c = client.clone();
-        let resp = within("read counter", T, c.get(counter, None)).await.unwrap();
+        let resp = within("read counter", T, c.get(counter, None))
+            .await
+            .unwrap();
         let value: i64 = std::str::from_utf8(resp.kvs()[0].value())
             .unwrap()
             .parse()
             .unwrap();
         tokio::task::yield_now().await;
-        within("write counter", T, c.put(counter, (value + 1).to_string(), None))
-            .await
-            .unwrap();
+        within(
+            "write counter",
+            T,
+            c.put(counter, (value + 1).to_string(), None),
+        )
+        .await
+        .unwrap();
         active.fetch_sub(1, Ordering::SeqCst);
         (value + 1, guard.fencing_token())
     }
@@ -158,9 +169,13 @@ async fn five_registries_increment_a_shared_counter_without_lost_updates() {
         start.elapsed()
     );
 
-    let resp = within("read counter", T, client.clone().get(counter.as_str(), None))
-        .await
-        .unwrap();
+    let resp = within(
+        "read counter",
+        T,
+        client.clone().get(counter.as_str(), None),
+    )
+    .await
+    .unwrap();
     let total: usize = std::str::from_utf8(resp.kvs()[0].value())
         .unwrap()
         .parse()
@@ -170,7 +185,10 @@ async fn five_registries_increment_a_shared_counter_without_lost_updates() {
     // Each value was written once, and in the order of the fencing tokens.
     steps.sort();
     let values: Vec<i64> = steps.iter().map(|s| s.0).collect();
-    assert_eq!(values, (1..=(REGISTRIES * ROUNDS) as i64).collect::<Vec<_>>());
+    assert_eq!(
+        values,
+        (1..=(REGISTRIES * ROUNDS) as i64).collect::<Vec<_>>()
+    );
     assert!(
         steps.windows(2).all(|w| w[0].1 < w[1].1),
         "fencing tokens must rise with every holder"
@@ -189,10 +207,7 @@ async fn try_acquire_does_not_wait_and_acquire_timeout_gives_up_leaving_no_key()
     let client = server.client().await.unwrap();
     for bad in ["", "a/b", "a\nb"] {
         assert!(
-            matches!(
-                r1.lock(bad),
-                Err(Error::InvalidInput { field: "lock", .. })
-            ),
+            matches!(r1.lock(bad), Err(Error::InvalidInput { field: "lock", .. })),
             "{bad:?}"
         );
     }
@@ -374,10 +389,7 @@ async fn partitioned_holder_loses_the_lock_before_the_next_holder_acquires() {
         let cut = Instant::now();
         proxy.blackhole();
         let (lost_at, reason, still_held) = within("holder 1 notices", T, lost1).await.unwrap();
-        let (won_at, g2) = within("holder 2 acquires", T, next)
-            .await
-            .unwrap()
-            .unwrap();
+        let (won_at, g2) = within("holder 2 acquires", T, next).await.unwrap().unwrap();
         assert_eq!(reason, LostReason::LeaseDeadline, "round {round}");
         assert!(!still_held && !g1.is_held(), "round {round}");
         assert!(
@@ -483,10 +495,7 @@ async fn a_stale_release_leaves_the_successors_key() {
     })
     .await;
     proxy.heal();
-    within("stale release", T, release)
-        .await
-        .unwrap()
-        .unwrap();
+    within("stale release", T, release).await.unwrap().unwrap();
     assert_eq!(
         lock_keys(&client, &lock3).await,
         vec![(key.clone(), peer_rev)],
