@@ -26,7 +26,7 @@
 //! # One lease per registry
 //!
 //! Each [`Registry`] owns exactly one etcd lease, granted at connect time.
-//! Every instance it registers, and every election key it campaigns with,
+//! Every instance it registers, and every election or lock key it writes,
 //! lives under that lease. Keep-alive traffic is one request per TTL/3
 //! however many instances there are, and [`Registry::close`] removes
 //! everything at once by revoking the lease. This differs from the Go library
