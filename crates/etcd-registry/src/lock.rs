@@ -311,6 +311,7 @@ impl Lock {
 /// (unless the registry was closed or dropped: then the key goes with the
 /// lease, as after a crash).
 #[derive(Clone)]
+#[must_use = "dropping the guard releases the lock"]
 pub struct LockGuard {
     head: Head,
 }

@@ -202,7 +202,11 @@ impl Queue {
             let Some(mut member) = self.enqueue(lease.id, value, Turn::Try).await? else {
                 return Ok(None);
             };
-            if let Some((key, _)) = predecessor(&self.inner, &self.prefix, member.token).await? {
+            let ahead = persist(&self.inner, "read the members ahead", || {
+                predecessor(&self.inner, &self.prefix, member.token)
+            })
+            .await?;
+            if let Some((key, _)) = ahead {
                 tracing::debug!(kind = self.kind.noun(), name = %self.name, holder = %String::from_utf8_lossy(&key), "taken; withdrawing");
                 member.withdraw().await;
                 return Ok(None);
