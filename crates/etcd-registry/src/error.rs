@@ -60,7 +60,7 @@ pub enum Error {
 
     /// A lock was lost, or its key was deleted or replaced while waiting for
     /// it; the reason says why.
-    #[error("the lock was lost: {0}")]
+    #[error("the lock was lost: {}", .0.lock_wording())]
     LockLost(crate::queue::LostReason),
 
     /// The registry was closed (or dropped).

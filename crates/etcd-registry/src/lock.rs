@@ -273,7 +273,7 @@ impl Lock {
                 LostReason::Released => Ok(run.await),
                 LostReason::Closed => Err(Error::Closed),
                 reason => {
-                    tracing::warn!(lock = %self.queue.name, %reason, "lock lost; task cancelled");
+                    tracing::warn!(lock = %self.queue.name, reason = %reason.lock_wording(), "lock lost; task cancelled");
                     Err(Error::LockLost(reason))
                 }
             },

@@ -73,17 +73,30 @@ pub enum LostReason {
     Closed,
 }
 
+/// Worded for elections, as it was before locks existed (the CLI prints it);
+/// [`Error::LockLost`] words the key reasons for locks.
 impl std::fmt::Display for LostReason {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
             LostReason::Resigned => "resigned",
             LostReason::Released => "released",
-            LostReason::KeyDeleted => "the key was deleted by someone else",
-            LostReason::KeyReplaced => "the key was replaced by someone else",
+            LostReason::KeyDeleted => "the leader key was deleted",
+            LostReason::KeyReplaced => "the leader key was replaced",
             LostReason::LeaseDeadline => "no keep-alive was acknowledged before the lease deadline",
             LostReason::SessionLost => "the registry's lease was lost",
             LostReason::Closed => "the registry was closed",
         })
+    }
+}
+
+impl LostReason {
+    /// The reason worded for a lock.
+    pub(crate) fn lock_wording(self) -> std::borrow::Cow<'static, str> {
+        match self {
+            LostReason::KeyDeleted => "the lock key was deleted".into(),
+            LostReason::KeyReplaced => "the lock key was replaced".into(),
+            reason => reason.to_string().into(),
+        }
     }
 }
 
@@ -1037,8 +1050,10 @@ mod tests {
         let e = Error::NotLeader(LostReason::KeyDeleted);
         assert_eq!(
             e.to_string(),
-            "leadership was lost: the key was deleted by someone else"
+            "leadership was lost: the leader key was deleted"
         );
+        let e = Kind::Lock.lost_error(LostReason::KeyDeleted);
+        assert_eq!(e.to_string(), "the lock was lost: the lock key was deleted");
         let e = Kind::Lock.lost_error(LostReason::LeaseDeadline);
         assert_eq!(
             e.to_string(),
