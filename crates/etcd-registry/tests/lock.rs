@@ -1,4 +1,4 @@
-//! Distributed locks against real etcd (issue 16): mutual exclusion under
+//! Distributed locks against real etcd: mutual exclusion under
 //! contention, try/timeout, `etcdctl lock` interop, a partitioned holder,
 //! stale releases, and cleanup when an acquisition or a guard is dropped.
 
@@ -69,7 +69,7 @@ async fn terminate(child: &tokio::process::Child) {
     assert!(status.success());
 }
 
-/// Test 1. Breaking the queue by hand (`wait_deletes` returning at once, so
+/// Breaking the queue by hand (`wait_deletes` returning at once, so
 /// every acquirer holds at once) made this fail with lost updates and a
 /// concurrency above 1; restored.
 #[tokio::test(flavor = "multi_thread")]
@@ -195,7 +195,7 @@ async fn five_registries_increment_a_shared_counter_without_lost_updates() {
     );
 }
 
-/// Test 2, with a registry asking for a lock it already holds, and names.
+/// Also: a registry asking for a lock it already holds, and lock names.
 #[tokio::test(flavor = "multi_thread")]
 async fn try_acquire_does_not_wait_and_acquire_timeout_gives_up_leaving_no_key() {
     let server = shared_server().await;
@@ -280,7 +280,6 @@ async fn try_acquire_does_not_wait_and_acquire_timeout_gives_up_leaving_no_key()
     r2.close().await.unwrap();
 }
 
-/// Test 3.
 #[tokio::test(flavor = "multi_thread")]
 async fn interop_with_etcdctl_lock() {
     let server = shared_server().await;
@@ -356,10 +355,9 @@ async fn interop_with_etcdctl_lock() {
     registry.close().await.unwrap();
 }
 
-/// Test 4. With the lease deadline taken out of the safety bound by hand
-/// (`lease_lost` waiting only for a new lease id), the cut-off holder never
-/// learnt it lost the lock before the next holder took it, and this failed;
-/// restored.
+/// With the lease deadline taken out of the safety bound by hand
+/// (`lease_lost` sleeping an hour past the deadline), the cut-off holder
+/// never learnt it lost the lock and this failed; restored.
 #[tokio::test(flavor = "multi_thread")]
 async fn partitioned_holder_loses_the_lock_before_the_next_holder_acquires() {
     let server = shared_server().await;
@@ -411,7 +409,7 @@ async fn partitioned_holder_loses_the_lock_before_the_next_holder_acquires() {
     }
 }
 
-/// Test 5: a release that comes too late never deletes someone else's key.
+/// A release that comes too late never deletes someone else's key.
 ///
 /// Part two is etcd#22082: a peer sharing the holder's lease (as Go's
 /// `concurrency.NewSession(WithLease)` allows) re-creates the very same key
@@ -507,8 +505,9 @@ async fn a_stale_release_leaves_the_successors_key() {
     r3.close().await.unwrap();
 }
 
-/// Test 6, and `with`: a dropped acquisition, a dropped guard and a dropped
-/// `with` leave no key; a lost lock cancels the task of `with`.
+/// A dropped acquisition, a dropped guard and a dropped `with` leave no key;
+/// a lost lock cancels the task of `with`. With the withdrawal on drop
+/// disabled by hand, the first check failed; restored.
 #[tokio::test(flavor = "multi_thread")]
 async fn dropping_an_acquisition_or_a_guard_leaves_no_key() {
     let server = shared_server().await;
