@@ -1,4 +1,4 @@
-//! Leader election: [`Election`], [`Leadership`], [`LostReason`], [`LeaderInfo`],
+//! Leader election: [`Election`], [`Leadership`], [`LeaderInfo`],
 //! [`LeaderStream`].
 //!
 //! # Protocol
@@ -13,6 +13,10 @@
 //! - a candidate waits for the candidate just before it (by create revision) to
 //!   be deleted, then for the one before that, until none is left.
 //!
+//! That queue is shared with locks (see `queue.rs`); this module adds what
+//! only elections have: proposals, [`Leadership::proclaim`], the current
+//! [`leader`](Election::leader) and [`observe`](Election::observe).
+//!
 //! # What we add to the Go package
 //!
 //! - A [`Leadership`] learns that it ended, through [`Leadership::lost`] and
@@ -25,63 +29,25 @@
 //! - Leadership is decided by create revision only, never by comparing
 //!   proposals: two candidates with one proposal never both lead.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll};
 
 use etcd_client::{
     Compare, CompareOp, EventType, GetOptions, KeyValue, PutOptions, SortOrder, SortTarget, Txn,
-    TxnOp, TxnOpResponse,
+    TxnOp,
 };
-use tokio::sync::{OwnedMutexGuard, mpsc, oneshot, watch};
+use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
-use tokio::time::Instant;
 
 use crate::conn::WatchEnd;
 use crate::error::{Error, Result};
 use crate::keys::validate_segment;
+use crate::queue::{Head, Kind, LostReason, Queue, first_get_kv};
 use crate::registry::{Inner, Registry};
-use crate::session::{Backoff, Lease};
-
-/// Why a [`Leadership`] ended. Returned by [`Leadership::lost`] and carried by
-/// [`Error::NotLeader`].
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-#[non_exhaustive]
-pub enum LostReason {
-    /// [`Leadership::resign`] was called.
-    Resigned,
-    /// The leader key was deleted by someone else (an admin, `etcdctl del`, ...).
-    KeyDeleted,
-    /// The leader key was deleted and written again by someone else: it has a
-    /// different create revision, so it is no longer this leadership's key.
-    KeyReplaced,
-    /// No keep-alive of the registry's lease was acknowledged in time: etcd
-    /// may let the lease (and with it the leader key) expire from now on.
-    /// This is the local safety bound; it fires with no help from etcd, for
-    /// example while the leader is cut off from etcd.
-    LeaseDeadline,
-    /// The registry's lease is gone (expired, revoked, or etcd lost its data)
-    /// and the registry moved on to a new lease.
-    SessionLost,
-    /// The registry was closed or dropped.
-    Closed,
-}
-
-impl std::fmt::Display for LostReason {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            LostReason::Resigned => "resigned",
-            LostReason::KeyDeleted => "the leader key was deleted",
-            LostReason::KeyReplaced => "the leader key was replaced",
-            LostReason::LeaseDeadline => "no keep-alive was acknowledged before the lease deadline",
-            LostReason::SessionLost => "the registry's lease was lost",
-            LostReason::Closed => "the registry was closed",
-        })
-    }
-}
+use crate::session::Backoff;
 
 /// The current leader of an election, as read from etcd.
 ///
@@ -134,10 +100,13 @@ impl Registry {
     pub fn election(&self, name: &str) -> Result<Election> {
         validate_segment("election", name)?;
         Ok(Election {
-            inner: self.inner.clone(),
-            name: name.to_owned(),
+            queue: Queue {
+                inner: self.inner.clone(),
+                kind: Kind::Election,
+                name: name.to_owned(),
+                prefix: self.inner.keys.election_prefix(name),
+            },
             etcd_name: self.inner.keys.election_name(name),
-            prefix: self.inner.keys.election_prefix(name),
         })
     }
 }
@@ -154,16 +123,14 @@ impl Registry {
 /// resigned or dropped, or its `campaign` future dropped).
 #[derive(Clone)]
 pub struct Election {
-    inner: Arc<Inner>,
-    name: String,
+    queue: Queue,
     etcd_name: String,
-    prefix: String,
 }
 
 impl std::fmt::Debug for Election {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Election")
-            .field("name", &self.name)
+            .field("name", &self.queue.name)
             .field("etcd_name", &self.etcd_name)
             .finish()
     }
@@ -172,7 +139,7 @@ impl std::fmt::Debug for Election {
 impl Election {
     /// The election name, as given to [`Registry::election`].
     pub fn name(&self) -> &str {
-        &self.name
+        &self.queue.name
     }
 
     /// The name etcd's `concurrency.Election` and `etcdctl elect` use for this
@@ -219,117 +186,8 @@ impl Election {
     /// # Ok(()) }
     /// ```
     pub async fn campaign(&self, proposal: impl Into<Vec<u8>>) -> Result<Leadership> {
-        let proposal = proposal.into();
-        let inner = &self.inner;
-        if inner.cancel.is_cancelled() {
-            return Err(Error::Closed);
-        }
-        let lease = inner
-            .session
-            .wait_lease(inner.config.request_timeout, &inner.cancel)
-            .await?;
-        if lease.expires <= Instant::now() {
-            return Err(Error::SessionLost);
-        }
-        let leases = inner.session.leases();
-        tokio::select! {
-            biased;
-            _ = inner.cancel.cancelled() => Err(Error::Closed),
-            reason = lease_lost(leases, lease.id) => {
-                tracing::warn!(election = %self.name, lease = %format_args!("{:x}", lease.id), %reason, "lease lost while campaigning");
-                Err(Error::SessionLost)
-            }
-            r = self.campaign_on(lease.id, proposal) => r,
-        }
-    }
-
-    async fn campaign_on(&self, lease_id: i64, proposal: Vec<u8>) -> Result<Leadership> {
-        let inner = &self.inner;
-        let key = inner.keys.election_key(&self.name, lease_id);
-        let slot = Arc::new(KeySlot::acquire(&inner.election_slots, key.clone()).await);
-        let mut guard = CandidacyGuard {
-            inner: inner.clone(),
-            key: key.clone(),
-            lease_id,
-            token: None,
-            pending: None,
-            slot: Some(slot.clone()),
-        };
-
-        // The write runs in its own task so that a dropped campaign cannot
-        // leave a key whose write was still in flight: the task sees that
-        // nobody took the answer and deletes what it created. An answer sent
-        // but not yet read is taken by the guard's drop.
-        let (tx, rx) = oneshot::channel();
-        let rx = guard.pending.insert(rx);
-        {
-            let (inner, key, slot) = (inner.clone(), key.clone(), slot);
-            let mut tx = tx;
-            tokio::spawn(async move {
-                let write = persist(&inner, "write the candidate key", || {
-                    create_key(&inner, &key, lease_id, proposal.clone())
-                });
-                let outcome = tokio::select! {
-                    result = write => Some(result),
-                    _ = tx.closed() => None,
-                };
-                match outcome {
-                    Some(result) => {
-                        if let Err(Ok(token)) = tx.send(result) {
-                            release_key(&inner, &key, Some(token), lease_id).await;
-                        }
-                    }
-                    // The campaign went away while the write was being retried,
-                    // and an attempt may have landed. The slot keeps this
-                    // registry's other campaigns off the key, so delete it.
-                    None => release_key(&inner, &key, None, lease_id).await,
-                }
-                drop(slot);
-            });
-        }
-        let received = rx.await;
-        guard.pending = None;
-        let token = received.map_err(|_| Error::Closed)??;
-        guard.token = Some(token);
-        tracing::debug!(election = %self.name, key = %key, revision = token, "candidate key written; waiting for predecessors");
-
-        wait_deletes(inner, &self.prefix, token).await?;
-
-        // Our key must still be ours: someone may have deleted it while we waited.
-        let resp = persist(inner, "check the candidate key", || {
-            inner.conn.retry("get", |mut c| {
-                let key = key.clone();
-                async move { c.get(key, None).await }
-            })
-        })
-        .await?;
-        let checked_rev = resp.header().map_or(0, |h| h.revision());
-        match resp.kvs().first() {
-            None => {
-                guard.token = None; // nothing left to delete
-                return Err(Error::NotLeader(LostReason::KeyDeleted));
-            }
-            Some(kv) if kv.create_revision() != token => {
-                guard.token = None; // not ours any more
-                return Err(Error::NotLeader(LostReason::KeyReplaced));
-            }
-            Some(_) => {}
-        }
-        match inner.session.lease() {
-            Some(l) if l.id == lease_id && l.expires > Instant::now() => {}
-            _ => return Err(Error::SessionLost),
-        }
-        let slot = guard.disarm();
-        tracing::info!(election = %self.name, key = %key, fencing_token = token, "elected leader");
-        Ok(Leadership::start(
-            inner.clone(),
-            self.name.clone(),
-            key,
-            lease_id,
-            token,
-            checked_rev,
-            slot,
-        ))
+        let head = self.queue.join(proposal.into()).await?;
+        Ok(Leadership { head })
     }
 
     /// The current leader, or `None` when nobody leads. One read from etcd.
@@ -343,8 +201,9 @@ impl Election {
     /// # Ok(()) }
     /// ```
     pub async fn leader(&self) -> Result<Option<LeaderInfo>> {
-        let prefix = self.prefix.clone();
+        let prefix = self.queue.prefix.clone();
         let resp = self
+            .queue
             .inner
             .conn
             .retry("get", |mut c| {
@@ -387,7 +246,11 @@ impl Election {
     /// ```
     pub fn observe(&self) -> LeaderStream {
         let (tx, rx) = mpsc::channel(16);
-        let task = tokio::spawn(observe_task(self.inner.clone(), self.prefix.clone(), tx));
+        let task = tokio::spawn(observe_task(
+            self.queue.inner.clone(),
+            self.queue.prefix.clone(),
+            tx,
+        ));
         LeaderStream { rx, task }
     }
 
@@ -432,7 +295,7 @@ impl Election {
         Fut: Future<Output = T>,
     {
         let proposal = proposal.into();
-        let cancel = self.inner.cancel.clone();
+        let cancel = self.queue.inner.cancel.clone();
         let mut backoff = Backoff::standard();
         loop {
             if cancel.is_cancelled() {
@@ -442,7 +305,7 @@ impl Election {
                 Ok(l) => l,
                 Err(Error::Closed) => return Err(Error::Closed),
                 Err(error) => {
-                    tracing::warn!(election = %self.name, %error, "campaign failed; campaigning again");
+                    tracing::warn!(election = %self.queue.name, %error, "campaign failed; campaigning again");
                     if !backoff.wait(&cancel).await {
                         return Err(Error::Closed);
                     }
@@ -455,7 +318,7 @@ impl Election {
             tokio::select! {
                 out = &mut run => {
                     if let Err(error) = leadership.resign().await {
-                        tracing::warn!(election = %self.name, %error, "could not resign after the task finished; the key is deleted in the background");
+                        tracing::warn!(election = %self.queue.name, %error, "could not resign after the task finished; the key is deleted in the background");
                     }
                     return Ok(out);
                 }
@@ -463,7 +326,7 @@ impl Election {
                     LostReason::Resigned => return Ok(run.await),
                     LostReason::Closed => return Err(Error::Closed),
                     reason => {
-                        tracing::warn!(election = %self.name, %reason, "leadership lost; task cancelled; campaigning again");
+                        tracing::warn!(election = %self.queue.name, %reason, "leadership lost; task cancelled; campaigning again");
                     }
                 },
             }
@@ -503,103 +366,47 @@ impl Election {
 /// lease, as after a crash).
 #[derive(Clone)]
 pub struct Leadership {
-    shared: Arc<Shared>,
-}
-
-struct Shared {
-    inner: Arc<Inner>,
-    election: String,
-    key: String,
-    lease_id: i64,
-    token: i64,
-    lost: Arc<watch::Sender<Option<LostReason>>>,
-    /// The key is deleted or is no longer ours: nothing to clean up on drop.
-    released: Arc<AtomicBool>,
-    slot: std::sync::Mutex<Option<Arc<KeySlot>>>,
-    monitor: std::sync::Mutex<Option<JoinHandle<()>>>,
+    head: Head,
 }
 
 impl std::fmt::Debug for Leadership {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Leadership")
-            .field("election", &self.shared.election)
-            .field("key", &self.shared.key)
-            .field("fencing_token", &self.shared.token)
-            .field("lost", &*self.shared.lost.borrow())
-            .finish()
+        let mut d = f.debug_struct("Leadership");
+        self.head.debug_fields(&mut d);
+        d.finish()
     }
 }
 
 impl Leadership {
-    fn start(
-        inner: Arc<Inner>,
-        election: String,
-        key: String,
-        lease_id: i64,
-        token: i64,
-        checked_rev: i64,
-        slot: Arc<KeySlot>,
-    ) -> Self {
-        let lost = Arc::new(watch::Sender::new(None));
-        let released = Arc::new(AtomicBool::new(false));
-        let monitor = tokio::spawn(monitor(
-            inner.clone(),
-            key.clone(),
-            lease_id,
-            token,
-            checked_rev,
-            lost.clone(),
-            released.clone(),
-            slot.clone(),
-        ));
-        Leadership {
-            shared: Arc::new(Shared {
-                inner,
-                election,
-                key,
-                lease_id,
-                token,
-                lost,
-                released,
-                slot: std::sync::Mutex::new(Some(slot)),
-                monitor: std::sync::Mutex::new(Some(monitor)),
-            }),
-        }
-    }
-
     /// The fencing token: the create revision of the leader key.
     ///
     /// It rises strictly across successive leaders of the election. Send it
     /// with every write to an external resource and have the resource reject
     /// tokens smaller than the largest it has seen (see the type docs).
     pub fn fencing_token(&self) -> i64 {
-        self.shared.token
+        self.head.token()
     }
 
     /// The etcd key of this leadership.
     pub fn key(&self) -> &str {
-        &self.shared.key
+        self.head.key()
     }
 
     /// The lease the leader key lives under.
     pub fn lease_id(&self) -> i64 {
-        self.shared.lease_id
+        self.head.lease_id()
     }
 
     /// Whether this candidate still leads. No round trip: it reads local state
     /// only, including the lease deadline itself, so it turns `false` at the
     /// deadline even if the background task has not run yet.
     pub fn is_leader(&self) -> bool {
-        let s = &self.shared;
-        if s.lost.borrow().is_some() || s.inner.cancel.is_cancelled() {
-            return false;
-        }
-        matches!(s.inner.session.lease(), Some(l) if l.id == s.lease_id && l.expires > Instant::now())
+        self.head.is_held()
     }
 
     /// Why leadership ended, or `None` while it lasts.
     pub fn lost_reason(&self) -> Option<LostReason> {
-        *self.shared.lost.borrow()
+        self.head.lost_reason()
     }
 
     /// Resolves when leadership ends, with the reason: resigned, key deleted
@@ -623,11 +430,7 @@ impl Leadership {
     /// # }
     /// ```
     pub async fn lost(&self) -> LostReason {
-        let mut rx = self.shared.lost.subscribe();
-        match rx.wait_for(Option::is_some).await {
-            Ok(reason) => reason.unwrap_or(LostReason::Closed),
-            Err(_) => LostReason::Closed,
-        }
+        self.head.lost().await
     }
 
     /// Replaces the proposal (the value of the leader key) while still leading.
@@ -640,45 +443,33 @@ impl Leadership {
     /// [`Error::NotLeader`] with the reason when leadership was lost before or
     /// during the call; etcd errors and timeouts otherwise.
     pub async fn proclaim(&self, value: impl Into<Vec<u8>>) -> Result<()> {
-        let s = &self.shared;
-        if !self.is_leader() {
-            return Err(Error::NotLeader(self.lost_reason().unwrap_or(
-                if s.inner.cancel.is_cancelled() {
-                    LostReason::Closed
-                } else {
-                    LostReason::LeaseDeadline
-                },
-            )));
+        let head = &self.head;
+        if !head.is_held() {
+            return Err(Error::NotLeader(head.not_held_reason()));
         }
         let value = value.into();
-        let (key, token, lease_id) = (s.key.clone(), s.token, s.lease_id);
-        let resp = s
-            .inner
+        let (key, token, lease_id) = (head.key(), head.token(), head.lease_id());
+        let resp = head
+            .inner()
             .conn
             .retry("proclaim", |mut c| {
                 let txn = Txn::new()
-                    .when([Compare::create_revision(
-                        key.as_str(),
-                        CompareOp::Equal,
-                        token,
-                    )])
+                    .when([Compare::create_revision(key, CompareOp::Equal, token)])
                     .and_then([TxnOp::put(
-                        key.as_str(),
+                        key,
                         value.clone(),
                         Some(PutOptions::new().with_lease(lease_id)),
                     )])
-                    .or_else([TxnOp::get(key.as_str(), None)]);
+                    .or_else([TxnOp::get(key, None)]);
                 async move { c.txn(txn).await }
             })
             .await;
         let resp = match resp {
             Ok(resp) => resp,
             Err(e) if e.is_lease_not_found() => {
-                s.inner.session.suspect_lost();
-                self.set_lost(LostReason::SessionLost);
-                return Err(Error::NotLeader(
-                    self.lost_reason().unwrap_or(LostReason::SessionLost),
-                ));
+                head.inner().session.suspect_lost();
+                head.set_lost(LostReason::SessionLost);
+                return Err(Error::NotLeader(head.not_held_reason()));
             }
             Err(e) => return Err(e),
         };
@@ -688,11 +479,11 @@ impl Leadership {
             } else {
                 LostReason::KeyDeleted
             };
-            self.set_lost(reason);
-            s.released.store(true, Ordering::SeqCst);
-            return Err(Error::NotLeader(self.lost_reason().unwrap_or(reason)));
+            head.set_lost(reason);
+            head.mark_released();
+            return Err(Error::NotLeader(head.not_held_reason()));
         }
-        tracing::debug!(election = %s.election, key = %s.key, "proclaimed");
+        tracing::debug!(election = %head.name(), key, "proclaimed");
         Ok(())
     }
 
@@ -705,50 +496,7 @@ impl Leadership {
     /// fine. If the delete fails it is returned, and the key is deleted in the
     /// background when the last clone of this `Leadership` is dropped.
     pub async fn resign(&self) -> Result<()> {
-        let s = &self.shared;
-        self.set_lost(LostReason::Resigned);
-        if s.released.load(Ordering::SeqCst) {
-            return Ok(());
-        }
-        delete_key(&s.inner, &s.key, Some(s.token)).await?;
-        s.released.store(true, Ordering::SeqCst);
-        if let Some(m) = s.monitor.lock().ok().and_then(|mut m| m.take()) {
-            m.abort();
-        }
-        if let Ok(mut slot) = s.slot.lock() {
-            slot.take();
-        }
-        tracing::info!(election = %s.election, key = %s.key, fencing_token = s.token, "resigned");
-        Ok(())
-    }
-
-    fn set_lost(&self, reason: LostReason) {
-        set_lost(&self.shared.lost, reason);
-    }
-}
-
-impl Drop for Shared {
-    fn drop(&mut self) {
-        if let Some(m) = self.monitor.get_mut().ok().and_then(Option::take) {
-            m.abort();
-        }
-        let slot = self.slot.get_mut().ok().and_then(Option::take);
-        if self.released.load(Ordering::SeqCst) || self.inner.cancel.is_cancelled() {
-            return;
-        }
-        if let Ok(rt) = tokio::runtime::Handle::try_current() {
-            let (inner, key, token, lease_id) = (
-                self.inner.clone(),
-                self.key.clone(),
-                self.token,
-                self.lease_id,
-            );
-            tracing::debug!(key = %key, "leadership dropped without resign; deleting its key");
-            rt.spawn(async move {
-                release_key(&inner, &key, Some(token), lease_id).await;
-                drop(slot);
-            });
-        }
+        self.head.leave().await
     }
 }
 
@@ -777,450 +525,6 @@ impl Drop for LeaderStream {
 }
 
 // ---------------------------------------------------------------------------
-// Candidacy bookkeeping
-
-/// One candidacy per candidate key at a time within a registry: two campaigns
-/// of one registry in one election would share a key, and both would lead.
-/// Held by the registry (`Inner::election_slots`).
-pub(crate) type Slots = Arc<std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>>;
-
-/// Exclusive use of one candidate key, held by the campaign, the leadership
-/// and any background cleanup of the key; released when the last holder drops.
-struct KeySlot {
-    slots: Slots,
-    id: String,
-    guard: Option<OwnedMutexGuard<()>>,
-}
-
-impl KeySlot {
-    async fn acquire(slots: &Slots, id: String) -> Self {
-        let mutex = match slots.lock() {
-            Ok(mut slots) => slots.entry(id.clone()).or_default().clone(),
-            Err(_) => Arc::new(tokio::sync::Mutex::new(())),
-        };
-        let guard = mutex.lock_owned().await;
-        KeySlot {
-            slots: slots.clone(),
-            id,
-            guard: Some(guard),
-        }
-    }
-}
-
-impl Drop for KeySlot {
-    fn drop(&mut self) {
-        let Some(guard) = self.guard.take() else {
-            return;
-        };
-        let mutex = OwnedMutexGuard::mutex(&guard).clone();
-        drop(guard);
-        if let Ok(mut slots) = self.slots.lock() {
-            // Only the map and `mutex` hold it: nobody waits, forget it.
-            if Arc::strong_count(&mutex) == 2
-                && slots.get(&self.id).is_some_and(|m| Arc::ptr_eq(m, &mutex))
-            {
-                slots.remove(&self.id);
-            }
-        }
-    }
-}
-
-/// Deletes the candidate key when a campaign ends without leading.
-struct CandidacyGuard {
-    inner: Arc<Inner>,
-    key: String,
-    lease_id: i64,
-    /// `Some` once the key was written and is ours to delete.
-    token: Option<i64>,
-    /// The answer of the key's write while it is awaited.
-    pending: Option<oneshot::Receiver<Result<i64>>>,
-    slot: Option<Arc<KeySlot>>,
-}
-
-impl CandidacyGuard {
-    fn disarm(&mut self) -> Arc<KeySlot> {
-        self.token = None;
-        // `slot` is always `Some` until `disarm`, which is called once.
-        self.slot.take().unwrap_or_else(|| {
-            Arc::new(KeySlot {
-                slots: Slots::default(),
-                id: String::new(),
-                guard: None,
-            })
-        })
-    }
-}
-
-impl Drop for CandidacyGuard {
-    fn drop(&mut self) {
-        if let Some(mut rx) = self.pending.take() {
-            // After `close` the writer can no longer send: either its answer
-            // is already here (the key is ours to delete) or the writer sees
-            // the failed send and deletes the key itself.
-            rx.close();
-            if let Ok(Ok(token)) = rx.try_recv() {
-                self.token = Some(token);
-            }
-        }
-        let (Some(token), Some(slot)) = (self.token, self.slot.take()) else {
-            return;
-        };
-        if self.inner.cancel.is_cancelled() {
-            return;
-        }
-        if let Ok(rt) = tokio::runtime::Handle::try_current() {
-            let (inner, key, lease_id) = (self.inner.clone(), self.key.clone(), self.lease_id);
-            tracing::debug!(key = %key, "campaign ended without leading; withdrawing the candidate key");
-            rt.spawn(async move {
-                release_key(&inner, &key, Some(token), lease_id).await;
-                drop(slot);
-            });
-        }
-    }
-}
-
-fn set_lost(lost: &watch::Sender<Option<LostReason>>, reason: LostReason) -> bool {
-    lost.send_if_modified(|r| {
-        if r.is_some() {
-            return false;
-        }
-        *r = Some(reason);
-        true
-    })
-}
-
-fn first_get_kv(resp: &etcd_client::TxnResponse) -> Option<KeyValue> {
-    resp.op_responses().into_iter().find_map(|op| match op {
-        TxnOpResponse::Get(g) => g.kvs().first().cloned(),
-        _ => None,
-    })
-}
-
-fn lease_error(inner: &Inner, e: Error) -> Error {
-    if e.is_lease_not_found() {
-        inner.session.suspect_lost();
-        Error::SessionLost
-    } else {
-        e
-    }
-}
-
-// ---------------------------------------------------------------------------
-// Protocol steps
-
-/// Runs `step` again through transient failures (timeouts, etcd unreachable),
-/// with backoff. Campaign steps run raced against the loss of the lease, so a
-/// campaign ends with `SessionLost` (or succeeds), not with a slow request.
-async fn persist<T, F, Fut>(inner: &Inner, what: &str, mut step: F) -> Result<T>
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Result<T>>,
-{
-    let mut backoff = Backoff::standard();
-    loop {
-        match step().await {
-            Err(error) if error.is_transient() => {
-                tracing::warn!(%error, "{what} failed; retrying");
-                if !backoff.wait(&inner.cancel).await {
-                    return Err(Error::Closed);
-                }
-            }
-            result => return result,
-        }
-    }
-}
-
-/// Writes the candidate key if absent (as Go's `Campaign` does) and returns its
-/// create revision. A key left by an earlier candidacy of this same lease is
-/// reused, with its value updated to `proposal`.
-async fn create_key(inner: &Inner, key: &str, lease_id: i64, proposal: Vec<u8>) -> Result<i64> {
-    let resp = inner
-        .conn
-        .retry("campaign", |mut c| {
-            let txn = Txn::new()
-                .when([Compare::create_revision(key, CompareOp::Equal, 0)])
-                .and_then([TxnOp::put(
-                    key,
-                    proposal.clone(),
-                    Some(PutOptions::new().with_lease(lease_id)),
-                )])
-                .or_else([TxnOp::get(key, None)]);
-            async move { c.txn(txn).await }
-        })
-        .await
-        .map_err(|e| lease_error(inner, e))?;
-    if resp.succeeded() {
-        return Ok(resp.header().map_or(0, |h| h.revision()));
-    }
-    let Some(kv) = first_get_kv(&resp) else {
-        // Deleted between the compare and the get: cannot happen in one txn.
-        return Err(Error::NotLeader(LostReason::KeyDeleted));
-    };
-    if kv.lease() != lease_id {
-        return Err(Error::NotLeader(LostReason::KeyReplaced));
-    }
-    let token = kv.create_revision();
-    if kv.value() != proposal.as_slice() {
-        let resp = inner
-            .conn
-            .retry("campaign", |mut c| {
-                let txn = Txn::new()
-                    .when([Compare::create_revision(key, CompareOp::Equal, token)])
-                    .and_then([TxnOp::put(
-                        key,
-                        proposal.clone(),
-                        Some(PutOptions::new().with_lease(lease_id)),
-                    )]);
-                async move { c.txn(txn).await }
-            })
-            .await
-            .map_err(|e| lease_error(inner, e))?;
-        if !resp.succeeded() {
-            return Err(Error::NotLeader(LostReason::KeyDeleted));
-        }
-    }
-    tracing::debug!(
-        key,
-        revision = token,
-        "reusing this lease's existing candidate key"
-    );
-    Ok(token)
-}
-
-/// Deletes `key`, only if its create revision is still `token` when given.
-async fn delete_key(inner: &Inner, key: &str, token: Option<i64>) -> Result<()> {
-    inner
-        .conn
-        .retry("resign", |mut c| {
-            let mut txn = Txn::new();
-            if let Some(token) = token {
-                txn = txn.when([Compare::create_revision(key, CompareOp::Equal, token)]);
-            }
-            let txn = txn.and_then([TxnOp::delete(key, None)]);
-            async move { c.txn(txn).await }
-        })
-        .await
-        .map(|_| ())
-}
-
-/// Deletes our key in the background, retrying until it is done, the lease it
-/// lives under is gone (and the key with it), or the registry closes.
-async fn release_key(inner: &Inner, key: &str, token: Option<i64>, lease_id: i64) {
-    let mut backoff = Backoff::standard();
-    loop {
-        if inner.cancel.is_cancelled() {
-            return;
-        }
-        match delete_key(inner, key, token).await {
-            Ok(()) => {
-                tracing::debug!(key, "candidate key deleted");
-                return;
-            }
-            Err(error) => {
-                if inner.session.lease().is_none_or(|l| l.id != lease_id) {
-                    return;
-                }
-                tracing::warn!(key, %error, "could not delete an election key; retrying");
-                if !backoff.wait(&inner.cancel).await {
-                    return;
-                }
-            }
-        }
-    }
-}
-
-/// Resolves when the lease `lease_id` can no longer be relied on: the registry
-/// moved to another lease or has none (`SessionLost`), or its deadline passed
-/// with no newer keep-alive acknowledged (`LeaseDeadline`). Purely local.
-async fn lease_lost(mut leases: watch::Receiver<Option<Lease>>, lease_id: i64) -> LostReason {
-    loop {
-        let deadline = match *leases.borrow_and_update() {
-            Some(l) if l.id == lease_id => l.expires,
-            _ => return LostReason::SessionLost,
-        };
-        tokio::select! {
-            biased;
-            changed = leases.changed() => {
-                if changed.is_err() {
-                    return LostReason::SessionLost;
-                }
-            }
-            _ = tokio::time::sleep_until(deadline) => {
-                // A newer deadline may have been published at the same moment.
-                match *leases.borrow_and_update() {
-                    Some(l) if l.id == lease_id && l.expires > Instant::now() => {}
-                    Some(l) if l.id == lease_id => return LostReason::LeaseDeadline,
-                    _ => return LostReason::SessionLost,
-                }
-            }
-        }
-    }
-}
-
-/// Go's `waitDeletes`: waits until no key under `prefix` has a create revision
-/// below `my_rev`, by watching the newest such key until it is deleted.
-async fn wait_deletes(inner: &Inner, prefix: &str, my_rev: i64) -> Result<()> {
-    let mut backoff = Backoff::standard();
-    loop {
-        let resp = inner
-            .conn
-            .retry("get", |mut c| {
-                let options = GetOptions::new()
-                    .with_prefix()
-                    .with_max_create_revision(my_rev - 1)
-                    .with_sort(SortTarget::Create, SortOrder::Descend)
-                    .with_limit(1);
-                let prefix = prefix.to_owned();
-                async move { c.get(prefix, Some(options)).await }
-            })
-            .await;
-        let resp = match resp {
-            Ok(resp) => resp,
-            Err(error) => {
-                tracing::warn!(prefix, %error, "reading election predecessors failed; retrying");
-                if !backoff.wait(&inner.cancel).await {
-                    return Err(Error::Closed);
-                }
-                continue;
-            }
-        };
-        let Some(kv) = resp.kvs().first() else {
-            return Ok(());
-        };
-        let rev = resp.header().map_or(0, |h| h.revision());
-        let key = kv.key().to_vec();
-        tracing::debug!(predecessor = %String::from_utf8_lossy(&key), "waiting for the previous candidate to go");
-        match wait_delete(inner, key, rev).await {
-            Ok(()) => backoff.reset(),
-            Err(error) => {
-                tracing::warn!(prefix, %error, "watching an election predecessor failed; retrying");
-                if !backoff.wait(&inner.cancel).await {
-                    return Err(Error::Closed);
-                }
-            }
-        }
-    }
-}
-
-/// Waits until `key` is deleted after revision `rev`.
-async fn wait_delete(inner: &Inner, key: Vec<u8>, rev: i64) -> Result<()> {
-    let mut watch = inner.conn.watch(key, false, rev + 1).await?;
-    loop {
-        let resp = watch.next().await?;
-        if resp
-            .events()
-            .iter()
-            .any(|e| e.event_type() == EventType::Delete)
-        {
-            return Ok(());
-        }
-    }
-}
-
-/// The per-leadership task: resolves `lost` at the lease deadline, when the
-/// lease changes, when our key goes, or when the registry closes. After a
-/// deadline it keeps trying to delete the key, which would otherwise hold the
-/// election if the lease survived the outage.
-#[allow(clippy::too_many_arguments)]
-async fn monitor(
-    inner: Arc<Inner>,
-    key: String,
-    lease_id: i64,
-    token: i64,
-    checked_rev: i64,
-    lost: Arc<watch::Sender<Option<LostReason>>>,
-    released: Arc<AtomicBool>,
-    slot: Arc<KeySlot>,
-) {
-    let mut lost_rx = lost.subscribe();
-    let reason = tokio::select! {
-        biased;
-        _ = inner.cancel.cancelled() => LostReason::Closed,
-        _ = lost_rx.wait_for(Option::is_some) => return, // resigned or proclaim saw the loss
-        reason = lease_lost(inner.session.leases(), lease_id) => reason,
-        reason = watch_own_key(&inner, &key, token, checked_rev) => reason,
-    };
-    if set_lost(&lost, reason) {
-        tracing::warn!(key = %key, fencing_token = token, %reason, "leadership lost");
-    }
-    match reason {
-        LostReason::KeyDeleted | LostReason::KeyReplaced | LostReason::SessionLost => {
-            released.store(true, Ordering::SeqCst);
-        }
-        LostReason::LeaseDeadline => {
-            release_key(&inner, &key, Some(token), lease_id).await;
-            released.store(true, Ordering::SeqCst);
-        }
-        LostReason::Resigned | LostReason::Closed => {}
-    }
-    drop(slot);
-}
-
-/// Resolves when our key is deleted or replaced; survives broken watches.
-async fn watch_own_key(inner: &Inner, key: &str, token: i64, checked_rev: i64) -> LostReason {
-    let mut backoff = Backoff::standard();
-    let mut from = checked_rev + 1;
-    loop {
-        match watch_key_once(inner, key, token, &mut from, &mut backoff).await {
-            Ok(reason) => return reason,
-            Err(error) => tracing::debug!(key, %error, "leader key watch interrupted; re-checking"),
-        }
-        loop {
-            if !backoff.wait(&inner.cancel).await {
-                return LostReason::Closed;
-            }
-            let resp = inner
-                .conn
-                .once("get", |mut c| {
-                    let key = key.to_owned();
-                    async move { c.get(key, None).await }
-                })
-                .await;
-            match resp {
-                Ok(resp) => {
-                    match resp.kvs().first() {
-                        None => return LostReason::KeyDeleted,
-                        Some(kv) if kv.create_revision() != token => {
-                            return LostReason::KeyReplaced;
-                        }
-                        Some(_) => {}
-                    }
-                    from = resp.header().map_or(from, |h| h.revision() + 1);
-                    break;
-                }
-                Err(error) => tracing::debug!(key, %error, "leader key check failed; retrying"),
-            }
-        }
-    }
-}
-
-async fn watch_key_once(
-    inner: &Inner,
-    key: &str,
-    token: i64,
-    from: &mut i64,
-    backoff: &mut Backoff,
-) -> Result<LostReason> {
-    let mut watch = inner.conn.watch(key, false, *from).await?;
-    loop {
-        let resp = watch.next().await?;
-        if resp.created() {
-            backoff.reset();
-        }
-        for event in resp.events() {
-            let Some(kv) = event.kv() else { continue };
-            if event.event_type() == EventType::Delete {
-                return Ok(LostReason::KeyDeleted);
-            }
-            if kv.create_revision() != token {
-                return Ok(LostReason::KeyReplaced);
-            }
-            *from = (*from).max(kv.mod_revision() + 1);
-        }
-    }
-}
-
-// ---------------------------------------------------------------------------
 // Observe
 
 /// A candidate as the observer tracks it.
@@ -1229,6 +533,40 @@ struct Candidate {
     create_revision: i64,
     lease_id: i64,
     value: Vec<u8>,
+}
+
+impl Candidate {
+    fn from_kv(kv: &KeyValue) -> Self {
+        Candidate {
+            create_revision: kv.create_revision(),
+            lease_id: kv.lease(),
+            value: kv.value().to_vec(),
+        }
+    }
+}
+
+/// Reads the candidates: every key under `prefix`, with the revision of the read.
+async fn read_candidates(
+    inner: &Inner,
+    prefix: &str,
+) -> Result<(i64, BTreeMap<Vec<u8>, Candidate>)> {
+    // Paged: the number of candidates is not bounded.
+    let read = inner
+        .conn
+        .read_prefixes(
+            "get",
+            &[prefix.to_owned()],
+            false,
+            BTreeMap::new,
+            |all, kvs| {
+                all.extend(
+                    kvs.into_iter()
+                        .map(|kv| (kv.key().to_vec(), Candidate::from_kv(&kv))),
+                );
+            },
+        )
+        .await?;
+    Ok((read.revision, read.value))
 }
 
 struct Observer {
@@ -1303,28 +641,9 @@ async fn observe_pass(
     backoff: &mut Backoff,
 ) -> Result<bool> {
     if state.candidates.is_none() {
-        // Paged: the number of candidates is not bounded.
-        let read = inner
-            .conn
-            .read_prefixes(
-                "get",
-                &[prefix.to_owned()],
-                false,
-                BTreeMap::new,
-                |all, kvs| {
-                    all.extend(kvs.into_iter().map(|kv| {
-                        let c = Candidate {
-                            create_revision: kv.create_revision(),
-                            lease_id: kv.lease(),
-                            value: kv.value().to_vec(),
-                        };
-                        (kv.key().to_vec(), c)
-                    }));
-                },
-            )
-            .await?;
-        state.revision = read.revision;
-        state.candidates = Some(read.value);
+        let (revision, candidates) = read_candidates(inner, prefix).await?;
+        state.revision = revision;
+        state.candidates = Some(candidates);
         if !state.emit(tx).await {
             return Ok(false);
         }
@@ -1354,12 +673,7 @@ async fn observe_pass(
                 if event.event_type() == EventType::Delete {
                     candidates.remove(kv.key());
                 } else {
-                    let c = Candidate {
-                        create_revision: kv.create_revision(),
-                        lease_id: kv.lease(),
-                        value: kv.value().to_vec(),
-                    };
-                    candidates.insert(kv.key().to_vec(), c);
+                    candidates.insert(kv.key().to_vec(), Candidate::from_kv(kv));
                 }
             }
             state.revision = state.revision.max(kv.mod_revision());
@@ -1367,87 +681,5 @@ async fn observe_pass(
                 return Ok(false);
             }
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use std::time::Duration;
-
-    use super::*;
-
-    #[test]
-    fn lost_reasons_read_well() {
-        assert_eq!(LostReason::Resigned.to_string(), "resigned");
-        let e = Error::NotLeader(LostReason::KeyDeleted);
-        assert_eq!(
-            e.to_string(),
-            "leadership was lost: the leader key was deleted"
-        );
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn lease_deadline_fires_without_etcd_and_is_rearmed_by_keep_alives() {
-        let start = Instant::now();
-        let (tx, rx) = watch::channel(Some(Lease {
-            id: 7,
-            expires: start + Duration::from_secs(2),
-        }));
-        let lost = tokio::spawn(lease_lost(rx, 7));
-        tokio::time::sleep(Duration::from_secs(1)).await;
-        tx.send_replace(Some(Lease {
-            id: 7,
-            expires: start + Duration::from_secs(5),
-        }));
-        tokio::time::sleep(Duration::from_secs(3)).await;
-        assert!(
-            !lost.is_finished(),
-            "a newer deadline must re-arm the timer"
-        );
-        assert_eq!(lost.await.ok(), Some(LostReason::LeaseDeadline));
-        assert_eq!(Instant::now(), start + Duration::from_secs(5));
-    }
-
-    // Pins the deadline arithmetic: with the margin set to zero, or with the
-    // deadline counted from the answer's arrival, this fails (checked by hand).
-    // The integration test `a_leader_behind_slow_answers_stops_before_the_server_deadline`
-    // (tests/safety.rs) pins that the session passes the send time in.
-    #[tokio::test(start_paused = true)]
-    async fn the_deadline_counts_from_the_send_time_minus_a_margin() {
-        let ttl = Duration::from_secs(3);
-        let sent = Instant::now();
-        // The answer arrives one second after the keep-alive was sent.
-        tokio::time::sleep(Duration::from_secs(1)).await;
-        let expires = crate::session::lease_deadline(sent, 3, ttl);
-        let server_deadline = sent + ttl;
-        assert!(
-            server_deadline - expires >= Duration::from_millis(250),
-            "the margin must be at least 250 ms, it is {:?}",
-            server_deadline - expires
-        );
-        assert_eq!(expires, sent + ttl - Duration::from_millis(310));
-        let (_tx, rx) = watch::channel(Some(Lease { id: 7, expires }));
-        assert_eq!(lease_lost(rx, 7).await, LostReason::LeaseDeadline);
-        assert!(Instant::now() < server_deadline);
-        assert_eq!(Instant::now(), sent + Duration::from_millis(2690));
-        // A TTL etcd reports as expired gives no time at all.
-        assert!(crate::session::lease_deadline(Instant::now(), -1, ttl) <= Instant::now());
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn a_new_lease_id_is_a_lost_session() {
-        let now = Instant::now();
-        let (tx, rx) = watch::channel(Some(Lease {
-            id: 7,
-            expires: now + Duration::from_secs(60),
-        }));
-        let lost = tokio::spawn(lease_lost(rx, 7));
-        tx.send_replace(Some(Lease {
-            id: 8,
-            expires: now + Duration::from_secs(60),
-        }));
-        assert_eq!(lost.await.ok(), Some(LostReason::SessionLost));
-        let (_tx, rx) = watch::channel(None);
-        assert_eq!(lease_lost(rx, 7).await, LostReason::SessionLost);
     }
 }

@@ -56,7 +56,12 @@ pub enum Error {
 
     /// Leadership ended before the operation could complete; the reason says why.
     #[error("leadership was lost: {0}")]
-    NotLeader(crate::election::LostReason),
+    NotLeader(crate::queue::LostReason),
+
+    /// A lock was lost, or its key was deleted or replaced while waiting for
+    /// it; the reason says why.
+    #[error("the lock was lost: {}", .0.lock_wording())]
+    LockLost(crate::queue::LostReason),
 
     /// The registry was closed (or dropped).
     #[error("the registry is closed")]

@@ -3,6 +3,7 @@
 //! ```text
 //! {prefix}/{namespace}/services/{name}/{id}          a service instance (JSON)
 //! {prefix}/{namespace}/elections/{election}/{lease}  an election candidate (lease id in lowercase hex)
+//! {prefix}/{namespace}/locks/{lock}/{lease}          a lock holder or waiter (lease id in lowercase hex)
 //! ```
 
 use crate::error::{Error, Result};
@@ -12,6 +13,7 @@ use crate::error::{Error, Result};
 pub(crate) struct Keys {
     services: String,
     elections: String,
+    locks: String,
 }
 
 impl Keys {
@@ -19,6 +21,7 @@ impl Keys {
         Self {
             services: format!("{prefix}/{namespace}/services/"),
             elections: format!("{prefix}/{namespace}/elections/"),
+            locks: format!("{prefix}/{namespace}/locks/"),
         }
     }
 
@@ -69,6 +72,21 @@ impl Keys {
     /// A candidate key: the lease id in lowercase hex, as etcd's Go `concurrency` package writes it.
     pub(crate) fn election_key(&self, election: &str, lease_id: i64) -> String {
         format!("{}{election}/{lease_id:x}", self.elections)
+    }
+
+    /// `{root}/locks/{lock}`: the name `etcdctl lock` takes.
+    pub(crate) fn lock_name(&self, lock: &str) -> String {
+        format!("{}{lock}", self.locks)
+    }
+
+    /// `{root}/locks/{lock}/`: the prefix every holder and waiter key lives under.
+    pub(crate) fn lock_prefix(&self, lock: &str) -> String {
+        format!("{}{lock}/", self.locks)
+    }
+
+    /// A lock key: the lease id in lowercase hex, as etcd's Go `concurrency.Mutex` writes it.
+    pub(crate) fn lock_key(&self, lock: &str, lease_id: i64) -> String {
+        format!("{}{lock}/{lease_id:x}", self.locks)
     }
 }
 
@@ -187,5 +205,16 @@ mod tests {
                 Err(Error::InvalidInput { field: "name", .. })
             ));
         }
+    }
+
+    #[test]
+    fn lock_keys_are_those_of_etcdctl_lock() {
+        let k = Keys::new("/etcd_registry", "prod");
+        assert_eq!(k.lock_name("db"), "/etcd_registry/prod/locks/db");
+        assert_eq!(k.lock_prefix("db"), "/etcd_registry/prod/locks/db/");
+        assert_eq!(
+            k.lock_key("db", 0x694d_77b4_e1a2_c00b),
+            "/etcd_registry/prod/locks/db/694d77b4e1a2c00b"
+        );
     }
 }

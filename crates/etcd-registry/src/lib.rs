@@ -1,5 +1,6 @@
 #![warn(missing_docs)]
-//! Service registration, discovery, change watching and leader election on etcd v3.
+//! Service registration, discovery, change watching, leader election and
+//! locks on etcd v3.
 //!
 //! ```no_run
 //! use std::time::Duration;
@@ -25,7 +26,7 @@
 //! # One lease per registry
 //!
 //! Each [`Registry`] owns exactly one etcd lease, granted at connect time.
-//! Every instance it registers, and every election key it campaigns with,
+//! Every instance it registers, and every election or lock key it writes,
 //! lives under that lease. Keep-alive traffic is one request per TTL/3
 //! however many instances there are, and [`Registry::close`] removes
 //! everything at once by revoking the lease. This differs from the Go library
@@ -72,6 +73,8 @@ mod election;
 mod error;
 mod instance;
 mod keys;
+mod lock;
+mod queue;
 mod registry;
 mod session;
 mod status;
@@ -85,9 +88,11 @@ pub use config::{
     DEFAULT_KEY_PREFIX, DEFAULT_NAMESPACE, DEFAULT_REQUEST_TIMEOUT, DEFAULT_TTL,
     MIN_KEEP_ALIVE_INTERVAL, RegistryBuilder,
 };
-pub use election::{Election, LeaderInfo, LeaderStream, Leadership, LostReason};
+pub use election::{Election, LeaderInfo, LeaderStream, Leadership};
 pub use error::{Error, Result};
 pub use instance::{MAX_ENTRY_BYTES, Port, ServiceInstance};
+pub use lock::{Lock, LockGuard};
+pub use queue::LostReason;
 pub use registry::{Registration, Registry};
 pub use session::RegistryState;
 pub use status::{ElectionSummary, EndpointStatus, MemberStatus};

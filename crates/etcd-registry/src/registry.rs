@@ -39,8 +39,8 @@ pub(crate) struct Inner {
     pub(crate) cancel: CancellationToken,
     /// Live service caches, shared per service (see cache.rs).
     pub(crate) caches: crate::cache::Caches,
-    /// Candidate keys in use by this registry's campaigns (see election.rs).
-    pub(crate) election_slots: crate::election::Slots,
+    /// Queue keys in use by this registry's campaigns and locks (see queue.rs).
+    pub(crate) election_slots: crate::queue::Slots,
     regs: Mutex<HashMap<String, Entry>>,
     /// Services whose keys the anti-entropy watch covers; a registration of
     /// any other service wakes `services_changed` so that it widens.
