@@ -347,7 +347,7 @@ impl Election {
         let resp = self
             .inner
             .conn
-            .retry("get", |mut c| {
+            .retry_on("get", &prefix, |mut c| {
                 let prefix = prefix.clone();
                 let options = GetOptions::new()
                     .with_prefix()
@@ -936,7 +936,7 @@ where
 async fn create_key(inner: &Inner, key: &str, lease_id: i64, proposal: Vec<u8>) -> Result<i64> {
     let resp = inner
         .conn
-        .retry("campaign", |mut c| {
+        .retry_on("campaign", key, |mut c| {
             let txn = Txn::new()
                 .when([Compare::create_revision(key, CompareOp::Equal, 0)])
                 .and_then([TxnOp::put(
@@ -963,7 +963,7 @@ async fn create_key(inner: &Inner, key: &str, lease_id: i64, proposal: Vec<u8>) 
     if kv.value() != proposal.as_slice() {
         let resp = inner
             .conn
-            .retry("campaign", |mut c| {
+            .retry_on("campaign", key, |mut c| {
                 let txn = Txn::new()
                     .when([Compare::create_revision(key, CompareOp::Equal, token)])
                     .and_then([TxnOp::put(

@@ -75,6 +75,8 @@ mod keys;
 mod registry;
 mod session;
 mod status;
+#[cfg(feature = "tls")]
+mod tls;
 mod watch;
 
 #[cfg(feature = "tower")]
@@ -91,6 +93,8 @@ pub use instance::{MAX_ENTRY_BYTES, Port, ServiceInstance};
 pub use registry::{Registration, Registry};
 pub use session::RegistryState;
 pub use status::{ElectionSummary, EndpointStatus, MemberStatus};
+#[cfg(feature = "tls")]
+pub use tls::TlsConfig;
 pub use watch::{ServiceEvent, ServiceWatch};
 
 /// The README's code is compiled as a doc test, so it stays true.
