@@ -1,6 +1,7 @@
 //! The command line: global connection options and one subcommand.
 
 use std::ffi::OsString;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
@@ -26,7 +27,8 @@ pub struct Cli {
 /// Options that every command accepts, before or after its name.
 #[derive(Clone, Debug, Args)]
 pub struct Global {
-    /// etcd endpoints, comma-separated: `host:port` or `http://host:port`.
+    /// etcd endpoints, comma-separated: `host:port`, `http://host:port` or
+    /// `https://host:port` (`host:port` is TLS when --cacert or --cert is given).
     #[arg(
         long,
         global = true,
@@ -98,6 +100,31 @@ pub struct Global {
         value_name = "PASSWORD"
     )]
     pub password: Option<String>,
+
+    /// CA certificate (PEM file) that signed etcd's server certificate; turns
+    /// on TLS. Without it, `https://` endpoints trust the system's roots.
+    #[arg(long, global = true, env = "ETCD_CACERT", value_name = "FILE")]
+    pub cacert: Option<PathBuf>,
+
+    /// Client certificate (PEM file) for mutual TLS (needs --key); turns on TLS.
+    #[arg(
+        long,
+        global = true,
+        env = "ETCD_CERT",
+        requires = "key",
+        value_name = "FILE"
+    )]
+    pub cert: Option<PathBuf>,
+
+    /// Private key (PEM file) of the client certificate (needs --cert).
+    #[arg(
+        long,
+        global = true,
+        env = "ETCD_KEY",
+        requires = "cert",
+        value_name = "FILE"
+    )]
+    pub key: Option<PathBuf>,
 
     /// More logging on stderr: -v info, -vv debug, -vvv trace (default: warnings).
     /// RUST_LOG, when set, takes precedence.

@@ -150,13 +150,14 @@ pub async fn with_registry<T>(
 }
 
 async fn connect(g: &Global) -> CliResult<Registry> {
-    let registry = builder(g).connect().await?;
+    let registry = builder(g)?.connect().await?;
     tracing::debug!(?registry, "connected");
     Ok(registry)
 }
 
-/// The registry settings of the global options.
-pub fn builder(g: &Global) -> RegistryBuilder {
+/// The registry settings of the global options. Fails when a TLS file
+/// cannot be read.
+pub fn builder(g: &Global) -> CliResult<RegistryBuilder> {
     let endpoints: Vec<String> = g
         .endpoints
         .iter()
@@ -172,7 +173,25 @@ pub fn builder(g: &Global) -> RegistryBuilder {
     if let (Some(user), Some(password)) = (&g.user, &g.password) {
         builder = builder.auth(user, password);
     }
-    builder
+    if let Some(tls) = tls_config(g)? {
+        builder = builder.tls(tls);
+    }
+    Ok(builder)
+}
+
+/// TLS settings from --cacert, --cert and --key; `None` when none is given.
+fn tls_config(g: &Global) -> CliResult<Option<etcd_registry::TlsConfig>> {
+    if g.cacert.is_none() && g.cert.is_none() {
+        return Ok(None);
+    }
+    let mut tls = etcd_registry::TlsConfig::new();
+    if let Some(ca) = &g.cacert {
+        tls = tls.ca_certificate_file(ca)?;
+    }
+    if let (Some(cert), Some(key)) = (&g.cert, &g.key) {
+        tls = tls.identity_files(cert, key)?;
+    }
+    Ok(Some(tls))
 }
 
 /// Closes the registry; the command's own error wins over a close error.
@@ -296,7 +315,10 @@ async fn watch(
             event = events.next() => event,
         };
         let Some(event) = event else {
-            return Err(CliError::msg("the watch ended: the registry was closed"));
+            return Err(match events.error() {
+                Some(e) => e.into(),
+                None => CliError::msg("the watch ended: the registry was closed"),
+            });
         };
         match &event {
             ServiceEvent::Snapshot(all) => {

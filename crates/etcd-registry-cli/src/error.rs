@@ -120,17 +120,33 @@ impl From<etcd_registry::Error> for CliError {
                 "auth" => {
                     Some("give both --user and --password (or ETCD_USER/ETCD_PASSWORD)".into())
                 }
+                "tls" => Some(
+                    "give readable PEM files to --cacert, --cert and --key \
+                     (or ETCD_CACERT/ETCD_CERT/ETCD_KEY)"
+                        .into(),
+                ),
                 _ => None,
             },
+            E::Connect { reason, .. } if reason.contains("TLS") => Some(
+                "the TLS handshake failed: check the CA certificate (--cacert), the client \
+                 certificate and key (--cert, --key) and that the server's certificate \
+                 names the host in --endpoints"
+                    .to_owned(),
+            ),
             E::Connect { .. } => Some(
                 "is etcd running there? Check --endpoints (or ETCD_ENDPOINTS), \
                  raise --dial-timeout, or start a local one with `etcd-registry dev`"
                     .to_owned(),
             ),
-            E::Timeout { .. } => Some("etcd is slow or unreachable; check its health".to_owned()),
-            E::Etcd { .. } if chain(&e).contains("authentication") => {
+            E::Auth { .. } => {
                 Some("check --user and --password (or ETCD_USER/ETCD_PASSWORD)".to_owned())
             }
+            E::PermissionDenied { .. } => Some(
+                "the etcd user's roles do not grant this; ask an etcd admin to grant the \
+                 user read-write on the namespace's keys, or use another --namespace"
+                    .to_owned(),
+            ),
+            E::Timeout { .. } => Some("etcd is slow or unreachable; check its health".to_owned()),
             _ => None,
         };
         if matches!(e, E::InvalidInput { .. }) {

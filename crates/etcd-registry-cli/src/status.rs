@@ -11,7 +11,7 @@ use crate::error::{CliError, CliResult};
 use crate::output::{columns, lease_hex, line};
 
 pub async fn status(g: &Global, json: bool) -> CliResult {
-    let endpoints = builder(g).endpoint_status().await?;
+    let endpoints = builder(g)?.endpoint_status().await?;
     let answered = endpoints.iter().any(|e| e.result.is_ok());
     if !json {
         for row in endpoint_table(&endpoints) {

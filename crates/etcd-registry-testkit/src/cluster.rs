@@ -96,6 +96,7 @@ impl EtcdCluster {
                 initial_cluster: initial_cluster.clone(),
                 cluster_token: token.clone(),
                 clustered: n > 1,
+                tls: None,
             })?);
         }
         // All members must be up before any can be healthy (quorum).

@@ -85,6 +85,10 @@ pub enum Error {
         message: String,
     },
 
+    /// A test certificate could not be made.
+    #[error("test certificate: {0}")]
+    Tls(String),
+
     /// A filesystem, socket or process operation failed.
     #[error(transparent)]
     Io(#[from] std::io::Error),

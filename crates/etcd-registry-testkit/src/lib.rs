@@ -26,6 +26,7 @@
 
 #![warn(missing_docs)]
 
+mod auth;
 mod bulk;
 mod cluster;
 mod error;
@@ -33,16 +34,19 @@ mod http;
 mod process;
 mod proxy;
 mod server;
+mod tls;
 mod wait;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
+pub use auth::ROOT_USER;
 pub use bulk::{MAX_TXN_OPS, put_batched};
 pub use cluster::EtcdCluster;
 pub use error::{Error, Result};
 pub use proxy::{Direction, FaultProxy, ProxyMode};
 pub use server::{EtcdServer, EtcdServerBuilder};
+pub use tls::{CertifiedKey, ServerTls, TestCa};
 pub use wait::{eventually, within};
 
 /// The etcd server shared by all tests of one test binary.

@@ -13,6 +13,7 @@ use nix::sys::signal::Signal;
 use tokio::time::Instant;
 
 use crate::process::{self, lock};
+use crate::tls::ServerTls;
 use crate::{Error, Result, http, unique_name};
 
 /// Lines of log included in start-up errors.
@@ -59,6 +60,9 @@ pub struct EtcdServer {
     cluster_token: String,
     /// Member of a cluster of more than one member (cannot be wiped alone).
     clustered: bool,
+    /// TLS on the client URL, and the plain-HTTP metrics port that the
+    /// testkit's health checks use instead of it.
+    tls: Option<(ServerTls, u16)>,
     dir: tempfile::TempDir,
     child: Mutex<Option<Child>>,
     paused: AtomicBool,
@@ -72,6 +76,7 @@ pub struct EtcdServerBuilder {
     args: Vec<String>,
     start_timeout: Duration,
     binary: Option<PathBuf>,
+    tls: Option<ServerTls>,
 }
 
 impl Default for EtcdServerBuilder {
@@ -81,6 +86,7 @@ impl Default for EtcdServerBuilder {
             args: Vec::new(),
             start_timeout: Duration::from_secs(10),
             binary: None,
+            tls: None,
         }
     }
 }
@@ -126,6 +132,21 @@ impl EtcdServerBuilder {
         self
     }
 
+    /// Serves clients over TLS (see [`ServerTls`] and [`TestCa`](crate::TestCa)).
+    /// Default: plain HTTP. [`EtcdServer::endpoint`] then says `https://`.
+    pub fn tls(mut self, tls: ServerTls) -> Self {
+        self.tls = Some(tls);
+        self
+    }
+
+    /// etcd's `--auth-token-ttl`: how long a simple auth token lives
+    /// unused, in whole seconds (at least 1). etcd's default is 300 s; a
+    /// short one makes token expiry happen inside a test.
+    pub fn auth_token_ttl(self, ttl: Duration) -> Self {
+        let secs = ttl.as_secs().max(1);
+        self.arg(format!("--auth-token-ttl={secs}"))
+    }
+
     /// Starts etcd on fresh loopback ports and waits until it serves requests.
     ///
     /// # Errors
@@ -141,6 +162,10 @@ impl EtcdServerBuilder {
             attempt += 1;
             let client_port = process::free_port()?;
             let peer_port = process::free_port()?;
+            let tls = match &self.tls {
+                Some(tls) => Some((tls.clone(), process::free_port()?)),
+                None => None,
+            };
             let initial_cluster = format!("{}={}", self.name, peer_url(peer_port));
             let server = EtcdServer::new(MemberSpec {
                 name: self.name.clone(),
@@ -152,6 +177,7 @@ impl EtcdServerBuilder {
                 initial_cluster,
                 cluster_token: unique_name("token"),
                 clustered: false,
+                tls,
             })?;
             server.spawn().await?;
             match server
@@ -188,6 +214,7 @@ pub(crate) struct MemberSpec {
     pub(crate) initial_cluster: String,
     pub(crate) cluster_token: String,
     pub(crate) clustered: bool,
+    pub(crate) tls: Option<(ServerTls, u16)>,
 }
 
 impl EtcdServer {
@@ -218,15 +245,32 @@ impl EtcdServer {
             initial_cluster: spec.initial_cluster,
             cluster_token: spec.cluster_token,
             clustered: spec.clustered,
+            tls: spec.tls,
             dir: process::temp_dir()?,
             child: Mutex::new(None),
             paused: AtomicBool::new(false),
         })
     }
 
-    /// The client URL, `http://127.0.0.1:PORT`. Stable across restarts.
+    /// The client URL, `http://127.0.0.1:PORT` (`https://` with TLS).
+    /// Stable across restarts.
     pub fn endpoint(&self) -> String {
-        format!("http://{}", self.client_addr())
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        format!("{scheme}://{}", self.client_addr())
+    }
+
+    /// The TLS settings, when the server serves clients over TLS.
+    pub fn tls(&self) -> Option<&ServerTls> {
+        self.tls.as_ref().map(|(tls, _)| tls)
+    }
+
+    /// Where `/health` and `/metrics` are served over plain HTTP: the client
+    /// port, or the metrics port when the client URL is TLS.
+    fn http_addr(&self) -> SocketAddr {
+        match &self.tls {
+            Some((_, metrics_port)) => SocketAddr::from((Ipv4Addr::LOCALHOST, *metrics_port)),
+            None => self.client_addr(),
+        }
     }
 
     /// The client URLs: just [`endpoint`](Self::endpoint).
@@ -287,7 +331,19 @@ impl EtcdServer {
     ///
     /// [`Error::Etcd`] if the client cannot be built.
     pub async fn client(&self) -> Result<etcd_client::Client> {
-        connect(&self.endpoints()).await
+        Ok(etcd_client::Client::connect(self.endpoints(), Some(self.connect_options())).await?)
+    }
+
+    /// The options of [`client`](Self::client): a connect timeout, and TLS
+    /// with the server's CA and the testkit's client certificate if any.
+    /// Add `with_user` to act as a user of an etcd with auth on.
+    pub fn connect_options(&self) -> etcd_client::ConnectOptions {
+        let options =
+            etcd_client::ConnectOptions::new().with_connect_timeout(Duration::from_secs(2));
+        match self.tls() {
+            Some(tls) => options.with_tls(tls.client_options()),
+            None => options,
+        }
     }
 
     /// The body of `GET /metrics` on the client URL (Prometheus text format).
@@ -297,10 +353,10 @@ impl EtcdServer {
     /// [`Error::Http`] on a non-200 status or a 5 s timeout, [`Error::Io`] if
     /// the connection fails.
     pub async fn metrics(&self) -> Result<String> {
-        let url = format!("{}/metrics", self.endpoint());
+        let url = format!("http://{}/metrics", self.http_addr());
         match tokio::time::timeout(
             Duration::from_secs(5),
-            http::get(self.client_addr(), "/metrics"),
+            http::get(self.http_addr(), "/metrics"),
         )
         .await
         {
@@ -368,6 +424,14 @@ impl EtcdServer {
             .env_remove("ETCDCTL_ENDPOINTS")
             .arg(format!("--endpoints={}", self.endpoint()))
             .kill_on_drop(true);
+        if let Some(tls) = self.tls() {
+            let file = |name: &str| self.dir.path().join(name).display().to_string();
+            cmd.arg(format!("--cacert={}", file("ca.crt")));
+            if tls.client().is_some() {
+                cmd.arg(format!("--cert={}", file("client.crt")))
+                    .arg(format!("--key={}", file("client.key")));
+            }
+        }
         cmd
     }
 
@@ -543,7 +607,7 @@ impl EtcdServer {
 
     /// Launches the process (does not wait for health).
     pub(crate) async fn spawn(&self) -> Result<()> {
-        let client_url = format!("http://{}", self.client_addr());
+        let client_url = self.endpoint();
         let peer = peer_url(self.peer_port);
         let mut args = vec![
             format!("--name={}", self.name),
@@ -558,6 +622,12 @@ impl EtcdServer {
             "--logger=zap".to_string(),
             "--log-outputs=stderr".to_string(),
         ];
+        if let Some((tls, metrics_port)) = &self.tls {
+            args.extend(tls.write_args(self.dir.path())?);
+            args.push(format!(
+                "--listen-metrics-urls=http://127.0.0.1:{metrics_port}"
+            ));
+        }
         args.extend(self.extra_args.iter().cloned());
 
         let mut log = OpenOptions::new()
@@ -615,7 +685,7 @@ impl EtcdServer {
             let attempt = deadline
                 .saturating_duration_since(Instant::now())
                 .min(Duration::from_secs(1));
-            match tokio::time::timeout(attempt, http::get(self.client_addr(), "/health")).await {
+            match tokio::time::timeout(attempt, http::get(self.http_addr(), "/health")).await {
                 Ok(Ok((200, body))) if body.contains(r#""health":"true""#) => {
                     tracing::debug!(name = %self.name, endpoint = %self.endpoint(), "etcd healthy");
                     return Ok(());

@@ -76,6 +76,8 @@ pub(crate) struct Shared {
     version: watch::Sender<Version>,
     turn: AtomicUsize,
     errors: Arc<std::sync::atomic::AtomicU64>,
+    /// Set when etcd's RBAC refused the watch behind the cache.
+    denied: Arc<std::sync::OnceLock<(&'static str, String)>>,
     service: Option<String>,
     /// Stops the feeding task when the last handle goes; the task owns the
     /// watch, so that drops the etcd watch stream.
@@ -135,7 +137,8 @@ impl Registry {
     /// registry. Until the first snapshot can be read it keeps retrying (see
     /// [`ServiceWatch`](crate::ServiceWatch)); wrap the call in a timeout to
     /// bound the wait. Fails with [`Error::InvalidInput`] for an invalid name
-    /// and with [`Error::Closed`] once the registry is closed.
+    /// with [`Error::PermissionDenied`] when etcd's RBAC refuses this user
+    /// the service's keys, and with [`Error::Closed`] once the registry is closed.
     ///
     /// Cancel safety: dropping the future loses nothing; the shared watch
     /// stops if no other handle holds it.
@@ -174,7 +177,7 @@ impl ServiceCache {
         };
         match ready {
             Ok(true) => Ok(Self { shared }),
-            _ => Err(Error::Closed),
+            _ => Err(crate::watch::denied_error(&shared.denied).unwrap_or(Error::Closed)),
         }
     }
 
@@ -293,6 +296,7 @@ impl Shared {
             version: watch::Sender::new(Version::default()),
             turn: AtomicUsize::new(0),
             errors: feed.errors.clone(),
+            denied: feed.denied.clone(),
             service,
             _stop: stop.clone().drop_guard(),
         });

@@ -4,6 +4,24 @@ use std::time::Duration;
 
 use crate::error::{Error, Result};
 use crate::registry::Registry;
+#[cfg(feature = "tls")]
+use crate::tls::TlsConfig;
+
+/// An etcd user name and password. `Debug` shows the user, never the password.
+#[derive(Clone)]
+pub(crate) struct Credentials {
+    pub(crate) user: String,
+    pub(crate) password: String,
+}
+
+impl std::fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Credentials")
+            .field("user", &self.user)
+            .field("password", &"<redacted>")
+            .finish()
+    }
+}
 
 /// Default namespace, as in the Go library.
 pub const DEFAULT_NAMESPACE: &str = "default";
@@ -43,10 +61,10 @@ pub struct Config {
     pub(crate) ttl: Duration,
     pub(crate) dial_timeout: Duration,
     pub(crate) request_timeout: Duration,
-    pub(crate) auth: Option<(String, String)>,
+    pub(crate) auth: Option<Credentials>,
     pub(crate) keep_alive: Option<(Duration, Duration)>,
     #[cfg(feature = "tls")]
-    pub(crate) tls: Option<etcd_client::TlsOptions>,
+    pub(crate) tls: Option<TlsConfig>,
 }
 
 impl Config {
@@ -94,10 +112,10 @@ pub struct RegistryBuilder {
     ttl: Duration,
     dial_timeout: Duration,
     request_timeout: Duration,
-    auth: Option<(String, String)>,
+    auth: Option<Credentials>,
     keep_alive: Option<(Duration, Duration)>,
     #[cfg(feature = "tls")]
-    tls: Option<etcd_client::TlsOptions>,
+    tls: Option<TlsConfig>,
 }
 
 impl Default for RegistryBuilder {
@@ -204,14 +222,31 @@ impl RegistryBuilder {
     }
 
     /// etcd user name and password. Default: no authentication.
+    ///
+    /// `connect` fails with [`Error::Auth`] naming the user if etcd refuses
+    /// them. Tokens are renewed on their own when etcd expires them
+    /// (`--auth-token-ttl`). The password never appears in `Debug` output,
+    /// logs or errors.
     pub fn auth(mut self, user: impl Into<String>, password: impl Into<String>) -> Self {
-        self.auth = Some((user.into(), password.into()));
+        self.auth = Some(Credentials {
+            user: user.into(),
+            password: password.into(),
+        });
         self
     }
 
-    /// TLS options for `https://` endpoints (cargo feature `tls`).
+    /// TLS settings (cargo feature `tls`, on by default): the CA, a client
+    /// certificate for mutual TLS, the server name. Default: none, and then
+    /// `https://` endpoints trust the system's roots while `host:port` and
+    /// `http://` endpoints are plain text. With a `TlsConfig`, `host:port`
+    /// endpoints use TLS and `http://` ones are refused with
+    /// [`Error::InvalidInput`] naming the endpoint.
+    ///
+    /// A failed handshake (unknown CA, a certificate for another name, a
+    /// refused client certificate) makes `connect` fail with
+    /// [`Error::Connect`] saying TLS and why, per endpoint.
     #[cfg(feature = "tls")]
-    pub fn tls(mut self, tls: etcd_client::TlsOptions) -> Self {
+    pub fn tls(mut self, tls: TlsConfig) -> Self {
         self.tls = Some(tls);
         self
     }
@@ -270,11 +305,12 @@ impl RegistryBuilder {
                 ));
             }
         }
-        if let Some((user, _)) = &self.auth
-            && user.is_empty()
+        if let Some(c) = &self.auth
+            && c.user.is_empty()
         {
             return Err(Error::invalid("auth", "the user name is empty"));
         }
+        self.validate_tls()?;
         Ok(Config {
             endpoints: self.endpoints.clone(),
             namespace: self.namespace.clone(),
@@ -296,6 +332,40 @@ impl RegistryBuilder {
     pub async fn connect(self) -> Result<Registry> {
         let config = self.build_config()?;
         Registry::connect_with(config).await
+    }
+}
+
+impl RegistryBuilder {
+    /// The endpoints' schemes must agree with the TLS settings.
+    fn validate_tls(&self) -> Result<()> {
+        #[cfg(feature = "tls")]
+        if let Some(tls) = &self.tls {
+            tls.validate()?;
+            if let Some(e) = self.endpoints.iter().find(|e| e.starts_with("http://")) {
+                return Err(Error::invalid(
+                    "endpoints",
+                    format!(
+                        "{e} is plain http:// but a TLS config is set; use https://{}",
+                        &e[7..]
+                    ),
+                ));
+            }
+        } else if self.endpoints.iter().any(|e| e.starts_with("https://"))
+            && let Some(e) = self.endpoints.iter().find(|e| e.starts_with("http://"))
+        {
+            return Err(Error::invalid(
+                "endpoints",
+                format!("{e} is plain http:// while others are https://; use one scheme"),
+            ));
+        }
+        #[cfg(not(feature = "tls"))]
+        if let Some(e) = self.endpoints.iter().find(|e| e.starts_with("https://")) {
+            return Err(Error::invalid(
+                "endpoints",
+                format!("{e} needs TLS, which this build lacks (cargo feature `tls`)"),
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -327,6 +397,36 @@ mod tests {
         let (two, ten) = (Duration::from_secs(2), Duration::from_secs(10));
         assert_eq!(field(b().keep_alive(two, ten)), "keep_alive");
         assert_eq!(field(b().keep_alive(ten, Duration::ZERO)), "keep_alive");
+    }
+
+    #[test]
+    fn debug_never_shows_the_password() {
+        let b = RegistryBuilder::default().auth("alice", "s3cret-pw");
+        let config = b.build_config().unwrap();
+        for text in [format!("{b:?}"), format!("{config:?}")] {
+            assert!(!text.contains("s3cret-pw"), "{text}");
+            assert!(text.contains("alice"), "{text}");
+        }
+    }
+
+    #[cfg(feature = "tls")]
+    #[test]
+    fn tls_with_a_plain_http_endpoint_names_the_endpoint() {
+        let pem = "-----BEGIN CERTIFICATE-----\n";
+        let b = RegistryBuilder::default()
+            .endpoints(["https://127.0.0.1:2379", "http://127.0.0.1:22379"])
+            .tls(TlsConfig::new().ca_certificate(pem));
+        match b.build_config() {
+            Err(Error::InvalidInput { field, reason }) => {
+                assert_eq!(field, "endpoints");
+                assert!(reason.contains("http://127.0.0.1:22379"), "{reason}");
+            }
+            other => panic!("expected InvalidInput, got {other:?}"),
+        }
+        let ok = RegistryBuilder::default()
+            .endpoints(["127.0.0.1:2379"])
+            .tls(TlsConfig::new().ca_certificate(pem));
+        assert!(ok.build_config().is_ok());
     }
 
     #[test]

@@ -7,7 +7,7 @@ use std::time::Duration;
 use etcd_client::{Client, ConnectOptions, StatusResponse};
 
 use crate::config::Config;
-use crate::error::{Error, Result, is_transient};
+use crate::error::{Error, Result, is_auth_failed, is_transient};
 
 /// How many times an idempotent request is tried. tonic's balancer may send a
 /// request to a dead endpoint, which then fails instead of failing over.
@@ -29,21 +29,29 @@ impl Conn {
         let probes = config.endpoints.iter().map(|ep| {
             let options = options.clone();
             async move {
-                probe(ep, options, config.dial_timeout)
+                probe_typed(ep, options, config.dial_timeout, uses_tls(config, ep))
                     .await
                     .map(|_| ep.clone())
-                    .map_err(|e| format!("{ep}: {e}"))
+                    .map_err(|p| match p {
+                        Probe::Failed(reason) => Probe::Failed(format!("{ep}: {reason}")),
+                        auth => auth,
+                    })
             }
         });
         let results = futures::future::join_all(probes).await;
         let (live, dead): (Vec<_>, Vec<_>) = results.into_iter().partition(|r| r.is_ok());
         let live: Vec<String> = live.into_iter().filter_map(|r| r.ok()).collect();
         if live.is_empty() {
-            let reason = dead
-                .into_iter()
-                .filter_map(|r| r.err())
-                .collect::<Vec<_>>()
-                .join("; ");
+            let mut reasons = Vec::new();
+            for probe in dead.into_iter().filter_map(|r| r.err()) {
+                match probe {
+                    // One endpoint that refused the credentials is proof enough:
+                    // every member shares the same users.
+                    Probe::Auth(reason) => return Err(auth_error(config, reason)),
+                    Probe::Failed(reason) => reasons.push(reason),
+                }
+            }
+            let reason = reasons.join("; ");
             return Err(Error::Connect {
                 endpoints: config.endpoints.clone(),
                 timeout: config.dial_timeout,
@@ -58,7 +66,13 @@ impl Conn {
                     timeout: config.dial_timeout,
                     reason: "connecting to the live endpoints timed out".into(),
                 })?
-                .map_err(|e| Error::etcd("connect", e))?;
+                .map_err(|e| {
+                    if is_auth_failed(&e) {
+                        auth_error(config, e.to_string())
+                    } else {
+                        Error::etcd("connect", e)
+                    }
+                })?;
         for ep in config.endpoints.iter().filter(|e| !live.contains(e)) {
             if let Err(error) = client.add_endpoint(ep).await {
                 tracing::warn!(endpoint = %ep, %error, "could not add an unreachable endpoint");
@@ -97,6 +111,16 @@ impl Conn {
         }
     }
 
+    /// [`retry`](Self::retry) for a request on `key` (or the range under
+    /// it): an RBAC refusal names it in [`Error::PermissionDenied`].
+    pub(crate) async fn retry_on<T, F, Fut>(&self, op: &'static str, key: &str, f: F) -> Result<T>
+    where
+        F: FnMut(Client) -> Fut,
+        Fut: Future<Output = Result<T, etcd_client::Error>>,
+    {
+        self.retry(op, f).await.map_err(|e| e.on_key(key))
+    }
+
     /// Runs an idempotent request, retrying transient failures a few times.
     pub(crate) async fn retry<T, F, Fut>(&self, op: &'static str, mut f: F) -> Result<T>
     where
@@ -127,14 +151,34 @@ pub(crate) async fn probe(
     options: ConnectOptions,
     dial_timeout: Duration,
 ) -> std::result::Result<StatusResponse, String> {
+    // TLS is in use exactly when the options carry it; a `https://` endpoint
+    // always does, so that is the cheap tell here.
+    let tls = endpoint.starts_with("https://");
+    probe_typed(endpoint, options, dial_timeout, tls)
+        .await
+        .map_err(|p| match p {
+            Probe::Auth(reason) => format!("authentication failed: {reason}"),
+            Probe::Failed(reason) => reason,
+        })
+}
+
+/// [`probe`] that tells a refused user or password apart, and describes
+/// other failures with their whole cause (TLS failures labelled as such).
+async fn probe_typed(
+    endpoint: &str,
+    options: ConnectOptions,
+    dial_timeout: Duration,
+    tls: bool,
+) -> std::result::Result<StatusResponse, Probe> {
     let attempt = async {
         let mut c = Client::connect([endpoint], Some(options)).await?;
         c.status().await
     };
     match tokio::time::timeout(dial_timeout, attempt).await {
         Ok(Ok(status)) => Ok(status),
-        Ok(Err(e)) => Err(e.to_string()),
-        Err(_) => Err(format!("no answer within {dial_timeout:?}")),
+        Ok(Err(e)) if is_auth_failed(&e) => Err(Probe::Auth(e.to_string())),
+        Ok(Err(e)) => Err(Probe::Failed(describe_connect_error(&e, tls))),
+        Err(_) => Err(Probe::Failed(format!("no answer within {dial_timeout:?}"))),
     }
 }
 
@@ -152,18 +196,115 @@ pub(crate) fn connect_options(config: &Config) -> ConnectOptions {
             .with_keep_alive(interval, timeout)
             .with_keep_alive_while_idle(false);
     }
-    if let Some((user, password)) = &config.auth {
+    if let Some(c) = &config.auth {
         // etcd's auth tokens expire (simple tokens after 5 idle minutes by
         // default); a long-lived registry must re-authenticate on its own.
         options = options
-            .with_user(user.clone(), password.clone())
+            .with_user(c.user.clone(), c.password.clone())
             .with_auto_token_refresh(true);
     }
     #[cfg(feature = "tls")]
     if let Some(tls) = &config.tls {
-        options = options.with_tls(tls.clone());
+        options = options.with_tls(tls.to_options());
+    } else if config.endpoints.iter().any(|e| e.starts_with("https://")) {
+        // etcd-client would use an empty root store; trust the system's, as
+        // etcdctl and browsers do.
+        options = options.with_tls(crate::tls::TlsConfig::new().to_options());
     }
     options
+}
+
+/// How one endpoint's probe at connect failed.
+enum Probe {
+    /// etcd refused the user name or password (etcd's answer).
+    Auth(String),
+    /// Anything else, described with the endpoint.
+    Failed(String),
+}
+
+fn auth_error(config: &Config, reason: String) -> Error {
+    Error::Auth {
+        user: config
+            .auth
+            .as_ref()
+            .map(|c| c.user.clone())
+            .unwrap_or_default(),
+        reason,
+    }
+}
+
+/// The whole chain of a connect failure: tonic's transport error says only
+/// "transport error", and the cause (a refused TLS handshake, a refused
+/// connection) is several sources down. A TLS failure is labelled as such,
+/// with a hint at what to check.
+fn describe_connect_error(e: &etcd_client::Error, tls: bool) -> String {
+    let mut parts = vec![e.to_string()];
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        let text = s.to_string();
+        if !parts.iter().any(|p| p.contains(&text)) {
+            parts.push(text);
+        }
+        source = s.source();
+    }
+    let detail = parts.join(": ");
+    match tls_hint(&detail, tls) {
+        Some(hint) => format!("TLS handshake failed ({hint}): {detail}"),
+        None => detail,
+    }
+}
+
+/// Whether `endpoint` is reached over TLS with these settings.
+fn uses_tls(config: &Config, endpoint: &str) -> bool {
+    #[cfg(feature = "tls")]
+    if config.tls.is_some() {
+        return !endpoint.starts_with("http://");
+    }
+    let _ = config;
+    endpoint.starts_with("https://")
+}
+
+/// What to check for a TLS failure described by `detail`, or `None` when it
+/// is no TLS failure.
+fn tls_hint(detail: &str, tls: bool) -> Option<&'static str> {
+    let d = detail.to_ascii_lowercase();
+    // etcd refuses a missing or untrusted client certificate after the
+    // client has finished its side of a TLS 1.3 handshake: the client then
+    // sees the alert, or, when its first request raced the alert, only a
+    // closed connection. A refused TCP connection reads differently.
+    let closed_after_handshake = tls
+        && [
+            "broken pipe",
+            "connection closed",
+            "connection reset",
+            "operation was canceled",
+        ]
+        .iter()
+        .any(|m| d.contains(m));
+    if d.contains("unknownissuer") || d.contains("unknown issuer") || d.contains("unknown ca") {
+        Some("the server's certificate is not signed by a trusted CA; check the CA certificate")
+    } else if d.contains("notvalidforname") || d.contains("not valid for name") {
+        Some(
+            "the server's certificate is for another name; check the endpoint's host or the TLS domain name",
+        )
+    } else if closed_after_handshake
+        || d.contains("certificaterequired")
+        || d.contains("certificate required")
+        || d.contains("badcertificate")
+        || d.contains("bad certificate")
+    {
+        Some(
+            "the server refused the client certificate or none was given (or it closed the connection during the handshake); check the client certificate and key",
+        )
+    } else if d.contains("certificate")
+        || d.contains("tls")
+        || d.contains("handshake")
+        || d.contains("alert")
+    {
+        Some("check the CA, the client certificate and the server name")
+    } else {
+        None
+    }
 }
 
 /// Why a [`Watch`] stopped.
@@ -218,6 +359,8 @@ fn watch_error(reason: impl Into<String>) -> Error {
 pub(crate) struct Watch {
     requests: etcd_client::WatchRequestSender,
     responses: etcd_client::WatchResponseStream,
+    /// The first key watched, to name it when etcd's RBAC refuses the watch.
+    key: String,
 }
 
 impl Conn {
@@ -229,6 +372,8 @@ impl Conn {
         prefix: bool,
         from: i64,
     ) -> Result<Watch, WatchEnd> {
+        let key = key.into();
+        let name = String::from_utf8_lossy(&key).into_owned();
         let options = watch_options(prefix, from);
         let mut client = self.client();
         let stream = tokio::time::timeout(self.request_timeout, client.watch(key, Some(options)))
@@ -239,11 +384,12 @@ impl Conn {
                     after: self.request_timeout,
                 })
             })?
-            .map_err(|e| WatchEnd::Broken(Error::etcd("watch", e)))?;
+            .map_err(|e| WatchEnd::Broken(Error::etcd("watch", e).on_key(&name)))?;
         let (requests, responses) = stream.split();
         Ok(Watch {
             requests,
             responses,
+            key: name,
         })
     }
 }
@@ -257,7 +403,7 @@ impl Watch {
             .responses
             .message()
             .await
-            .map_err(|e| WatchEnd::Broken(Error::etcd("watch", e)))?
+            .map_err(|e| WatchEnd::Broken(Error::etcd("watch", e).on_key(&self.key)))?
             .ok_or_else(|| WatchEnd::Broken(watch_error("stream ended")))?;
         if resp.canceled() {
             return Err(if resp.compact_revision() > 0 {
@@ -265,10 +411,8 @@ impl Watch {
                     compact_revision: resp.compact_revision(),
                 }
             } else {
-                WatchEnd::Broken(watch_error(format!(
-                    "cancelled by etcd: {}",
-                    resp.cancel_reason()
-                )))
+                let reason = format!("cancelled by etcd: {}", resp.cancel_reason());
+                WatchEnd::Broken(watch_error(reason).on_key(&self.key))
             });
         }
         Ok(resp)
@@ -441,7 +585,7 @@ impl Conn {
                         options = options.with_keys_only();
                     }
                     let result = self
-                        .retry(op, |c| {
+                        .retry_on(op, prefix, |c| {
                             let (from, options) = (from.clone(), options.clone());
                             let mut kv = c.kv_client().max_decoding_message_size(READ_DECODE_LIMIT);
                             async move { kv.get(from, Some(options)).await }

@@ -206,7 +206,7 @@ impl Election {
             .queue
             .inner
             .conn
-            .retry("get", |mut c| {
+            .retry_on("get", &prefix, |mut c| {
                 let prefix = prefix.clone();
                 let options = GetOptions::new()
                     .with_prefix()

@@ -19,7 +19,10 @@ pub enum Error {
         reason: String,
     },
 
-    /// No endpoint answered within the dial timeout.
+    /// No endpoint answered within the dial timeout. The reason says, per
+    /// endpoint, what went wrong; a failed TLS handshake (unknown CA, a
+    /// certificate for another name, a missing or refused client
+    /// certificate) says `TLS` and why.
     #[error("could not reach etcd at any of [{}] within {timeout:?} ({reason})", endpoints.join(", "))]
     Connect {
         /// Every endpoint that was tried.
@@ -28,6 +31,27 @@ pub enum Error {
         timeout: Duration,
         /// What the last attempt reported.
         reason: String,
+    },
+
+    /// etcd refused the user name or password at `connect`. The message
+    /// names the user, never the password.
+    #[error("authentication failed for etcd user {user:?}: {reason}")]
+    Auth {
+        /// The user name that was refused.
+        user: String,
+        /// What etcd answered.
+        reason: String,
+    },
+
+    /// etcd's RBAC refused the operation: the user's roles do not grant it
+    /// on the key (or range of keys). Nothing was written.
+    #[error("permission denied: etcd refused {op}{} for this user", on_key(key))]
+    PermissionDenied {
+        /// The operation that was refused, e.g. `put`, `get`, `watch`, `campaign`.
+        op: &'static str,
+        /// The key, or the prefix of the range, it was refused on (empty when
+        /// the request names no key, as a lease revoke).
+        key: String,
     },
 
     /// An etcd request failed.
@@ -79,8 +103,26 @@ impl Error {
         }
     }
 
+    /// An etcd failure; RBAC refusals become [`Error::PermissionDenied`]
+    /// (without a key: see [`Error::on_key`]).
     pub(crate) fn etcd(op: &'static str, source: etcd_client::Error) -> Self {
+        if is_permission_denied(&source) {
+            return Error::PermissionDenied {
+                op,
+                key: String::new(),
+            };
+        }
         Error::Etcd { op, source }
+    }
+
+    /// Names the key of a [`Error::PermissionDenied`] that has none yet.
+    pub(crate) fn on_key(mut self, k: &str) -> Self {
+        if let Error::PermissionDenied { key, .. } = &mut self
+            && key.is_empty()
+        {
+            k.clone_into(key);
+        }
+        self
     }
 
     /// True for failures that may pass: a timeout, or a transport-level etcd error.
@@ -99,6 +141,29 @@ impl Error {
             _ => false,
         }
     }
+}
+
+fn on_key(key: &str) -> String {
+    if key.is_empty() {
+        String::new()
+    } else {
+        format!(" on {key:?}")
+    }
+}
+
+/// etcd's RBAC refusal: `PermissionDenied` on unary requests; a watch is
+/// cancelled with the same text as its reason.
+pub(crate) fn is_permission_denied(e: &etcd_client::Error) -> bool {
+    match e {
+        etcd_client::Error::GRpcStatus(s) => s.code() == tonic::Code::PermissionDenied,
+        etcd_client::Error::WatchError(m) => m.contains("permission denied"),
+        _ => false,
+    }
+}
+
+/// etcd's answer to a wrong user name or password.
+pub(crate) fn is_auth_failed(e: &etcd_client::Error) -> bool {
+    matches!(e, etcd_client::Error::GRpcStatus(s) if s.message().contains("authentication failed"))
 }
 
 /// etcd says "requested lease not found" on requests that attach a lease;

@@ -78,6 +78,8 @@ mod queue;
 mod registry;
 mod session;
 mod status;
+#[cfg(feature = "tls")]
+mod tls;
 mod watch;
 
 #[cfg(feature = "tower")]
@@ -96,6 +98,8 @@ pub use queue::LostReason;
 pub use registry::{Registration, Registry};
 pub use session::RegistryState;
 pub use status::{ElectionSummary, EndpointStatus, MemberStatus};
+#[cfg(feature = "tls")]
+pub use tls::TlsConfig;
 pub use watch::{ServiceEvent, ServiceWatch};
 
 /// The README's code is compiled as a doc test, so it stays true.

@@ -108,6 +108,14 @@ pub(crate) enum Kind {
 }
 
 impl Kind {
+    /// The operation named in errors when a candidate key is written.
+    fn join_op(self) -> &'static str {
+        match self {
+            Kind::Election => "campaign",
+            Kind::Lock => "lock acquire",
+        }
+    }
+
     fn noun(self) -> &'static str {
         match self {
             Kind::Election => "election",
@@ -328,7 +336,7 @@ impl Member {
         let inner = &self.queue.inner;
         let key = &self.key;
         let resp = persist(inner, "check the queue key", || {
-            inner.conn.retry("get", |mut c| {
+            inner.conn.retry_on("get", key, |mut c| {
                 let key = key.clone();
                 async move { c.get(key, None).await }
             })
@@ -751,7 +759,7 @@ async fn create_key(
 ) -> Result<i64> {
     let resp = inner
         .conn
-        .retry("campaign", |mut c| {
+        .retry_on(kind.join_op(), key, |mut c| {
             let txn = Txn::new()
                 .when([Compare::create_revision(key, CompareOp::Equal, 0)])
                 .and_then([TxnOp::put(
@@ -778,7 +786,7 @@ async fn create_key(
     if kv.value() != value.as_slice() {
         let resp = inner
             .conn
-            .retry("campaign", |mut c| {
+            .retry_on(kind.join_op(), key, |mut c| {
                 let txn = Txn::new()
                     .when([Compare::create_revision(key, CompareOp::Equal, token)])
                     .and_then([TxnOp::put(
@@ -877,7 +885,7 @@ async fn lease_lost(mut leases: watch::Receiver<Option<Lease>>, lease_id: i64) -
 async fn predecessor(inner: &Inner, prefix: &str, my_rev: i64) -> Result<Option<(Vec<u8>, i64)>> {
     let resp = inner
         .conn
-        .retry("get", |mut c| {
+        .retry_on("get", prefix, |mut c| {
             let options = GetOptions::new()
                 .with_prefix()
                 .with_max_create_revision(my_rev - 1)

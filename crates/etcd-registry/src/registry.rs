@@ -235,7 +235,7 @@ impl Registry {
         let resp = self
             .inner
             .conn
-            .retry("delete", |mut c| {
+            .retry_on("delete", &key, |mut c| {
                 let key = key.clone();
                 async move { c.delete(key, None).await }
             })
@@ -253,7 +253,7 @@ impl Registry {
         let resp = self
             .inner
             .conn
-            .retry("delete", |mut c| {
+            .retry_on("delete", &prefix, |mut c| {
                 let prefix = prefix.clone();
                 async move {
                     c.delete(prefix, Some(DeleteOptions::new().with_prefix()))
@@ -342,7 +342,7 @@ impl Inner {
             // The write holds no lock, so concurrent registrations go out in parallel.
             let result = self
                 .conn
-                .retry("put", |mut c| {
+                .retry_on("put", key, |mut c| {
                     let (key, value) = (key.to_owned(), value.clone());
                     let options = PutOptions::new().with_lease(lease.id).with_prev_key();
                     async move { c.put(key, value, Some(options)).await }
@@ -508,7 +508,7 @@ impl Inner {
         let value = entry.value.clone();
         let resp = self
             .conn
-            .retry("restore", |mut c| {
+            .retry_on("restore", key, |mut c| {
                 let txn = Txn::new()
                     .when([Compare::mod_revision(key, CompareOp::Equal, observed)])
                     .and_then([TxnOp::put(

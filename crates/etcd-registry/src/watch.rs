@@ -30,8 +30,8 @@
 
 use std::collections::{BTreeMap, VecDeque};
 use std::pin::Pin;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -112,7 +112,11 @@ const CHANNEL_BATCHES: usize = 16;
 ///   compactions, stale streams) are logged through `tracing` with the
 ///   service and revision, retried with capped exponential backoff (100 ms
 ///   to 5 s, with jitter), and counted: see [`errors`](Self::errors).
-/// * **Ending.** The stream ends (yields `None`) only when the registry is
+/// * **Permission denied.** When etcd's RBAC refuses this user the read or
+///   the watch of the prefix, the stream ends (yields `None`) and
+///   [`error`](ServiceWatch::error) returns [`Error::PermissionDenied`]:
+///   retrying would not help until an administrator grants access.
+/// * **Ending.** Otherwise the stream ends (yields `None`) only when the registry is
 ///   closed or dropped. Dropping the `ServiceWatch` stops its task and
 ///   cancels its etcd watch.
 ///
@@ -162,6 +166,13 @@ impl ServiceWatch {
     /// is also logged through `tracing` with a warning.
     pub fn errors(&self) -> u64 {
         self.feed.errors.load(Ordering::Relaxed)
+    }
+
+    /// Why the stream ended, if it ended for another reason than the
+    /// registry closing: [`Error::PermissionDenied`] when etcd's RBAC refused
+    /// the read or the watch. `None` while the stream is live.
+    pub fn error(&self) -> Option<Error> {
+        self.feed.denied()
     }
 }
 
@@ -248,6 +259,8 @@ pub(crate) struct Batch {
 pub(crate) struct Feed {
     pub(crate) rx: mpsc::Receiver<Batch>,
     pub(crate) errors: Arc<AtomicU64>,
+    /// Set when etcd's RBAC refused the watch, which then ended.
+    pub(crate) denied: Arc<OnceLock<(&'static str, String)>>,
     service: String,
     task: JoinHandle<()>,
 }
@@ -265,7 +278,9 @@ impl Feed {
         let service = name.unwrap_or("*").to_owned();
         let (tx, rx) = mpsc::channel(CHANNEL_BATCHES);
         let errors = Arc::new(AtomicU64::new(0));
+        let denied = Arc::new(OnceLock::new());
         let watcher = Watcher {
+            denied: denied.clone(),
             inner: inner.clone(),
             prefix,
             service: service.clone(),
@@ -281,10 +296,24 @@ impl Feed {
         Ok(Self {
             rx,
             errors,
+            denied,
             service,
             task,
         })
     }
+
+    /// The RBAC refusal that ended the watch, if any.
+    pub(crate) fn denied(&self) -> Option<Error> {
+        denied_error(&self.denied)
+    }
+}
+
+/// The [`Error::PermissionDenied`] recorded in `slot`, if any.
+pub(crate) fn denied_error(slot: &OnceLock<(&'static str, String)>) -> Option<Error> {
+    slot.get().map(|(op, key)| Error::PermissionDenied {
+        op,
+        key: key.clone(),
+    })
 }
 
 impl Drop for Feed {
@@ -323,6 +352,18 @@ enum Next {
     Retry(State, String),
     /// The registry closed or the consumer went away.
     Stop,
+    /// etcd's RBAC refused the read or the watch: retrying cannot help.
+    Denied(&'static str, String),
+}
+
+impl Next {
+    /// A failed step: an RBAC refusal ends the watch, anything else is retried.
+    fn failed(state: State, e: Error, context: &str) -> Next {
+        match e {
+            Error::PermissionDenied { op, key } => Next::Denied(op, key),
+            e => Next::Retry(state, format!("{context}{e}")),
+        }
+    }
 }
 
 struct Watcher {
@@ -332,6 +373,7 @@ struct Watcher {
     service: String,
     tx: mpsc::Sender<Batch>,
     errors: Arc<AtomicU64>,
+    denied: Arc<OnceLock<(&'static str, String)>>,
     cancel: CancellationToken,
     /// What the consumer has seen, by key, as of `revision`.
     seen: BTreeMap<Vec<u8>, Seen>,
@@ -366,6 +408,15 @@ impl Watcher {
                     state = s;
                 }
                 Next::Stop => return,
+                Next::Denied(op, key) => {
+                    self.errors.fetch_add(1, Ordering::Relaxed);
+                    tracing::error!(
+                        service = %self.service, op, key = %key,
+                        "etcd refused this user the watch (permission denied); the watch ends"
+                    );
+                    let _ = self.denied.set((op, key));
+                    return;
+                }
             }
             tracing::debug!(service = %self.service, revision = self.revision, ?state, "watch state");
         }
@@ -461,7 +512,7 @@ impl Watcher {
             value: fresh,
         } = match self.cancellable(read).await {
             None => return Next::Stop,
-            Some(Err(e)) => return Next::Retry(State::Listing, e.to_string()),
+            Some(Err(e)) => return Next::failed(State::Listing, e, ""),
             Some(Ok(read)) => read,
         };
         if self.listed && (revision < self.revision || cluster_id != self.cluster_id) {
@@ -514,7 +565,7 @@ impl Watcher {
             value: (consistent, present),
         } = match self.cancellable(read).await {
             None => return Next::Stop,
-            Some(Err(e)) => return Next::Retry(State::Resuming, e.to_string()),
+            Some(Err(e)) => return Next::failed(State::Resuming, e, ""),
             Some(Ok(read)) => read,
         };
         if !self.same_cluster(cluster_id) {
@@ -568,7 +619,7 @@ impl Watcher {
                     from: self.revision + 1,
                 });
             }
-            Some(Err(e)) => return Next::Retry(State::Resuming, e.to_string()),
+            Some(Err(e)) => return Next::failed(State::Resuming, e, ""),
         };
         if !same || count != self.seen.len() {
             tracing::warn!(
@@ -590,7 +641,7 @@ impl Watcher {
         {
             None => return Next::Stop,
             Some(Err(end)) => {
-                return Next::Retry(State::Resuming, format!("opening the watch failed: {end}"));
+                return Next::failed(State::Resuming, end.into(), "opening the watch failed: ");
             }
             Some(Ok(watch)) => watch,
         };
@@ -622,7 +673,7 @@ impl Watcher {
                     return Next::Go(State::Listing);
                 }
                 Err(WatchEnd::Broken(e)) => {
-                    return Next::Retry(State::Resuming, format!("watch stream failed: {e}"));
+                    return Next::failed(State::Resuming, e, "watch stream failed: ");
                 }
             };
             heard = Instant::now();
