@@ -468,6 +468,47 @@ async fn single_changes_to_a_cache_of_100k_are_seen_and_instances_stay_consisten
         took / ADDS as u32
     );
 
+    // The first read after a change rebuilds the list from pointers; the
+    // next ones share it.
+    let start = Instant::now();
+    let rebuilt = cache.instances();
+    let first_read = start.elapsed();
+    let start = Instant::now();
+    let again = cache.instances();
+    eprintln!(
+        "instances() of {}: {first_read:?} for the first read after a change, {:?} for the next",
+        rebuilt.len(),
+        start.elapsed()
+    );
+    assert_eq!(again.len(), TOTAL + ADDS);
+
+    // Readers on another task all along: every list they get is one sorted
+    // set of a size the writes below allow, and picks always answer.
+    let stop = Arc::new(AtomicBool::new(false));
+    let reader = {
+        let (cache, stop) = (cache.clone(), stop.clone());
+        tokio::spawn(async move {
+            let mut reads = 0u32;
+            while !stop.load(Ordering::SeqCst) && reads < 100_000 {
+                let len = cache.instances().len();
+                assert!(
+                    (TOTAL + ADDS - ADDS / 4..=TOTAL + ADDS).contains(&len),
+                    "instances() has {len}"
+                );
+                assert!(cache.pick().is_some());
+                if reads % 64 == 0 {
+                    assert!(
+                        sorted_and_unique(&cache),
+                        "instances() is not one sorted set"
+                    );
+                }
+                reads += 1;
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            reads
+        })
+    };
+
     // Updates and deletes, each checked through `instances()` as well.
     let start = Instant::now();
     for n in 0..ADDS / 2 {
@@ -504,6 +545,10 @@ async fn single_changes_to_a_cache_of_100k_are_seen_and_instances_stay_consisten
         ADDS / 2,
         start.elapsed()
     );
+    stop.store(true, Ordering::SeqCst);
+    let reads = within(30, "reader", reader).await.expect("reader");
+    eprintln!("a reader on another task read the cache {reads} times meanwhile");
+    assert!(reads > 0);
 
     // A snapshot taken earlier is not altered by later changes.
     assert_eq!(before.len(), TOTAL);
@@ -512,7 +557,7 @@ async fn single_changes_to_a_cache_of_100k_are_seen_and_instances_stay_consisten
     let now = cache.instances();
     let raw = raw_read_at(data, revision).await;
     assert_eq!(
-        to_model(now.iter().map(|i| ServiceInstance::clone(i))),
+        to_model(now.to_vec()),
         raw,
         "the cache differs from etcd at its revision {revision}"
     );
