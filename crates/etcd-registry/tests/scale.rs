@@ -527,7 +527,7 @@ async fn single_changes_to_a_cache_of_100k_are_seen_and_instances_stay_consisten
                 .await
                 .expect("update");
             cache_until(&cache, "the cache to see an update", |c| {
-                c.get(&id).is_some_and(|i| i.port == 8)
+                c.get(&id).is_some_and(|i| i.port.number() == Some(8))
             })
             .await;
         } else {
