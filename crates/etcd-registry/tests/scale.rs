@@ -502,7 +502,7 @@ async fn single_changes_to_a_cache_of_100k_are_seen_and_instances_stay_consisten
                     "instances() has {len}"
                 );
                 assert!(cache.pick().is_some());
-                if reads % 64 == 0 {
+                if reads.is_multiple_of(64) {
                     assert!(
                         sorted_and_unique(&cache),
                         "instances() is not one sorted set"
