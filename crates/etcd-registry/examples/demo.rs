@@ -72,7 +72,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
 
     let cache = step(node_b.cache("web")).await?;
-    let picks: Vec<String> = (0..4).filter_map(|_| cache.pick()).map(|i| i.id).collect();
+    let picks: Vec<String> = (0..4)
+        .filter_map(|_| cache.pick())
+        .map(|i| i.id.clone())
+        .collect();
     let weighted = (0..1000)
         .filter_map(|_| cache.pick_with(Strategy::Weighted))
         .filter(|i| i.id == "web-2")

@@ -1,16 +1,18 @@
 //! (feature `tower`) [`ServiceDiscover`]: a [`ServiceCache`] as a
 //! [`tower::discover::Discover`] stream of [`Change`]s.
 
-use std::collections::{HashMap, VecDeque};
+use std::cmp::Ordering;
+use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use futures::Stream;
 use futures::stream::BoxStream;
 use tower::discover::Change;
 
-use crate::cache::ServiceCache;
+use crate::cache::{Instances, ServiceCache};
 use crate::instance::ServiceInstance;
 
 /// The changes of a [`ServiceCache`] as a stream of
@@ -26,7 +28,10 @@ use crate::instance::ServiceInstance;
 ///
 /// Each poll compares the cache's current instances with what was already
 /// emitted, so a slow consumer skips intermediate states but always ends in
-/// step with the cache. The stream ends when the registry is closed.
+/// step with the cache. What was emitted is kept as the cache's own shared
+/// [`Instances`](crate::Instances), not as a copy; the comparison walks
+/// pointers, and only changed instances are cloned into [`Change`]s. The
+/// stream ends when the registry is closed.
 ///
 /// ```no_run
 /// use futures::StreamExt;
@@ -64,7 +69,8 @@ impl std::fmt::Debug for ServiceDiscover {
 struct DiscoverState {
     cache: ServiceCache,
     versions: tokio::sync::watch::Receiver<crate::cache::Version>,
-    emitted: HashMap<String, ServiceInstance>,
+    /// The cache's instances as last emitted: a shared view, not a copy.
+    emitted: Instances,
     pending: VecDeque<Change<String, ServiceInstance>>,
 }
 
@@ -78,31 +84,50 @@ impl DiscoverState {
     }
 
     /// Queues the changes from what was emitted to the cache's current view.
+    ///
+    /// Both are sorted by (name, id), so one merge walk finds the changes;
+    /// instances the cache did not change are the same `Arc` in both and
+    /// cost a pointer comparison. Only changed instances are copied.
     fn catch_up(&mut self) {
-        let current: HashMap<String, ServiceInstance> = self
-            .cache
-            .instances()
-            .iter()
-            .map(|i| (self.key(i), i.clone()))
-            .collect();
-        let mut removed: Vec<&String> = self
-            .emitted
-            .keys()
-            .filter(|k| !current.contains_key(*k))
-            .collect();
-        removed.sort();
-        self.pending
-            .extend(removed.into_iter().map(|k| Change::Remove(k.clone())));
-        let mut inserted: Vec<(&String, &ServiceInstance)> = current
-            .iter()
-            .filter(|(k, i)| self.emitted.get(*k) != Some(*i))
-            .collect();
-        inserted.sort_by(|a, b| a.0.cmp(b.0));
-        self.pending.extend(
-            inserted
-                .into_iter()
-                .map(|(k, i)| Change::Insert(k.clone(), i.clone())),
-        );
+        let current = self.cache.instances();
+        let (old, new) = (self.emitted.as_slice(), current.as_slice());
+        let (mut i, mut j) = (0, 0);
+        let mut inserted = Vec::new();
+        loop {
+            match (old.get(i), new.get(j)) {
+                (Some(a), Some(b)) if Arc::ptr_eq(a, b) => (i, j) = (i + 1, j + 1),
+                (Some(a), Some(b)) => match (&a.name, &a.id).cmp(&(&b.name, &b.id)) {
+                    Ordering::Less => {
+                        self.pending.push_back(Change::Remove(self.key(a)));
+                        i += 1;
+                    }
+                    Ordering::Greater => {
+                        inserted.push(b);
+                        j += 1;
+                    }
+                    Ordering::Equal => {
+                        if a != b {
+                            inserted.push(b);
+                        }
+                        (i, j) = (i + 1, j + 1);
+                    }
+                },
+                (Some(a), None) => {
+                    self.pending.push_back(Change::Remove(self.key(a)));
+                    i += 1;
+                }
+                (None, Some(b)) => {
+                    inserted.push(b);
+                    j += 1;
+                }
+                (None, None) => break,
+            }
+        }
+        // Removals first, then insertions, as the stream always sent them.
+        for b in inserted {
+            self.pending
+                .push_back(Change::Insert(self.key(b), ServiceInstance::clone(b)));
+        }
         self.emitted = current;
     }
 }
@@ -114,7 +139,7 @@ impl ServiceCache {
         let state = DiscoverState {
             cache: self.clone(),
             versions: self.versions(),
-            emitted: HashMap::new(),
+            emitted: Instances::default(),
             pending: VecDeque::new(),
         };
         let stream = futures::stream::unfold(state, |mut state| async move {

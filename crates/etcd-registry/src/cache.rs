@@ -1,13 +1,17 @@
 //! [`ServiceCache`]: a watch-fed local view of a service, with pickers and
 //! change notification.
 //!
-//! One task (the single writer) applies the batches of one watch to a map and
-//! publishes an immutable [`View`] after each; readers clone an `Arc` of the
-//! current view under a lock held only for that clone.
+//! One task (the single writer) applies the batches of one watch to a
+//! [`Store`], O(log n) per changed instance. The flat, sorted [`View`] that
+//! `instances()` and the pickers read is derived from the store lazily, on the
+//! first such read after a change, and holds only pointers: every instance is
+//! one `Arc<ServiceInstance>`, shared by the watch task's state, the store,
+//! every view and every instance handed out.
 
-use std::collections::{BTreeMap, HashMap};
+use std::borrow::Borrow;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, RwLock, Weak};
+use std::sync::{Arc, OnceLock, RwLock, Weak};
 
 use rand::Rng;
 use tokio::sync::watch;
@@ -17,7 +21,7 @@ use crate::error::{Error, Result};
 use crate::instance::ServiceInstance;
 use crate::keys::validate_segment;
 use crate::registry::{Inner, Registry};
-use crate::watch::{Feed, ServiceEvent};
+use crate::watch::{Batch, Feed, FeedEvent};
 
 /// The registry's caches, by service name (`None`: the whole namespace).
 /// Weak, so that dropping the last handle of a cache stops its watch.
@@ -51,6 +55,19 @@ pub enum Strategy {
 /// change, survives etcd restarts and compactions, and ignores malformed
 /// values with a warning.
 ///
+/// # Memory and cost
+///
+/// Each instance is held once, as an `Arc<ServiceInstance>` shared by the
+/// watch, the cache and everything the cache hands out: [`get`](Self::get)
+/// and the pickers return that `Arc` (no copy; use
+/// [`Arc::unwrap_or_clone`] or `ServiceInstance::clone(&i)` for an owned
+/// value), and [`instances`](Self::instances) returns [`Instances`], a
+/// shared, immutable list of them. Applying a change costs O(log n);
+/// the list behind [`instances`](Self::instances) and the pickers is
+/// rebuilt from pointers (no instance is copied) on the first such read
+/// after a change, so changes that nobody reads in between cost nothing
+/// more. [`get`](Self::get) and [`revision`](Self::revision) never rebuild it.
+///
 /// ```no_run
 /// use etcd_registry::Strategy;
 ///
@@ -72,7 +89,9 @@ pub struct ServiceCache {
 
 /// The state of one cache, shared by its handles.
 pub(crate) struct Shared {
-    view: RwLock<Arc<View>>,
+    /// Written by the feeding task only, for as long as it applies one batch;
+    /// read for a lookup or (once per change) to build the view.
+    store: RwLock<Store>,
     version: watch::Sender<Version>,
     turn: AtomicUsize,
     errors: Arc<std::sync::atomic::AtomicU64>,
@@ -84,36 +103,264 @@ pub(crate) struct Shared {
     _stop: DropGuard,
 }
 
-/// An immutable snapshot of the cache.
+/// The instances of a cache, by service name and then by id.
+#[derive(Default)]
+struct Store {
+    services: BTreeMap<String, BTreeSet<ById>>,
+    len: usize,
+    /// The etcd revision the store reflects.
+    revision: i64,
+    /// The flat view of `services`: built by the first reader that needs it
+    /// after a change, dropped by the next change.
+    view: OnceLock<Arc<View>>,
+}
+
+/// An instance ordered, compared and looked up by its id alone, so that a
+/// service's set is searchable by `&str` without a second copy of each id.
+struct ById(Arc<ServiceInstance>);
+
+impl PartialEq for ById {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.id == other.0.id
+    }
+}
+
+impl Eq for ById {}
+
+impl PartialOrd for ById {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for ById {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.0.id.cmp(&other.0.id)
+    }
+}
+
+impl Borrow<str> for ById {
+    fn borrow(&self) -> &str {
+        &self.0.id
+    }
+}
+
+impl Store {
+    /// Inserts or replaces; true when the instances changed.
+    fn put(&mut self, instance: Arc<ServiceInstance>) -> bool {
+        let ids = match self.services.get_mut(&instance.name) {
+            Some(ids) => ids,
+            None => self.services.entry(instance.name.clone()).or_default(),
+        };
+        // The watch sends a changed instance only, and shares an unchanged
+        // one, so equal values are the same `Arc`; compared by value anyway.
+        if ids
+            .get(instance.id.as_str())
+            .is_some_and(|old| Arc::ptr_eq(&old.0, &instance) || *old.0 == *instance)
+        {
+            return false;
+        }
+        if ids.replace(ById(instance)).is_none() {
+            self.len += 1;
+        }
+        true
+    }
+
+    /// Removes; true when the instance was there.
+    fn remove(&mut self, instance: &ServiceInstance) -> bool {
+        let Some(ids) = self.services.get_mut(&instance.name) else {
+            return false;
+        };
+        let removed = ids.remove(instance.id.as_str());
+        if ids.is_empty() {
+            self.services.remove(&instance.name);
+        }
+        self.len -= usize::from(removed);
+        removed
+    }
+
+    /// Applies events; true when the instances changed.
+    fn apply(&mut self, events: Vec<FeedEvent>) -> bool {
+        let mut changed = false;
+        for event in events {
+            changed |= match event {
+                FeedEvent::Snapshot(all) => {
+                    let had = self.len > 0;
+                    self.services.clear();
+                    self.len = 0;
+                    let mut changed = had;
+                    for instance in all {
+                        changed |= self.put(instance);
+                    }
+                    changed
+                }
+                FeedEvent::Added(i) | FeedEvent::Updated(i) => self.put(i),
+                FeedEvent::Removed(i) => self.remove(&i),
+            };
+        }
+        if changed {
+            self.view = OnceLock::new();
+        }
+        changed
+    }
+
+    /// The view of the current instances, built if a change dropped it.
+    fn view(&self) -> Arc<View> {
+        self.view
+            .get_or_init(|| {
+                let mut instances = Vec::with_capacity(self.len);
+                for ids in self.services.values() {
+                    instances.extend(ids.iter().map(|i| i.0.clone()));
+                }
+                Arc::new(View {
+                    instances,
+                    cumulative: OnceLock::new(),
+                })
+            })
+            .clone()
+    }
+
+    /// The first instance with this id, in (name, id) order.
+    fn get(&self, id: &str) -> Option<Arc<ServiceInstance>> {
+        self.services
+            .values()
+            .find_map(|ids| ids.get(id))
+            .map(|i| i.0.clone())
+    }
+}
+
+/// An immutable, flat list of the cache's instances at one moment.
 #[derive(Default)]
 struct View {
-    instances: Arc<[ServiceInstance]>,
-    /// Index of the first instance with each id.
-    by_id: HashMap<String, usize>,
-    /// Running totals of the effective weights, for weighted picks.
-    cumulative: Vec<u64>,
-    revision: i64,
+    /// Sorted by service name, then id.
+    instances: Vec<Arc<ServiceInstance>>,
+    /// Running totals of the effective weights: built on the first weighted
+    /// pick, so a cache nobody picks from by weight never pays for it.
+    cumulative: OnceLock<Vec<u64>>,
 }
 
 impl View {
-    fn new(map: &BTreeMap<(String, String), ServiceInstance>, revision: i64) -> Self {
-        let instances: Arc<[ServiceInstance]> = map.values().cloned().collect();
-        let mut by_id = HashMap::with_capacity(instances.len());
-        let mut cumulative = Vec::with_capacity(instances.len());
-        let mut total = 0u64;
-        for (i, instance) in instances.iter().enumerate() {
-            by_id.entry(instance.id.clone()).or_insert(i);
-            total = total.saturating_add(effective_weight(instance.weight));
-            cumulative.push(total);
-        }
-        Self {
-            instances,
-            by_id,
-            cumulative,
-            revision,
-        }
+    fn cumulative(&self) -> &[u64] {
+        self.cumulative.get_or_init(|| {
+            let mut total = 0u64;
+            self.instances
+                .iter()
+                .map(|i| {
+                    total = total.saturating_add(effective_weight(i.weight));
+                    total
+                })
+                .collect()
+        })
     }
 }
+
+/// The instances of a [`ServiceCache`] at one moment, sorted by service name
+/// then id: what [`ServiceCache::instances`] returns.
+///
+/// Cheap to clone (one `Arc`) and immutable: later changes to the cache do
+/// not alter it. It holds the cache's own instances, not copies: iterating
+/// yields `&ServiceInstance`, and [`as_slice`](Self::as_slice) gives the
+/// shared `Arc`s to keep some without copying them.
+///
+/// ```no_run
+/// # fn demo(cache: etcd_registry::ServiceCache) {
+/// let instances = cache.instances();
+/// for instance in &instances {
+///     println!("{} at {}", instance.id, instance.endpoint());
+/// }
+/// let owned: Vec<etcd_registry::ServiceInstance> = instances.to_vec();
+/// # }
+/// ```
+#[derive(Clone, Default)]
+pub struct Instances {
+    view: Arc<View>,
+}
+
+impl Instances {
+    /// How many instances there are.
+    pub fn len(&self) -> usize {
+        self.view.instances.len()
+    }
+
+    /// Whether there is none.
+    pub fn is_empty(&self) -> bool {
+        self.view.instances.is_empty()
+    }
+
+    /// The instances, in order.
+    pub fn iter(&self) -> InstancesIter<'_> {
+        InstancesIter(self.view.instances.iter())
+    }
+
+    /// The instance at `index`, if any.
+    pub fn get(&self, index: usize) -> Option<&ServiceInstance> {
+        self.view.instances.get(index).map(|i| &**i)
+    }
+
+    /// Whether an instance equal to `instance` (every field) is present.
+    pub fn contains(&self, instance: &ServiceInstance) -> bool {
+        self.iter().any(|i| i == instance)
+    }
+
+    /// The shared instances themselves, in order.
+    pub fn as_slice(&self) -> &[Arc<ServiceInstance>] {
+        &self.view.instances
+    }
+
+    /// Owned copies of the instances, in order.
+    pub fn to_vec(&self) -> Vec<ServiceInstance> {
+        self.iter().cloned().collect()
+    }
+}
+
+impl std::ops::Index<usize> for Instances {
+    type Output = ServiceInstance;
+
+    fn index(&self, index: usize) -> &ServiceInstance {
+        &self.view.instances[index]
+    }
+}
+
+impl<'a> IntoIterator for &'a Instances {
+    type Item = &'a ServiceInstance;
+    type IntoIter = InstancesIter<'a>;
+
+    fn into_iter(self) -> InstancesIter<'a> {
+        self.iter()
+    }
+}
+
+impl std::fmt::Debug for Instances {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list().entries(self.iter()).finish()
+    }
+}
+
+/// An iterator over [`Instances`], yielding `&ServiceInstance` in order.
+#[derive(Clone, Debug)]
+pub struct InstancesIter<'a>(std::slice::Iter<'a, Arc<ServiceInstance>>);
+
+impl<'a> Iterator for InstancesIter<'a> {
+    type Item = &'a ServiceInstance;
+
+    fn next(&mut self) -> Option<&'a ServiceInstance> {
+        self.0.next().map(|i| &**i)
+    }
+
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        self.0.size_hint()
+    }
+}
+
+impl DoubleEndedIterator for InstancesIter<'_> {
+    fn next_back(&mut self) -> Option<Self::Item> {
+        self.0.next_back().map(|i| &**i)
+    }
+}
+
+impl ExactSizeIterator for InstancesIter<'_> {}
+
+impl std::iter::FusedIterator for InstancesIter<'_> {}
 
 /// Weights below 1 count as 1.
 fn effective_weight(weight: i64) -> u64 {
@@ -181,35 +428,44 @@ impl ServiceCache {
         }
     }
 
-    fn view(&self) -> Arc<View> {
+    fn store(&self) -> std::sync::RwLockReadGuard<'_, Store> {
         self.shared
-            .view
+            .store
             .read()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .clone()
+    }
+
+    /// The current view. The read lock is held only to clone an `Arc`, or,
+    /// on the first read after a change, to build the view from pointers.
+    fn view(&self) -> Arc<View> {
+        self.store().view()
     }
 
     /// Every instance, sorted by service name then id. Answers from memory
-    /// with a shared snapshot: later changes do not alter the returned slice.
-    pub fn instances(&self) -> Arc<[ServiceInstance]> {
-        self.view().instances.clone()
+    /// with a shared snapshot: later changes do not alter what it returned.
+    /// The instances are the cache's own (see [`Instances`]), not copies.
+    pub fn instances(&self) -> Instances {
+        Instances { view: self.view() }
     }
 
     /// The instance with this id, if present. In a whole-namespace cache,
     /// where ids are unique only within a service, the first match in
-    /// (name, id) order.
-    pub fn get(&self, id: &str) -> Option<ServiceInstance> {
-        let view = self.view();
-        view.by_id.get(id).map(|&i| view.instances[i].clone())
+    /// (name, id) order. O(log n) per service searched.
+    ///
+    /// Returns the cache's own instance, shared: no copy is made.
+    pub fn get(&self, id: &str) -> Option<Arc<ServiceInstance>> {
+        self.store().get(id)
     }
 
     /// Picks an instance round-robin; `None` when there is none.
     /// Same as `pick_with(Strategy::RoundRobin)`.
-    pub fn pick(&self) -> Option<ServiceInstance> {
+    pub fn pick(&self) -> Option<Arc<ServiceInstance>> {
         self.pick_with(Strategy::RoundRobin)
     }
 
     /// Picks an instance with `strategy`; `None` when there is none.
+    ///
+    /// Returns the cache's own instance, shared: no copy is made.
     ///
     /// ```no_run
     /// # fn demo(cache: etcd_registry::ServiceCache) {
@@ -217,7 +473,7 @@ impl ServiceCache {
     /// let target = cache.pick_with(Strategy::Random).map(|i| i.endpoint());
     /// # }
     /// ```
-    pub fn pick_with(&self, strategy: Strategy) -> Option<ServiceInstance> {
+    pub fn pick_with(&self, strategy: Strategy) -> Option<Arc<ServiceInstance>> {
         let view = self.view();
         let n = view.instances.len();
         if n == 0 {
@@ -227,9 +483,10 @@ impl ServiceCache {
             Strategy::RoundRobin => self.shared.turn.fetch_add(1, Ordering::Relaxed) % n,
             Strategy::Random => rand::rng().random_range(0..n),
             Strategy::Weighted => {
-                let total = view.cumulative.last().copied().unwrap_or(0);
+                let cumulative = view.cumulative();
+                let total = cumulative.last().copied().unwrap_or(0);
                 let ticket = rand::rng().random_range(0..total.max(1));
-                view.cumulative.partition_point(|&c| c <= ticket).min(n - 1)
+                cumulative.partition_point(|&c| c <= ticket).min(n - 1)
             }
         };
         Some(view.instances[i].clone())
@@ -254,7 +511,7 @@ impl ServiceCache {
     /// The etcd revision the cache reflects (see
     /// [`ServiceWatch::revision`](crate::ServiceWatch::revision)).
     pub fn revision(&self) -> i64 {
-        self.view().revision
+        self.store().revision
     }
 
     /// How many recoverable errors the shared watch has met and recovered
@@ -278,11 +535,14 @@ impl ServiceCache {
 
 impl std::fmt::Debug for ServiceCache {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let view = self.view();
+        let (len, revision) = {
+            let store = self.store();
+            (store.len, store.revision)
+        };
         f.debug_struct("ServiceCache")
             .field("service", &self.shared.service.as_deref().unwrap_or("*"))
-            .field("instances", &view.instances.len())
-            .field("revision", &view.revision)
+            .field("instances", &len)
+            .field("revision", &revision)
             .finish()
     }
 }
@@ -292,7 +552,7 @@ impl Shared {
         let feed = Feed::start(inner, service.as_deref())?;
         let stop = CancellationToken::new();
         let shared = Arc::new(Shared {
-            view: RwLock::new(Arc::new(View::default())),
+            store: RwLock::new(Store::default()),
             version: watch::Sender::new(Version::default()),
             turn: AtomicUsize::new(0),
             errors: feed.errors.clone(),
@@ -304,11 +564,19 @@ impl Shared {
         Ok(shared)
     }
 
-    fn publish(&self, view: View, changed: bool) {
-        *self
-            .view
+    /// Applies one batch under the write lock; true when the instances
+    /// changed. The lock is held for O(changes × log n): the first batch,
+    /// the whole snapshot, is applied before any handle can read.
+    fn apply(&self, batch: Batch) -> bool {
+        let mut store = self
+            .store
             .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(view);
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        store.revision = batch.revision;
+        store.apply(batch.events)
+    }
+
+    fn publish(&self, changed: bool) {
         self.version.send_if_modified(|v| {
             let before = *v;
             v.ready = true;
@@ -322,53 +590,26 @@ impl Shared {
 
 /// The cache's single writer: applies the watch's batches and publishes.
 async fn feed_cache(shared: Weak<Shared>, mut feed: Feed, stop: CancellationToken) {
-    let mut map: BTreeMap<(String, String), ServiceInstance> = BTreeMap::new();
     loop {
         let batch = tokio::select! {
             _ = stop.cancelled() => return,
             b = feed.rx.recv() => b,
         };
         let Some(batch) = batch else { break };
-        let mut revision = batch.revision;
-        let mut changed = apply(&mut map, batch.events);
-        // Publish once for everything already waiting.
-        while let Ok(batch) = feed.rx.try_recv() {
-            revision = batch.revision;
-            changed |= apply(&mut map, batch.events);
-        }
         let Some(shared) = shared.upgrade() else {
             return;
         };
-        shared.publish(View::new(&map, revision), changed);
+        let mut changed = shared.apply(batch);
+        // Wake the waiters once for everything already waiting; the lock is
+        // released between batches, so readers are never held up for long.
+        while let Ok(batch) = feed.rx.try_recv() {
+            changed |= shared.apply(batch);
+        }
+        shared.publish(changed);
     }
     if let Some(shared) = shared.upgrade() {
         shared.version.send_modify(|v| v.closed = true);
     }
-}
-
-/// Applies events; true when the instances changed.
-fn apply(map: &mut BTreeMap<(String, String), ServiceInstance>, events: Vec<ServiceEvent>) -> bool {
-    let mut changed = false;
-    for event in events {
-        match event {
-            ServiceEvent::Snapshot(all) => {
-                let fresh: BTreeMap<_, _> = all
-                    .into_iter()
-                    .map(|i| ((i.name.clone(), i.id.clone()), i))
-                    .collect();
-                changed |= fresh != *map;
-                *map = fresh;
-            }
-            ServiceEvent::Added(i) | ServiceEvent::Updated(i) => {
-                let key = (i.name.clone(), i.id.clone());
-                changed |= map.insert(key, i.clone()).as_ref() != Some(&i);
-            }
-            ServiceEvent::Removed(i) => {
-                changed |= map.remove(&(i.name, i.id)).is_some();
-            }
-        }
-    }
-    changed
 }
 
 #[cfg(test)]
@@ -382,18 +623,51 @@ mod tests {
         assert_eq!(effective_weight(7), 7);
     }
 
+    fn shared(name: &str, id: &str, weight: i64) -> Arc<ServiceInstance> {
+        Arc::new(ServiceInstance::new(name, id, "h", 1).with_weight(weight))
+    }
+
     #[test]
-    fn view_indexes_first_id_and_running_weights() {
-        let mut map = BTreeMap::new();
-        for (name, id, w) in [("a", "x", 3), ("b", "x", 0), ("b", "y", 2)] {
-            map.insert(
-                (name.to_owned(), id.to_owned()),
-                ServiceInstance::new(name, id, "h", 1).with_weight(w),
-            );
-        }
-        let view = View::new(&map, 9);
-        assert_eq!(view.cumulative, vec![3, 4, 6]);
-        assert_eq!(view.by_id["x"], 0);
-        assert_eq!(view.revision, 9);
+    fn store_orders_by_name_then_id_and_finds_the_first_id() {
+        let mut store = Store::default();
+        let changed = store.apply(vec![FeedEvent::Snapshot(vec![
+            shared("b", "x", 0),
+            shared("a", "x", 3),
+            shared("b", "y", 2),
+        ])]);
+        assert!(changed);
+        let view = store.view();
+        let keys: Vec<_> = view
+            .instances
+            .iter()
+            .map(|i| (i.name.as_str(), i.id.as_str()))
+            .collect();
+        assert_eq!(keys, [("a", "x"), ("b", "x"), ("b", "y")]);
+        assert_eq!(view.cumulative(), [3, 4, 6]);
+        assert_eq!(store.get("x").map(|i| i.name.clone()).as_deref(), Some("a"));
+        assert_eq!(store.len, 3);
+    }
+
+    #[test]
+    fn a_change_drops_the_view_and_an_unchanged_write_keeps_it() {
+        let mut store = Store::default();
+        let a = shared("a", "x", 1);
+        store.apply(vec![FeedEvent::Snapshot(vec![a.clone()])]);
+        let first = store.view();
+        // Equal in value (another `Arc`): not a change.
+        assert!(!store.apply(vec![FeedEvent::Updated(shared("a", "x", 1))]));
+        assert!(Arc::ptr_eq(&first, &store.view()));
+        assert!(Arc::ptr_eq(&store.get("x").expect("x"), &a));
+        assert!(store.apply(vec![FeedEvent::Updated(shared("a", "x", 2))]));
+        let second = store.view();
+        assert!(!Arc::ptr_eq(&first, &second));
+        assert_eq!(second.instances[0].weight, 2);
+        // A view handed out earlier is not altered.
+        assert_eq!(first.instances[0].weight, 1);
+        assert!(store.apply(vec![FeedEvent::Removed(shared("a", "x", 2))]));
+        assert!(!store.apply(vec![FeedEvent::Removed(shared("a", "x", 2))]));
+        assert!(store.view().instances.is_empty());
+        assert!(store.services.is_empty());
+        assert_eq!(store.len, 0);
     }
 }

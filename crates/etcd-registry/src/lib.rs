@@ -84,7 +84,7 @@ mod watch;
 
 #[cfg(feature = "tower")]
 pub use balance::ServiceDiscover;
-pub use cache::{ServiceCache, Strategy};
+pub use cache::{Instances, InstancesIter, ServiceCache, Strategy};
 pub use config::{
     Config, DEFAULT_DIAL_TIMEOUT, DEFAULT_KEEP_ALIVE_INTERVAL, DEFAULT_KEEP_ALIVE_TIMEOUT,
     DEFAULT_KEY_PREFIX, DEFAULT_NAMESPACE, DEFAULT_REQUEST_TIMEOUT, DEFAULT_TTL,

@@ -76,6 +76,30 @@ pub enum ServiceEvent {
     Removed(ServiceInstance),
 }
 
+/// A [`ServiceEvent`] as the watch task sends it: the instances are the
+/// `Arc`s the task itself holds, so a cache fed by it holds each instance
+/// once. [`ServiceWatch`] hands out owned copies.
+#[derive(Clone, Debug)]
+pub(crate) enum FeedEvent {
+    Snapshot(Vec<Arc<ServiceInstance>>),
+    Added(Arc<ServiceInstance>),
+    Updated(Arc<ServiceInstance>),
+    Removed(Arc<ServiceInstance>),
+}
+
+impl From<FeedEvent> for ServiceEvent {
+    fn from(event: FeedEvent) -> Self {
+        match event {
+            FeedEvent::Snapshot(all) => {
+                ServiceEvent::Snapshot(all.into_iter().map(Arc::unwrap_or_clone).collect())
+            }
+            FeedEvent::Added(i) => ServiceEvent::Added(Arc::unwrap_or_clone(i)),
+            FeedEvent::Updated(i) => ServiceEvent::Updated(Arc::unwrap_or_clone(i)),
+            FeedEvent::Removed(i) => ServiceEvent::Removed(Arc::unwrap_or_clone(i)),
+        }
+    }
+}
+
 /// How often a watch asks etcd for a progress report.
 const PROGRESS_INTERVAL: Duration = Duration::from_secs(5);
 /// A watch that has heard nothing at all (no event, no progress report) for
@@ -138,7 +162,8 @@ const CHANNEL_BATCHES: usize = 16;
 /// ```
 pub struct ServiceWatch {
     feed: Feed,
-    buffer: VecDeque<ServiceEvent>,
+    /// Converted to owned events one at a time, as they are yielded.
+    buffer: VecDeque<FeedEvent>,
     /// Revision of the batch in `buffer`: reached once the buffer drains.
     pending_revision: i64,
     revision: i64,
@@ -186,7 +211,7 @@ impl futures::Stream for ServiceWatch {
                 if this.buffer.is_empty() {
                     this.revision = this.pending_revision;
                 }
-                return Poll::Ready(Some(event));
+                return Poll::Ready(Some(event.into()));
             }
             match this.feed.rx.poll_recv(cx) {
                 Poll::Ready(Some(batch)) => {
@@ -249,7 +274,7 @@ impl ServiceWatch {
 /// The changes of one etcd revision (or of one re-list), sent as a unit so
 /// that consumers can apply them atomically.
 pub(crate) struct Batch {
-    pub(crate) events: Vec<ServiceEvent>,
+    pub(crate) events: Vec<FeedEvent>,
     /// The revision the consumer has caught up to once it applied `events`.
     pub(crate) revision: i64,
 }
@@ -325,7 +350,8 @@ impl Drop for Feed {
 /// What the consumer has seen of one key.
 struct Seen {
     /// `None` for a malformed value or a key outside the layout: never sent.
-    instance: Option<ServiceInstance>,
+    /// Shared with the consumer (a cache keeps this very `Arc`).
+    instance: Option<Arc<ServiceInstance>>,
     /// The bytes of a value that did not parse, so that an unchanged one is
     /// not warned about again. Valid values are not kept: the parsed
     /// instance tells a change, and a large namespace is not held twice.
@@ -431,7 +457,7 @@ impl Watcher {
     }
 
     /// Sends a batch; false when the consumer is gone or the registry closed.
-    async fn send(&self, events: Vec<ServiceEvent>) -> bool {
+    async fn send(&self, events: Vec<FeedEvent>) -> bool {
         let batch = Batch {
             events,
             revision: self.revision,
@@ -454,20 +480,28 @@ impl Watcher {
     }
 
     /// Parses `kv`, the new value of a key last seen as `old`: an unchanged
-    /// malformed value is not parsed (nor warned about) again.
+    /// malformed value is not parsed (nor warned about) again, and an
+    /// unchanged valid one keeps the instance already shared with the
+    /// consumer, so that a re-list or a re-registration with the same value
+    /// does not leave the watch and a cache holding two copies.
     fn reparse(
         &self,
         old: Option<&Seen>,
         kv: &KeyValue,
-    ) -> (Option<ServiceInstance>, Option<Vec<u8>>) {
+    ) -> (Option<Arc<ServiceInstance>>, Option<Vec<u8>>) {
         if let Some(bytes) = old.and_then(|o| o.malformed.as_ref())
             && bytes.as_slice() == kv.value()
         {
             return (None, Some(bytes.clone()));
         }
-        let instance = self.parse(kv);
-        let malformed = instance.is_none().then(|| kv.value().to_vec());
-        (instance, malformed)
+        let Some(instance) = self.parse(kv) else {
+            return (None, Some(kv.value().to_vec()));
+        };
+        let instance = match old.and_then(|o| o.instance.as_ref()) {
+            Some(old) if **old == instance => old.clone(),
+            _ => Arc::new(instance),
+        };
+        (Some(instance), None)
     }
 
     /// Checks a response header for another cluster; records the first one.
@@ -525,7 +559,7 @@ impl Watcher {
             diff(&self.seen, &fresh)
         } else {
             let all = fresh.values().filter_map(|s| s.instance.clone()).collect();
-            vec![ServiceEvent::Snapshot(all)]
+            vec![FeedEvent::Snapshot(all)]
         };
         tracing::debug!(service = %self.service, revision, changes = events.len(), "listed");
         self.seen = fresh;
@@ -710,7 +744,7 @@ impl Watcher {
     }
 
     /// Applies watch events to `seen`; returns what the consumer must be told.
-    fn apply(&mut self, events: &[Event]) -> Vec<ServiceEvent> {
+    fn apply(&mut self, events: &[Event]) -> Vec<FeedEvent> {
         let mut out = Vec::new();
         let floor = self.revision;
         for event in events {
@@ -743,7 +777,7 @@ impl Watcher {
                         ..
                     }) = self.seen.remove(kv.key())
                     {
-                        out.push(ServiceEvent::Removed(old));
+                        out.push(FeedEvent::Removed(old));
                     }
                 }
             }
@@ -754,23 +788,28 @@ impl Watcher {
 }
 
 /// The event that turns `old` into `new`, if any.
-fn change(old: Option<&ServiceInstance>, new: Option<&ServiceInstance>) -> Option<ServiceEvent> {
+fn change(
+    old: Option<&Arc<ServiceInstance>>,
+    new: Option<&Arc<ServiceInstance>>,
+) -> Option<FeedEvent> {
     match (old, new) {
-        (None, Some(new)) => Some(ServiceEvent::Added(new.clone())),
-        (Some(old), Some(new)) if old != new => Some(ServiceEvent::Updated(new.clone())),
-        (Some(old), None) => Some(ServiceEvent::Removed(old.clone())),
+        (None, Some(new)) => Some(FeedEvent::Added(new.clone())),
+        (Some(old), Some(new)) if !Arc::ptr_eq(old, new) && old != new => {
+            Some(FeedEvent::Updated(new.clone()))
+        }
+        (Some(old), None) => Some(FeedEvent::Removed(old.clone())),
         _ => None,
     }
 }
 
 /// The events that turn the consumer's `old` view into `new`, in key order.
-fn diff(old: &BTreeMap<Vec<u8>, Seen>, new: &BTreeMap<Vec<u8>, Seen>) -> Vec<ServiceEvent> {
+fn diff(old: &BTreeMap<Vec<u8>, Seen>, new: &BTreeMap<Vec<u8>, Seen>) -> Vec<FeedEvent> {
     let mut out = Vec::new();
     for (key, seen) in old {
         if !new.contains_key(key)
             && let Some(instance) = &seen.instance
         {
-            out.push(ServiceEvent::Removed(instance.clone()));
+            out.push(FeedEvent::Removed(instance.clone()));
         }
     }
     for (key, seen) in new {
@@ -790,7 +829,7 @@ mod tests {
         let instance = ServiceInstance::new("web", "a", "10.0.0.1", port);
         Seen {
             malformed: None,
-            instance: Some(instance),
+            instance: Some(Arc::new(instance)),
             mod_revision: 1,
         }
     }
@@ -805,13 +844,14 @@ mod tests {
         new.insert(b"b".to_vec(), seen(20));
         new.insert(b"c".to_vec(), seen(3));
         new.insert(b"d".to_vec(), seen(4));
-        let events = diff(&old, &new);
+        let events: Vec<ServiceEvent> = diff(&old, &new).into_iter().map(Into::into).collect();
+        let instance = |port| Arc::unwrap_or_clone(seen(port).instance.unwrap());
         assert_eq!(
             events,
             vec![
-                ServiceEvent::Removed(seen(1).instance.unwrap()),
-                ServiceEvent::Updated(seen(20).instance.unwrap()),
-                ServiceEvent::Added(seen(4).instance.unwrap()),
+                ServiceEvent::Removed(instance(1)),
+                ServiceEvent::Updated(instance(20)),
+                ServiceEvent::Added(instance(4)),
             ]
         );
     }
@@ -819,11 +859,16 @@ mod tests {
     #[test]
     fn a_value_turning_malformed_is_a_removal() {
         let old = seen(1).instance;
+        let removed = change(old.as_ref(), None).map(ServiceEvent::from);
         assert_eq!(
-            change(old.as_ref(), None),
-            Some(ServiceEvent::Removed(old.clone().unwrap()))
+            removed,
+            Some(ServiceEvent::Removed(ServiceInstance::clone(
+                old.as_ref().unwrap()
+            )))
         );
-        assert_eq!(change(None, None), None);
-        assert_eq!(change(old.as_ref(), old.as_ref()), None);
+        assert!(change(None, None).is_none());
+        assert!(change(old.as_ref(), old.as_ref()).is_none());
+        // Equal in value, held apart: still no change.
+        assert!(change(old.as_ref(), seen(1).instance.as_ref()).is_none());
     }
 }

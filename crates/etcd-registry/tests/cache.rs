@@ -144,7 +144,7 @@ async fn weighted_picks_follow_the_weights_and_round_robin_is_even() {
         let mut counts: HashMap<String, usize> = HashMap::new();
         for _ in 0..N {
             *counts
-                .entry(cache.pick_with(strategy).expect("an instance").id)
+                .entry(cache.pick_with(strategy).expect("an instance").id.clone())
                 .or_default() += 1;
         }
         counts
@@ -169,7 +169,7 @@ async fn weighted_picks_follow_the_weights_and_round_robin_is_even() {
         "round-robin is exactly even: {round_robin:?}"
     );
     let plain: HashMap<String, usize> = (0..400).fold(HashMap::new(), |mut m, _| {
-        *m.entry(cache.pick().unwrap().id).or_default() += 1;
+        *m.entry(cache.pick().unwrap().id.clone()).or_default() += 1;
         m
     });
     assert!(

@@ -164,8 +164,8 @@ fn inst(id: &str, port: u16) -> ServiceInstance {
 
 type Ids = BTreeSet<String>;
 
-fn ids(list: &[ServiceInstance]) -> Ids {
-    list.iter().map(|i| i.id.clone()).collect()
+fn ids<'a>(list: impl IntoIterator<Item = &'a ServiceInstance>) -> Ids {
+    list.into_iter().map(|i| i.id.clone()).collect()
 }
 
 async fn next(watch: &mut ServiceWatch) -> ServiceEvent {

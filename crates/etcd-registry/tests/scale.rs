@@ -409,3 +409,268 @@ async fn a_compaction_in_the_middle_of_a_paged_read_restarts_it_consistently() {
     assert_eq!(snap, raw_read_at(data, revision).await);
     within(10, "close", registry.close()).await.expect("close");
 }
+
+/// Waits until `cache` satisfies `done`, waking on its changes (and every
+/// 50 ms, since a change may land between the check and the wait).
+async fn cache_until(
+    cache: &etcd_registry::ServiceCache,
+    what: &str,
+    done: impl Fn(&etcd_registry::ServiceCache) -> bool,
+) {
+    within(30, what, async {
+        while !done(cache) {
+            let _ = tokio::time::timeout(Duration::from_millis(50), cache.changed()).await;
+        }
+    })
+    .await;
+}
+
+/// `instances()` is one sorted set: (name, id) strictly increasing.
+fn sorted_and_unique(cache: &etcd_registry::ServiceCache) -> bool {
+    let all = cache.instances();
+    let keys: Vec<(&str, &str)> = all
+        .iter()
+        .map(|i| (i.name.as_str(), i.id.as_str()))
+        .collect();
+    keys.windows(2).all(|w| w[0] < w[1])
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn single_changes_to_a_cache_of_100k_are_seen_and_instances_stay_consistent() {
+    const ADDS: usize = 100;
+    let data = data_set().await;
+    let _serial = SERIAL.lock().await;
+    let registry = connect(data).await;
+    let mut client = raw_client(data).await;
+    let service = unique_name("zz-single");
+    let cache = within(120, "cache_all ready", registry.cache_all())
+        .await
+        .expect("cache_all");
+    let before = cache.instances();
+    // Other tests of this binary may have left `zz-...` instances behind.
+    let base = before.len();
+    assert_eq!(
+        loaded(to_model(before.to_vec())),
+        data.model,
+        "the cache's snapshot"
+    );
+
+    // One change at a time, each waited for: the cost of a change to a
+    // large cache, as a user sees it (put, watch event, applied, visible).
+    let start = Instant::now();
+    for n in 0..ADDS {
+        let id = format!("a{n:03}");
+        let value = ServiceInstance::new(service.as_str(), id.as_str(), "10.7.0.1", 7).to_json();
+        let put = client.put(instance_key(&data.ns, &service, &id), value, None);
+        within(10, "put", put).await.expect("put");
+        cache_until(&cache, "the cache to see a single add", |c| {
+            c.get(&id).is_some_and(|i| i.name == service)
+        })
+        .await;
+    }
+    let took = start.elapsed();
+    eprintln!(
+        "{ADDS} single adds, each seen by a cache of {TOTAL} before the next: {took:?} ({:?} per change)",
+        took / ADDS as u32
+    );
+
+    // The first read after a change rebuilds the list from pointers; the
+    // next ones share it.
+    let start = Instant::now();
+    let rebuilt = cache.instances();
+    let first_read = start.elapsed();
+    let start = Instant::now();
+    let again = cache.instances();
+    eprintln!(
+        "instances() of {}: {first_read:?} for the first read after a change, {:?} for the next",
+        rebuilt.len(),
+        start.elapsed()
+    );
+    assert_eq!(again.len(), base + ADDS);
+
+    // Readers on another task all along: every list they get is one sorted
+    // set of a size the writes below allow, and picks always answer.
+    let stop = Arc::new(AtomicBool::new(false));
+    let reader = {
+        let (cache, stop) = (cache.clone(), stop.clone());
+        tokio::spawn(async move {
+            let mut reads = 0u32;
+            while !stop.load(Ordering::SeqCst) && reads < 100_000 {
+                let len = cache.instances().len();
+                assert!(
+                    (base + ADDS - ADDS / 4..=base + ADDS).contains(&len),
+                    "instances() has {len}"
+                );
+                assert!(cache.pick().is_some());
+                if reads.is_multiple_of(64) {
+                    assert!(
+                        sorted_and_unique(&cache),
+                        "instances() is not one sorted set"
+                    );
+                }
+                reads += 1;
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            reads
+        })
+    };
+
+    // Updates and deletes, each checked through `instances()` as well.
+    let start = Instant::now();
+    for n in 0..ADDS / 2 {
+        let id = format!("a{n:03}");
+        let key = instance_key(&data.ns, &service, &id);
+        if n % 2 == 0 {
+            let value =
+                ServiceInstance::new(service.as_str(), id.as_str(), "10.7.0.2", 8).to_json();
+            within(10, "update", client.put(key, value, None))
+                .await
+                .expect("update");
+            cache_until(&cache, "the cache to see an update", |c| {
+                c.get(&id).is_some_and(|i| i.port.number() == Some(8))
+            })
+            .await;
+        } else {
+            within(10, "delete", client.delete(key, None))
+                .await
+                .expect("delete");
+            cache_until(&cache, "the cache to see a delete", |c| {
+                c.get(&id).is_none()
+            })
+            .await;
+        }
+        let removed = n.div_ceil(2);
+        assert_eq!(cache.instances().len(), base + ADDS - removed);
+        assert!(
+            sorted_and_unique(&cache),
+            "instances() is not one sorted set"
+        );
+    }
+    eprintln!(
+        "{} single updates/deletes, each read back through instances(): {:?}",
+        ADDS / 2,
+        start.elapsed()
+    );
+    stop.store(true, Ordering::SeqCst);
+    let reads = within(30, "reader", reader).await.expect("reader");
+    eprintln!("a reader on another task read the cache {reads} times meanwhile");
+    assert!(reads > 0);
+
+    // A snapshot taken earlier is not altered by later changes.
+    assert_eq!(before.len(), base);
+    // The cache equals etcd at the revision it reports.
+    let revision = cache.revision();
+    let now = cache.instances();
+    let raw = raw_read_at(data, revision).await;
+    assert_eq!(
+        to_model(now.to_vec()),
+        raw,
+        "the cache differs from etcd at its revision {revision}"
+    );
+    assert_eq!(cache.errors(), 0);
+    let delete = client.delete(
+        format!("{DEFAULT_KEY_PREFIX}/{}/services/{service}/", data.ns),
+        Some(etcd_client::DeleteOptions::new().with_prefix()),
+    );
+    within(10, "clean up", delete).await.expect("clean up");
+    within(10, "close", registry.close()).await.expect("close");
+}
+
+/// Run by `a_cache_of_100k_holds_each_instance_once` in a child process, so
+/// that the figure is not blurred by the parent's data set and the memory its
+/// allocator kept from loading it: connects to the etcd and namespace named by
+/// `SCALE_CHILD_ENDPOINTS` and `SCALE_CHILD_NS`, holds either a `cache_all()`
+/// (with its view built) or an `all_instances()` list (`SCALE_CHILD_HOLD`),
+/// and prints the resident memory before and after.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "run as a child process by a_cache_of_100k_holds_each_instance_once"]
+async fn memory_child() {
+    let var = |name: &str| std::env::var(name).unwrap_or_else(|_| panic!("{name} is not set"));
+    let registry = common::connect_with(common::builder(
+        var("SCALE_CHILD_ENDPOINTS")
+            .split(',')
+            .map(str::to_owned)
+            .collect(),
+        &var("SCALE_CHILD_NS"),
+        10,
+    ))
+    .await;
+    let before = rss_kib();
+    let (n, held): (usize, Box<dyn std::any::Any>) = match var("SCALE_CHILD_HOLD").as_str() {
+        "cache" => {
+            let cache = within(120, "cache_all ready", registry.cache_all())
+                .await
+                .expect("cache_all");
+            (cache.instances().len(), Box::new(cache))
+        }
+        "list" => {
+            let all = within(120, "all_instances", registry.all_instances())
+                .await
+                .expect("all_instances");
+            (all.len(), Box::new(all))
+        }
+        other => panic!("SCALE_CHILD_HOLD={other}"),
+    };
+    let after = rss_kib();
+    println!("CHILD n={n} before={before} after={after}");
+    drop(held);
+    within(10, "close", registry.close()).await.expect("close");
+}
+
+/// Resident memory (KiB) that a fresh process gains by holding `hold`
+/// (`cache` or `list`) of the data set, and how many instances it held.
+async fn child_memory(data: &DataSet, hold: &str) -> (u64, u64) {
+    let exe = std::env::current_exe().expect("test binary");
+    let mut child = tokio::process::Command::new(exe);
+    child
+        .args(["memory_child", "--exact", "--ignored", "--nocapture"])
+        .env("SCALE_CHILD_ENDPOINTS", data.endpoints.join(","))
+        .env("SCALE_CHILD_NS", &data.ns)
+        .env("SCALE_CHILD_HOLD", hold)
+        .kill_on_drop(true);
+    let out = within(180, "the child process", child.output())
+        .await
+        .expect("run the child");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "child failed: {}\n{stdout}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let line = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("CHILD "))
+        .unwrap_or_else(|| panic!("no figures from the child:\n{stdout}"));
+    let field = |name: &str| -> u64 {
+        line.split_whitespace()
+            .find_map(|kv| kv.strip_prefix(name)?.strip_prefix('='))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in {line:?}"))
+    };
+    let (n, before, after) = (field("n"), field("before"), field("after"));
+    eprintln!(
+        "a process holding {hold} of {n} instances: resident memory {before} KiB -> {after} KiB (+{} KiB)",
+        after.saturating_sub(before)
+    );
+    (after.saturating_sub(before), n)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cache_of_100k_holds_each_instance_once() {
+    let data = data_set().await;
+    let _serial = SERIAL.lock().await;
+    let (list, n_list) = child_memory(data, "list").await;
+    let (cache, n_cache) = child_memory(data, "cache").await;
+    assert!(n_list >= TOTAL as u64 && n_cache == n_list);
+    // A plain list holds each instance once, with nothing else. The cache
+    // adds its indexes, the watch's per-key state and its view, all small
+    // next to an instance; a second copy of the instances would double it.
+    // Checked by hand: with the cache's store holding its own copy of each
+    // instance (`Arc::new(ServiceInstance::clone(&instance))` in
+    // `Store::put`), this fails.
+    assert!(
+        cache * 2 <= list * 3,
+        "a cache of {n_cache} takes {cache} KiB, a plain list of them {list} KiB: more than one copy?"
+    );
+}
