@@ -57,6 +57,64 @@ pub async fn register(ctx: Ctx) -> R<Vec<Row>> {
     ])
 }
 
+/// The same comparison with a raw watch open on the raw side's prefix, as
+/// the registry's own anti-entropy watch is on its keys: etcd matches every
+/// put against the watchers of its key inside the write, so this isolates
+/// what the library itself adds.
+pub async fn register_watched(ctx: Ctx) -> R<Vec<Row>> {
+    let n = ctx.plan.n(1000, 20);
+    let warm = (n / 10).max(2);
+    let client = ctx.main.client().await?;
+    let reg = connect(&ctx.main.endpoints(), "b1w", 60).await?;
+    let lease = client.clone().lease_grant(600, None).await?.id();
+    let mut events = client
+        .clone()
+        .watch("/raw/b1w/", Some(WatchOptions::new().with_prefix()))
+        .await?;
+    // Drain the raw watch as the registry drains its own.
+    let drain = tokio::spawn(async move { while let Ok(Some(_)) = events.message().await {} });
+    let mut keep = Vec::with_capacity(n + warm);
+    let (mut ours, mut raw) = (Hist::new(), Hist::new());
+    for i in 0..warm + n {
+        let t = Instant::now();
+        keep.push(bounded("register", OP, reg.register(inst("web", i))).await??);
+        let d = t.elapsed();
+        let mut c = client.clone();
+        let t = Instant::now();
+        bounded(
+            "put",
+            OP,
+            c.put(
+                format!("/raw/b1w/services/web/id-{i}"),
+                inst("web", i).to_json(),
+                Some(PutOptions::new().with_lease(lease)),
+            ),
+        )
+        .await??;
+        let dr = t.elapsed();
+        if i >= warm {
+            ours.record(d);
+            ours.add_wall(d);
+            raw.record(dr);
+            raw.add_wall(dr);
+        }
+    }
+    drain.abort();
+    drop(keep);
+    reg.close().await?;
+    client.clone().lease_revoke(lease).await?;
+    Ok(vec![
+        Row::new(
+            "register_watched",
+            "register one instance, raw side watched too (sequential)",
+        )
+        .latency(
+            ours.summary("Registry::register"),
+            Some(raw.summary("put with lease on a watched prefix")),
+        ),
+    ])
+}
+
 /// Listing a service of 100 instances, then looking them up in a cache.
 pub async fn list_and_cache(ctx: Ctx) -> R<Vec<Row>> {
     let n = ctx.plan.n(2000, 20);

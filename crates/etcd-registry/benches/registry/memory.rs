@@ -18,24 +18,25 @@ fn mb(after: f64, before: f64) -> f64 {
 }
 
 fn with_memory(row: Row, n: usize, what: &str, heap: (isize, isize), rss: (u64, u64)) -> Row {
-    row.figure(
-        "rss_mb",
-        "resident set growth",
-        mb(rss.1 as f64, rss.0 as f64),
-        "MB",
-    )
-    .figure(
-        "heap_mb",
-        "heap growth",
-        mb(heap.1 as f64, heap.0 as f64),
-        "MB",
-    )
-    .figure(
-        "heap_per",
-        format!("heap per {what}"),
-        (heap.1 - heap.0) as f64 / n as f64,
-        "B",
-    )
+    row.count(n)
+        .figure(
+            "rss_mb",
+            "resident set growth",
+            mb(rss.1 as f64, rss.0 as f64),
+            "MB",
+        )
+        .figure(
+            "heap_mb",
+            "heap growth",
+            mb(heap.1 as f64, heap.0 as f64),
+            "MB",
+        )
+        .figure(
+            "heap_per",
+            format!("heap per {what}"),
+            (heap.1 - heap.0) as f64 / n as f64,
+            "B",
+        )
 }
 
 /// 1,000 instances in one registry.

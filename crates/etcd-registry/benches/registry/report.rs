@@ -16,6 +16,8 @@ pub struct Row {
     pub ours: Option<Summary>,
     pub base: Option<Summary>,
     pub figures: Vec<Figure>,
+    /// How many instances (or caches, registries) a row without latencies is about.
+    pub count: Option<u64>,
     /// Markdown that only this row has (such as the per-batch table).
     pub extra_md: Option<String>,
     pub error: Option<String>,
@@ -38,6 +40,11 @@ impl Row {
             title: title.into(),
             ..Self::default()
         }
+    }
+
+    pub fn count(mut self, n: usize) -> Self {
+        self.count = Some(n as u64);
+        self
     }
 
     pub fn latency(mut self, ours: Summary, base: Option<Summary>) -> Self {
@@ -105,6 +112,8 @@ impl Row {
             o.insert("p99_us".into(), json!(round(s.p99_us)));
             o.insert("p999_us".into(), json!(round(s.p999_us)));
             o.insert("per_sec".into(), json!(s.per_sec.map(round)));
+        } else if let Some(n) = self.count {
+            o.insert("n".into(), json!(n));
         }
         o.insert(
             "baseline".into(),
