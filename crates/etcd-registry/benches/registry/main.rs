@@ -128,7 +128,9 @@ where
             for r in &new {
                 match (&r.error, r.ratio()) {
                     (Some(e), _) => eprintln!("  {}: FAILED: {e}", r.title),
-                    (None, Some(x)) => eprintln!("  {}: ours ÷ baseline (p50) {x:.2}", r.title),
+                    (None, Some(x)) => {
+                        eprintln!("  {}: ours ÷ baseline (p50) {}", r.title, report::times(x));
+                    }
                     (None, None) => eprintln!("  {}: done", r.title),
                 }
             }
