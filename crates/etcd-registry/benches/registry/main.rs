@@ -176,10 +176,22 @@ fn cause(figure: &str, rows: &[Row]) -> Option<String> {
             Some(format!(
                 "once the predecessor's delete reaches c2's watch, `campaign` makes two more \
                  reads one after the other (the predecessors again, then its own key) before it \
-                 returns, where etcd's Campaign waits inside the server and answers at once; \
-                 the gap, {}, is about two round trips (a raw put's p50 is {})",
+                 returns, and each step (watch event, reads, task wake-ups) waits for a CPU of a \
+                 loaded machine in our process, where etcd's Campaign waits inside the server and \
+                 answers at once; the gap was {} at p50, with a raw put's p50 at {}",
                 measure::fmt_us(o.p50_us - b.p50_us),
                 measure::fmt_us(put)
+            ))
+        }
+        "list of 100, p50" => {
+            let l = find("list")?;
+            let (o, b) = (l.ours.as_ref()?, l.base.as_ref()?);
+            let parse = l.get("parse_us")?;
+            Some(format!(
+                "`instances()` parses the 100 JSON values into `ServiceInstance`s, which the raw \
+                 get does not: parsing them from memory took {} at p50, the gap was {}",
+                measure::fmt_us(parse),
+                measure::fmt_us(o.p50_us - b.p50_us)
             ))
         }
         "10,000 instances registered (64 concurrent)" => {

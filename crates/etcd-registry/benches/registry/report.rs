@@ -148,6 +148,7 @@ fn num(v: f64, unit: &str) -> String {
         "B" => format!("{v:.0} B"),
         "/s" => format!("{v:.0}/s"),
         "" => format!("{v:.0}"),
+        "µs" => format!("{v:.0} µs"),
         u => format!("{v:.2} {u}"),
     }
 }
