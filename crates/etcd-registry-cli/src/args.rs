@@ -85,7 +85,6 @@ pub struct Global {
         long,
         global = true,
         env = "ETCD_USER",
-        requires = "password",
         value_name = "USER"
     )]
     pub user: Option<String>,
@@ -96,7 +95,6 @@ pub struct Global {
         global = true,
         env = "ETCD_PASSWORD",
         hide_env_values = true,
-        requires = "user",
         value_name = "PASSWORD"
     )]
     pub password: Option<String>,

@@ -170,8 +170,24 @@ pub fn builder(g: &Global) -> CliResult<RegistryBuilder> {
         .key_prefix(&g.prefix)
         .ttl(g.ttl)
         .dial_timeout(g.dial_timeout);
-    if let (Some(user), Some(password)) = (&g.user, &g.password) {
-        builder = builder.auth(user, password);
+    // Checked here rather than with clap's `requires`: clap does not see a
+    // global flag's partner when one comes from the environment and the
+    // other from the command line.
+    match (&g.user, &g.password) {
+        (Some(user), Some(password)) => builder = builder.auth(user, password),
+        (None, None) => {}
+        (Some(_), None) => {
+            return Err(CliError::Usage {
+                message: "--user needs --password (or ETCD_PASSWORD)".into(),
+                hint: None,
+            });
+        }
+        (None, Some(_)) => {
+            return Err(CliError::Usage {
+                message: "--password needs --user (or ETCD_USER)".into(),
+                hint: None,
+            });
+        }
     }
     if let Some(tls) = tls_config(g)? {
         builder = builder.tls(tls);

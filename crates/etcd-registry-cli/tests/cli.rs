@@ -98,6 +98,9 @@ async fn invalid_input_names_the_field_exits_2_and_writes_nothing() {
     let out = ctx.run(&["--user", "", "--password", "x", "list"]).await;
     assert_eq!(out.status.code(), Some(2), "{out:?}");
     assert!(String::from_utf8_lossy(&out.stderr).contains("error: invalid auth"));
+    let out = ctx.run(&["--user", "alice", "list"]).await;
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--user needs --password"));
     let out = ctx.run(&["--ttl", "1s", "list"]).await;
     assert_eq!(out.status.code(), Some(2), "{out:?}");
     assert_eq!(ctx.stdout(&["list", "--json"]).await, "[]\n");

@@ -179,6 +179,13 @@ async fn a_refused_permission_exits_1_naming_the_key() {
     ok.args(user).args(["list"]);
     let out = run(ok).await;
     assert!(out.status.success(), "{}", stderr(&out));
+    // The password from the environment and the user from the command line.
+    let mut mixed = command(&etcd.endpoint(), &own);
+    mixed
+        .env("ETCD_PASSWORD", "dave-pw")
+        .args(["--user", "dave", "list"]);
+    let out = run(mixed).await;
+    assert!(out.status.success(), "{}", stderr(&out));
 
     let mut refused = command(&etcd.endpoint(), &foreign);
     refused
