@@ -195,8 +195,8 @@ pub async fn run(duration: Duration, seed: u64) {
 
     // Registries with their workload.
     let mut workers = Vec::new();
-    for w in 0..WORKERS {
-        let reg = connect(&nets[w]).await;
+    for (w, net) in nets.iter().enumerate().take(WORKERS) {
+        let reg = connect(net).await;
         workers.push(tokio::spawn(worker(
             w,
             reg,
@@ -277,7 +277,6 @@ pub async fn run(duration: Duration, seed: u64) {
         raw: raw.clone(),
         services_prefix,
         election_prefix,
-        ns: ns.clone(),
         gate: gate.clone(),
         believed: believed.clone(),
         intervals: intervals.clone(),
@@ -500,7 +499,7 @@ async fn inject(
             // Every other blackhole cuts off the leading candidate: the case
             // the safety bound is for, held past the TTL (4-6 s) so that its
             // lease expires and another candidate takes over.
-            let leading = leader.filter(|_| target % 2 == 0);
+            let leading = leader.filter(|_| target.is_multiple_of(2));
             let c = leading.map_or(target % nets.len(), |l| WORKERS + CACHES + l);
             // Other clients: past the TTL every other time, so that their
             // leases expire and the registries must re-register everything.
@@ -519,7 +518,7 @@ async fn inject(
         }
         Kind::Reset => {
             // Every fourth reset hits every client at once.
-            let what = if target % 4 == 0 {
+            let what = if target.is_multiple_of(4) {
                 nets.iter().for_each(Net::reset);
                 "all clients".to_owned()
             } else {
@@ -956,7 +955,6 @@ struct Checker {
     raw: Client,
     services_prefix: String,
     election_prefix: String,
-    ns: String,
     gate: Arc<RwLock<()>>,
     believed: Believed,
     intervals: Intervals,
@@ -964,7 +962,8 @@ struct Checker {
     seed: u64,
 }
 
-/// A raw read of the services: key -> instance, and the revision read at.
+/// A raw read of the services: key -> instance, and the newest mod revision
+/// among them (0 when empty).
 type Snapshot = (BTreeMap<String, ServiceInstance>, i64);
 
 impl Checker {
@@ -985,6 +984,12 @@ impl Checker {
             Err(_) => return Err("timed out".into()),
         };
         let mut map = BTreeMap::new();
+        let newest = resp
+            .kvs()
+            .iter()
+            .map(|kv| kv.mod_revision())
+            .max()
+            .unwrap_or(0);
         for kv in resp.kvs() {
             let key = kv.key_str().unwrap_or_default().to_owned();
             match ServiceInstance::from_json(kv.value()) {
@@ -994,7 +999,7 @@ impl Checker {
                 Err(e) => return Err(format!("{key} holds a value we cannot parse: {e}")),
             }
         }
-        Ok((map, resp.header().map_or(0, |h| h.revision())))
+        Ok((map, newest))
     }
 
     fn key_of(&self, i: &ServiceInstance) -> String {
@@ -1063,10 +1068,9 @@ impl Checker {
                     }
                     // Compacted past the cache's revision: then etcd now must
                     // match and hold nothing written after that revision.
-                    Err(e) if e.contains("compacted") => match self.read(None).await {
-                        Ok((map, _)) if map == view => true,
-                        _ => false,
-                    },
+                    Err(e) if e.contains("compacted") => {
+                        matches!(self.read(None).await, Ok((map, newest)) if map == view && newest <= rev)
+                    }
                     Err(e) => {
                         *last.borrow_mut() = format!("read at {rev} failed: {e}");
                         false
@@ -1127,7 +1131,6 @@ impl Checker {
         } else {
             stats.violation(seed, format!("{when}: observer: {}", last.borrow()));
         }
-        let _ = &self.ns;
     }
 }
 
