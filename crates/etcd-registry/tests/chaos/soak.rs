@@ -758,6 +758,9 @@ async fn lead_task(
         _ = leadership.lost() => step_down.now(),
         () = work => {}
     }
+    // Never return: a task that finishes makes `lead()` resign and return,
+    // and this candidate would stop campaigning. `lead()` drops it instead.
+    std::future::pending::<()>().await;
 }
 
 /// One fenced increment: applied only if the stored token is not newer than
