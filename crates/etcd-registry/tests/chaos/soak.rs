@@ -31,6 +31,8 @@ const WORKERS: usize = 4;
 const INSTANCES: usize = 25;
 const CACHES: usize = 3;
 const CANDIDATES: usize = 3;
+const LOCK_HOLDERS: usize = 2;
+const LOCK: &str = "chaos";
 const ELECTION: &str = "chaos";
 /// Bound on one request of the workload or the checker.
 const REQUEST: Duration = Duration::from_secs(2);
@@ -174,8 +176,17 @@ pub async fn run(duration: Duration, seed: u64) {
     raw.put(token_key.clone(), pad(0), None)
         .await
         .expect("init token");
+    let lock_counter_key = format!("/chaos-lock-counter/{ns}/counter");
+    let lock_token_key = format!("/chaos-lock-counter/{ns}/token");
+    let lock_inc_prefix = format!("/chaos-lock-counter/{ns}/inc/");
+    raw.put(lock_counter_key.clone(), "0", None)
+        .await
+        .expect("init lock counter");
+    raw.put(lock_token_key.clone(), pad(0), None)
+        .await
+        .expect("init lock token");
 
-    let clients = WORKERS + CACHES + CANDIDATES + 1;
+    let clients = WORKERS + CACHES + CANDIDATES + 1 + LOCK_HOLDERS;
     let mut nets = Vec::new();
     for _ in 0..clients {
         nets.push(Net::start(&cluster).await);
@@ -250,6 +261,34 @@ pub async fn run(duration: Duration, seed: u64) {
         }));
         candidate_regs.push(reg);
     }
+    // Lock holders, each with the same fenced increments on a counter of their own.
+    let lock_intervals: Intervals = Arc::default();
+    let lock_log = Arc::new(Mutex::new(CounterLog::default()));
+    let mut holders = Vec::new();
+    let mut holder_regs = Vec::new();
+    for h in 0..LOCK_HOLDERS {
+        let net = &nets[WORKERS + CACHES + CANDIDATES + 1 + h];
+        let reg = connect(net).await;
+        let kv = Client::connect(net.endpoints(), None)
+            .await
+            .expect("lock holder's kv client");
+        let fence = Fence {
+            kv,
+            counter_key: lock_counter_key.clone(),
+            token_key: lock_token_key.clone(),
+            inc_prefix: lock_inc_prefix.clone(),
+            log: lock_log.clone(),
+        };
+        let lock = reg.lock(LOCK).expect("lock name");
+        holders.push(tokio::spawn(lock_holder(
+            h,
+            lock,
+            lock_intervals.clone(),
+            fence,
+            seed.wrapping_add(200 + h as u64),
+        )));
+        holder_regs.push(reg);
+    }
     // The observer.
     let observer_reg = connect(&nets[WORKERS + CACHES + CANDIDATES]).await;
     let observed: Arc<Mutex<Option<Option<LeaderInfo>>>> = Arc::default();
@@ -280,6 +319,7 @@ pub async fn run(duration: Duration, seed: u64) {
         gate: gate.clone(),
         believed: believed.clone(),
         intervals: intervals.clone(),
+        lock_intervals: lock_intervals.clone(),
         observed: observed.clone(),
         seed,
     };
@@ -343,15 +383,22 @@ pub async fn run(duration: Duration, seed: u64) {
         }
     }
     // Candidates step down (their tasks are dropped) before the registries close.
-    for c in &candidates {
+    for c in candidates.iter().chain(&holders) {
         c.abort();
     }
-    for c in candidates {
+    for c in candidates.into_iter().chain(holders) {
         let _ = tokio::time::timeout(Duration::from_secs(10), c).await;
     }
     observer.abort();
     let _ = observer.await;
-    check_intervals(&intervals, seed, &mut stats, true);
+    check_intervals(&intervals, "3 no two leaders", seed, &mut stats, true);
+    check_intervals(
+        &lock_intervals,
+        "3 no two lock holders",
+        seed,
+        &mut stats,
+        true,
+    );
     check_counter(
         &mut raw,
         &counter_key,
@@ -361,11 +408,21 @@ pub async fn run(duration: Duration, seed: u64) {
         &mut stats,
     )
     .await;
+    check_counter(
+        &mut raw,
+        &lock_counter_key,
+        &lock_inc_prefix,
+        &lock_log,
+        seed,
+        &mut stats,
+    )
+    .await;
     drop(caches);
     for reg in worker_regs
         .iter()
         .chain(&cache_regs)
         .chain(&candidate_regs)
+        .chain(&holder_regs)
         .chain(std::iter::once(&observer_reg))
     {
         match tokio::time::timeout(Duration::from_secs(20), reg.close()).await {
@@ -373,7 +430,13 @@ pub async fn run(duration: Duration, seed: u64) {
             other => stats.violation(seed, format!("close failed: {other:?}")),
         }
     }
-    drop((worker_regs, cache_regs, candidate_regs, observer_reg));
+    drop((
+        worker_regs,
+        cache_regs,
+        candidate_regs,
+        holder_regs,
+        observer_reg,
+    ));
     // Invariant 5: no lease and no task left behind.
     let leases_gone = poll(Duration::from_secs(10), || {
         let mut raw = raw.clone();
@@ -432,6 +495,14 @@ pub async fn run(duration: Duration, seed: u64) {
         log.pending.len()
     );
     println!("  leaderships: {}", intervals.lock().unwrap().len());
+    let locks = lock_log.lock().unwrap();
+    println!(
+        "  lock holds: {}; fenced increments under the lock: {} succeeded, {} rejected, {} unanswered",
+        lock_intervals.lock().unwrap().len(),
+        locks.succeeded.len(),
+        locks.rejected,
+        locks.pending.len()
+    );
     println!("  faults injected: {}", stats.faults.values().sum::<u64>());
     for (kind, count) in &stats.faults {
         println!(
@@ -763,6 +834,64 @@ async fn lead_task(
     std::future::pending::<()>().await;
 }
 
+/// A lock holder: acquires, increments its fenced counter for 0.3-1.5 s while
+/// it holds the lock, releases, and again; the interval log is invariant 3's.
+async fn lock_holder(
+    holder: usize,
+    lock: etcd_registry::Lock,
+    intervals: Intervals,
+    mut fence: Fence,
+    seed: u64,
+) {
+    let mut rng = StdRng::seed_from_u64(seed);
+    loop {
+        let guard = match tokio::time::timeout(Duration::from_secs(30), lock.acquire()).await {
+            Ok(Ok(g)) => g,
+            Ok(Err(etcd_registry::Error::Closed)) => return,
+            _ => {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                continue;
+            }
+        };
+        let token = guard.fencing_token();
+        let index = {
+            let mut all = intervals.lock().unwrap();
+            all.push(Interval {
+                candidate: holder,
+                token,
+                won: Instant::now(),
+                stepped_down: None,
+            });
+            all.len() - 1
+        };
+        let step_down = StepDown {
+            intervals: intervals.clone(),
+            index,
+        };
+        let hold = Instant::now() + Duration::from_millis(rng.random_range(300..1500));
+        let mut seq = 0u64;
+        let work = async {
+            while Instant::now() < hold {
+                tokio::time::sleep(Duration::from_millis(rng.random_range(50..200))).await;
+                if guard.is_held() {
+                    seq += 1;
+                    increment(&mut fence, format!("l{holder}-t{token}-{seq}"), token).await;
+                }
+            }
+        };
+        tokio::select! {
+            _ = guard.lost() => step_down.now(),
+            () = work => {
+                // Stepped down before the key goes, so the next holder's win is later.
+                step_down.now();
+                let _ = tokio::time::timeout(REQUEST, guard.release()).await;
+            }
+        }
+        drop(step_down);
+        tokio::time::sleep(Duration::from_millis(rng.random_range(50..300))).await;
+    }
+}
+
 /// One fenced increment: applied only if the stored token is not newer than
 /// ours and the counter did not move since we read it.
 async fn increment(fence: &mut Fence, op: String, token: i64) {
@@ -811,7 +940,13 @@ async fn increment(fence: &mut Fence, op: String, token: i64) {
 }
 
 /// Invariant 3: leader intervals never overlap.
-fn check_intervals(intervals: &Intervals, seed: u64, stats: &mut Stats, at_end: bool) {
+fn check_intervals(
+    intervals: &Intervals,
+    what: &'static str,
+    seed: u64,
+    stats: &mut Stats,
+    at_end: bool,
+) {
     let mut all = intervals.lock().unwrap().clone();
     all.sort_by_key(|i| i.won);
     let mut bad = Vec::new();
@@ -847,7 +982,7 @@ fn check_intervals(intervals: &Intervals, seed: u64, stats: &mut Stats, at_end: 
         ));
     }
     if bad.is_empty() {
-        stats.pass("3 no two leaders");
+        stats.pass(what);
     }
     // Empty entries are overlaps reported by an earlier check.
     for b in bad.into_iter().filter(|b| !b.is_empty()) {
@@ -961,6 +1096,7 @@ struct Checker {
     gate: Arc<RwLock<()>>,
     believed: Believed,
     intervals: Intervals,
+    lock_intervals: Intervals,
     observed: Arc<Mutex<Option<Option<LeaderInfo>>>>,
     seed: u64,
 }
@@ -1091,7 +1227,14 @@ impl Checker {
             }
         }
         // 3. no overlap so far, and the observer names etcd's leader.
-        check_intervals(&self.intervals, seed, stats, false);
+        check_intervals(&self.intervals, "3 no two leaders", seed, stats, false);
+        check_intervals(
+            &self.lock_intervals,
+            "3 no two lock holders",
+            seed,
+            stats,
+            false,
+        );
         let last = std::cell::RefCell::new(String::new());
         let ok = poll(
             deadline.saturating_duration_since(Instant::now()),
