@@ -58,6 +58,9 @@ struct Entry {
     written_rev: i64,
     /// Another live lease took the key over: yielded, not fought for.
     yielded: bool,
+    /// `written_rev` is a re-put of `value` by recovery or anti-entropy, not
+    /// a caller's write: a caller's write still in flight may be newer.
+    restored: bool,
 }
 
 impl Registry {
@@ -377,6 +380,28 @@ impl Inner {
                 if self.cancel.is_cancelled() {
                     return Err(Error::Closed);
                 }
+                let clobbered = regs
+                    .get(key)
+                    .filter(|e| e.written_rev > written_rev && e.restored && e.value != value)
+                    .map(|e| e.written_rev);
+                if let Some(rev) = clobbered {
+                    // A restore re-put the value from before this write, after
+                    // it landed: etcd holds an older value than the caller is
+                    // about to be told. Record ours, so that any further
+                    // restore uses it, and write it again. Found by the chaos soak.
+                    regs.insert(
+                        key.to_owned(),
+                        Entry {
+                            instance: instance.clone(),
+                            value: value.clone(),
+                            written_rev: rev,
+                            yielded: false,
+                            restored: false,
+                        },
+                    );
+                    tracing::debug!(service = %instance.name, id = %instance.id, "a restore overwrote this write with an older value; writing again");
+                    continue;
+                }
                 // Of two concurrent writes of one key, the later revision is what etcd holds.
                 if regs.get(key).is_none_or(|e| e.written_rev < written_rev) {
                     regs.insert(
@@ -386,6 +411,7 @@ impl Inner {
                             value: value.clone(),
                             written_rev,
                             yielded: false,
+                            restored: false,
                         },
                     );
                 }
@@ -438,6 +464,7 @@ impl Inner {
             for k in chunk {
                 if let Some(e) = regs.get_mut(k) {
                     e.written_rev = rev;
+                    e.restored = true;
                 }
             }
         }
@@ -523,6 +550,7 @@ impl Inner {
             Ok(resp) if resp.succeeded() => {
                 entry.written_rev = resp.header().map_or(0, |h| h.revision());
                 entry.yielded = false;
+                entry.restored = true;
                 Ok(())
             }
             Ok(_) => {
