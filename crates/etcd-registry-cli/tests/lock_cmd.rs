@@ -82,8 +82,11 @@ async fn create_revision(ctx: &Ctx, key: &str) -> i64 {
         .unwrap_or_else(|| panic!("no create_revision for {key}: {json}"))
 }
 
+/// Checked by hand: with each CLI locking a name of its own (the process id
+/// appended in src/lock.rs), this test fails with interleaved starts, and so
+/// does the etcdctl one.
 #[tokio::test]
-async fn two_clis_run_their_cmds_one_at_a_time() {
+async fn three_clis_run_their_cmds_one_at_a_time() {
     let ctx = Ctx::new("cli-lock-mutex").await;
     let log = Log::new();
     let mut clis: Vec<Background> = ["a", "b", "c"]
@@ -133,6 +136,26 @@ async fn the_cli_waits_while_etcdctl_holds_the_lock_and_cmd_gets_its_fencing_tok
     // etcdctl, and CMD may not start while etcdctl holds the lock.
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert_eq!(log.lines(), Vec::<String>::new(), "CMD ran under etcdctl");
+    // `status` names etcdctl as the holder (the older key) and the CLI as its waiter.
+    let status: serde_json::Value =
+        serde_json::from_str(&ctx.stdout(&["status", "--json"]).await).expect("JSON");
+    let mut revisions = Vec::new();
+    for key in &keys {
+        revisions.push(create_revision(&ctx, key).await);
+    }
+    let holder = revisions.iter().min().expect("two keys");
+    assert_eq!(
+        status["namespace"]["locks"],
+        serde_json::json!([{
+            "name": "job",
+            "fencing_token": holder,
+            "lease_id": keys[revisions.iter().position(|r| r == holder).expect("holder")]
+                .rsplit('/')
+                .next(),
+            "waiters": 1,
+        }]),
+        "{status}"
+    );
 
     etcdctl.signal("INT"); // etcdctl lock releases on SIGINT
     assert!(etcdctl.exit().await.success(), "etcdctl lock did not exit");

@@ -84,6 +84,15 @@ impl Keys {
         format!("{}{lock}/", self.locks)
     }
 
+    /// The lock a holder or waiter key belongs to; `None` for keys outside
+    /// the layout. The name is everything up to the last `/`, so the keys of
+    /// an `etcdctl lock` whose name has a `/` in it are read too.
+    pub(crate) fn parse_lock_key<'a>(&self, key: &'a str) -> Option<&'a str> {
+        let rest = key.strip_prefix(self.locks.as_str())?;
+        let (lock, waiter) = rest.rsplit_once('/')?;
+        (!lock.is_empty() && !waiter.is_empty()).then_some(lock)
+    }
+
     /// A lock key: the lease id in lowercase hex, as etcd's Go `concurrency.Mutex` writes it.
     pub(crate) fn lock_key(&self, lock: &str, lease_id: i64) -> String {
         format!("{}{lock}/{lease_id:x}", self.locks)
