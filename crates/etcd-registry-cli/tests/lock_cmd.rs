@@ -276,3 +276,63 @@ async fn a_deleted_key_stops_cmd_with_sigterm_and_exits_1() {
     assert!(lines[1].starts_with("stop me "), "{lines:?}");
     assert_eq!(ctx.raw_keys().await, "");
 }
+
+/// The other direction of the interop: `etcdctl lock` waits while the CLI
+/// holds the lock. And a CLI interrupted while waiting runs nothing,
+/// withdraws its key and exits 128+15, so `lock NAME -- CMD && next` stops.
+#[tokio::test]
+async fn etcdctl_waits_while_the_cli_holds_and_a_signal_while_waiting_runs_nothing() {
+    let ctx = Ctx::new("cli-lock-waiters").await;
+    let log = Log::new();
+    let mut holder = ctx.spawn(&["lock", "job"]);
+    holder.line_starting("locked (fencing token ").await;
+
+    let name = format!("/etcd_registry/{}/locks/job", ctx.ns);
+    let mut wait = ctx.etcd.etcdctl();
+    // etcdctl runs the command once it holds the lock, then releases and exits.
+    wait.args(["lock", &name, "echo", "etcdctl-got-it"]);
+    let mut etcdctl = Background::start(wait, &["etcdctl lock"]);
+    let mut waiter = Background::start(
+        lock(&ctx, &["job"], "waiter", &log.path, "echo ran >> \"$LOG\""),
+        &["lock job -- echo (waiter)"],
+    );
+    eventually(
+        "etcdctl's and the waiter's keys behind the holder's",
+        || async { (ctx.raw_keys_under("locks/job/").await.len() == 3).then_some(()) },
+    )
+    .await;
+    // An observation window, not a synchronisation: nothing may get the lock
+    // while the CLI holds it.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(
+        etcdctl.child.try_wait().expect("try_wait").is_none(),
+        "etcdctl lock got the lock while the CLI held it"
+    );
+
+    waiter.sigterm();
+    let status = waiter.exit().await;
+    let stderr = waiter.stderr().await;
+    assert_eq!(status.code(), Some(128 + 15), "{stderr}");
+    assert!(
+        stderr.contains("received terminate while waiting; the lock was not acquired"),
+        "{stderr}"
+    );
+    assert_eq!(
+        log.lines(),
+        Vec::<String>::new(),
+        "CMD ran without the lock"
+    );
+    eventually("the waiter's key withdrawn", || async {
+        (ctx.raw_keys_under("locks/job/").await.len() == 2).then_some(())
+    })
+    .await;
+
+    holder.sigterm();
+    assert!(holder.exit().await.success(), "{}", holder.stderr().await);
+    assert_eq!(
+        etcdctl.line_starting("etcdctl-got-it").await,
+        "etcdctl-got-it"
+    );
+    assert!(etcdctl.exit().await.success(), "{}", etcdctl.stderr().await);
+    assert_eq!(ctx.raw_keys().await, "");
+}
