@@ -189,6 +189,8 @@ async fn the_cli_waits_while_etcdctl_holds_the_lock_and_cmd_gets_its_fencing_tok
     assert_eq!(ctx.raw_keys().await, "");
 }
 
+/// Checked by hand: with src/lock.rs waiting 1000 times --timeout, this test
+/// fails (the second CLI does not exit).
 #[tokio::test]
 async fn timeout_exits_1_and_leaves_no_key_and_the_holder_releases_on_sigterm() {
     let ctx = Ctx::new("cli-lock-timeout").await;
@@ -280,6 +282,9 @@ async fn a_deleted_key_stops_cmd_with_sigterm_and_exits_1() {
 /// The other direction of the interop: `etcdctl lock` waits while the CLI
 /// holds the lock. And a CLI interrupted while waiting runs nothing,
 /// withdraws its key and exits 128+15, so `lock NAME -- CMD && next` stops.
+///
+/// Checked by hand: with src/lock.rs returning `Ok(())` on a signal while
+/// waiting, this test fails (exit status 0).
 #[tokio::test]
 async fn etcdctl_waits_while_the_cli_holds_and_a_signal_while_waiting_runs_nothing() {
     let ctx = Ctx::new("cli-lock-waiters").await;
