@@ -226,4 +226,19 @@ mod tests {
             "/etcd_registry/prod/locks/db/694d77b4e1a2c00b"
         );
     }
+
+    #[test]
+    fn lock_keys_parse_back_to_their_lock_also_etcdctls_with_a_slash() {
+        let k = Keys::new("/etcd_registry", "prod");
+        let key = k.lock_key("db", 0x694d_77b4_e1a2_c00b);
+        assert_eq!(k.parse_lock_key(&key), Some("db"));
+        assert_eq!(
+            k.parse_lock_key("/etcd_registry/prod/locks/a/b/694d77b4e1a2c00b"),
+            Some("a/b")
+        );
+        assert_eq!(k.parse_lock_key("/etcd_registry/prod/locks/db"), None);
+        assert_eq!(k.parse_lock_key("/etcd_registry/prod/locks/db/"), None);
+        assert_eq!(k.parse_lock_key("/etcd_registry/prod/locks//1"), None);
+        assert_eq!(k.parse_lock_key("/etcd_registry/other/locks/db/1"), None);
+    }
 }
