@@ -12,7 +12,7 @@ use clap::{Args, Parser, Subcommand};
 /// its job and closes the registry (revoking its lease) before it exits.
 /// Durations take a unit (`500ms`, `2s`, `1m`, `1h 30m`) or are whole seconds (`2`).
 /// Exit status: 0 on success, 1 when the command failed, 2 on a usage error
-/// or invalid input; `campaign -- CMD` exits with CMD's status.
+/// or invalid input; `campaign -- CMD` and `lock -- CMD` exit with CMD's status.
 #[derive(Debug, Parser)]
 #[command(name = "etcd-registry", version)]
 #[command(after_help = "Start a throwaway etcd with `etcd-registry dev`, then \
@@ -267,6 +267,41 @@ pub enum Command {
         )]
         grace: Duration,
         /// The command to run while leading, after `--`.
+        #[arg(last = true, value_name = "CMD")]
+        cmd: Vec<OsString>,
+    },
+
+    /// Acquire a lock and hold it until Ctrl-C/SIGTERM, or while CMD runs.
+    ///
+    /// Waits while another holder (this CLI, the library, `etcdctl lock`)
+    /// has it. Without CMD, prints the fencing token and holds the lock until
+    /// Ctrl-C/SIGTERM, then releases it; a loss exits 1.
+    ///
+    /// With `-- CMD [ARGS...]`, runs CMD once the lock is held, with
+    /// ETCD_REGISTRY_FENCING_TOKEN, ETCD_REGISTRY_LOCK and
+    /// ETCD_REGISTRY_LEASE_ID (hex) in its environment, and releases the lock
+    /// when CMD exits, exiting with CMD's status (128+N if killed by signal
+    /// N). When the lock is lost, CMD gets SIGTERM at once and SIGKILL after
+    /// --grace, and the CLI exits 1: a lost lock is not acquired again.
+    /// SIGINT/SIGTERM are forwarded to CMD; once it ended (or --grace
+    /// passed), the CLI releases and exits with CMD's status. A signal while
+    /// waiting exits 128+N without running CMD.
+    Lock {
+        /// Lock name (no '/').
+        name: String,
+        /// Exit 1 if the lock is not acquired within this long (`30s`, `2m`).
+        #[arg(long, value_name = "DURATION", value_parser = duration)]
+        timeout: Option<Duration>,
+        /// With CMD: how long CMD may take to exit after SIGTERM before SIGKILL.
+        #[arg(
+            long,
+            value_name = "DURATION",
+            default_value = "10s",
+            value_parser = duration,
+            requires = "cmd"
+        )]
+        grace: Duration,
+        /// The command to run while holding the lock, after `--`.
         #[arg(last = true, value_name = "CMD")]
         cmd: Vec<OsString>,
     },

@@ -125,6 +125,31 @@ pub async fn run(cli: Cli) -> CliResult {
             })
             .await
         }
+        Command::Lock {
+            name,
+            timeout,
+            grace,
+            cmd,
+        } => {
+            let mut shutdown = Shutdown::listen()?;
+            let supervisor = if cmd.is_empty() {
+                None
+            } else {
+                Some(Supervisor::new(cmd, grace)?)
+            };
+            let run = crate::lock::Run {
+                name,
+                timeout,
+                supervisor,
+            };
+            with_registry(g, async move |r| {
+                let result = run.run(r, &mut shutdown).await;
+                // The lock is released; a signal during the close ends the CLI at once.
+                shutdown.exit_on_next();
+                result
+            })
+            .await
+        }
         Command::Observe {
             election,
             json,

@@ -110,7 +110,7 @@ impl From<etcd_registry::Error> for CliError {
         use etcd_registry::Error as E;
         let hint = match &e {
             E::InvalidInput { field, .. } => match *field {
-                "name" | "id" | "election" => Some(format!(
+                "name" | "id" | "election" | "lock" => Some(format!(
                     "a {field} must be non-empty, without '/' or control characters"
                 )),
                 "ttl" => Some("use --ttl with a whole number of seconds, at least 2".to_owned()),

@@ -4,6 +4,7 @@ mod args;
 mod campaign;
 mod commands;
 mod error;
+mod lock;
 mod output;
 mod shutdown;
 mod status;

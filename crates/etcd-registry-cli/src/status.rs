@@ -2,7 +2,7 @@
 
 use std::collections::BTreeMap;
 
-use etcd_registry::{ElectionSummary, EndpointStatus, Registry, ServiceInstance};
+use etcd_registry::{ElectionSummary, EndpointStatus, LockSummary, Registry, ServiceInstance};
 use serde_json::{Value, json};
 
 use crate::args::Global;
@@ -61,6 +61,7 @@ struct Namespace {
     services: BTreeMap<String, usize>,
     instances: usize,
     elections: Vec<ElectionSummary>,
+    locks: Vec<LockSummary>,
 }
 
 impl Namespace {
@@ -76,6 +77,7 @@ impl Namespace {
             services,
             instances: instances.len(),
             elections: registry.elections().await?,
+            locks: registry.locks().await?,
         })
     }
 
@@ -91,6 +93,14 @@ impl Namespace {
             self.elections.len(),
             plural(self.elections.len()),
         )];
+        // Only when there are locks, so the line reads as before without them.
+        if !self.locks.is_empty() {
+            rows[0].push_str(&format!(
+                ", {} lock{}",
+                self.locks.len(),
+                plural(self.locks.len())
+            ));
+        }
         if !self.services.is_empty() {
             let rows_in = self
                 .services
@@ -113,6 +123,20 @@ impl Namespace {
                 rows_in,
             ));
         }
+        if !self.locks.is_empty() {
+            let rows_in = self.locks.iter().map(|l| {
+                [
+                    l.name.clone(),
+                    l.fencing_token.to_string(),
+                    lease_hex(l.lease_id),
+                    l.waiters.to_string(),
+                ]
+            });
+            rows.extend(columns(
+                ["LOCK", "FENCING TOKEN", "HOLDER LEASE", "WAITERS"],
+                rows_in,
+            ));
+        }
         rows
     }
 
@@ -130,6 +154,12 @@ impl Namespace {
                     "fencing_token": e.leader.fencing_token,
                     "lease_id": lease_hex(e.leader.lease_id),
                 },
+            })).collect::<Vec<_>>(),
+            "locks": self.locks.iter().map(|l| json!({
+                "name": l.name,
+                "fencing_token": l.fencing_token,
+                "lease_id": lease_hex(l.lease_id),
+                "waiters": l.waiters,
             })).collect::<Vec<_>>(),
         })
     }

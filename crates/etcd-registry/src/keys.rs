@@ -84,6 +84,15 @@ impl Keys {
         format!("{}{lock}/", self.locks)
     }
 
+    /// The lock a holder or waiter key belongs to; `None` for keys outside
+    /// the layout. The name is everything up to the last `/`, so the keys of
+    /// an `etcdctl lock` whose name has a `/` in it are read too.
+    pub(crate) fn parse_lock_key<'a>(&self, key: &'a str) -> Option<&'a str> {
+        let rest = key.strip_prefix(self.locks.as_str())?;
+        let (lock, waiter) = rest.rsplit_once('/')?;
+        (!lock.is_empty() && !waiter.is_empty()).then_some(lock)
+    }
+
     /// A lock key: the lease id in lowercase hex, as etcd's Go `concurrency.Mutex` writes it.
     pub(crate) fn lock_key(&self, lock: &str, lease_id: i64) -> String {
         format!("{}{lock}/{lease_id:x}", self.locks)
@@ -216,5 +225,20 @@ mod tests {
             k.lock_key("db", 0x694d_77b4_e1a2_c00b),
             "/etcd_registry/prod/locks/db/694d77b4e1a2c00b"
         );
+    }
+
+    #[test]
+    fn lock_keys_parse_back_to_their_lock_also_etcdctls_with_a_slash() {
+        let k = Keys::new("/etcd_registry", "prod");
+        let key = k.lock_key("db", 0x694d_77b4_e1a2_c00b);
+        assert_eq!(k.parse_lock_key(&key), Some("db"));
+        assert_eq!(
+            k.parse_lock_key("/etcd_registry/prod/locks/a/b/694d77b4e1a2c00b"),
+            Some("a/b")
+        );
+        assert_eq!(k.parse_lock_key("/etcd_registry/prod/locks/db"), None);
+        assert_eq!(k.parse_lock_key("/etcd_registry/prod/locks/db/"), None);
+        assert_eq!(k.parse_lock_key("/etcd_registry/prod/locks//1"), None);
+        assert_eq!(k.parse_lock_key("/etcd_registry/other/locks/db/1"), None);
     }
 }

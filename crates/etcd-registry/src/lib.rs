@@ -97,7 +97,7 @@ pub use lock::{Lock, LockGuard};
 pub use queue::LostReason;
 pub use registry::{Registration, Registry};
 pub use session::RegistryState;
-pub use status::{ElectionSummary, EndpointStatus, MemberStatus};
+pub use status::{ElectionSummary, EndpointStatus, LockSummary, MemberStatus};
 #[cfg(feature = "tls")]
 pub use tls::TlsConfig;
 pub use watch::{ServiceEvent, ServiceWatch};
