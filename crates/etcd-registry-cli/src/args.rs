@@ -81,12 +81,7 @@ pub struct Global {
     pub dial_timeout: Duration,
 
     /// etcd user name (needs --password).
-    #[arg(
-        long,
-        global = true,
-        env = "ETCD_USER",
-        value_name = "USER"
-    )]
+    #[arg(long, global = true, env = "ETCD_USER", value_name = "USER")]
     pub user: Option<String>,
 
     /// etcd password (needs --user).
