@@ -171,6 +171,8 @@ pub enum Command {
         /// Stop after this long (`30s`, `2m`).
         #[arg(long, value_name = "DURATION", value_parser = duration)]
         timeout: Option<Duration>,
+        #[command(flatten)]
+        metrics: crate::metrics::MetricsOpt,
     },
 
     /// Register an instance and hold the registration until Ctrl-C/SIGTERM or --for.
@@ -198,6 +200,8 @@ pub enum Command {
         /// Deregister and exit after this long (`30s`, `1h`).
         #[arg(long = "for", value_name = "DURATION", value_parser = duration)]
         for_secs: Option<Duration>,
+        #[command(flatten)]
+        metrics: crate::metrics::MetricsOpt,
     },
 
     /// Delete one instance, whoever registered it (admin).
@@ -264,6 +268,8 @@ pub enum Command {
         /// The command to run while leading, after `--`.
         #[arg(last = true, value_name = "CMD")]
         cmd: Vec<OsString>,
+        #[command(flatten)]
+        metrics: crate::metrics::MetricsOpt,
     },
 
     /// Acquire a lock and hold it until Ctrl-C/SIGTERM, or while CMD runs.
@@ -311,6 +317,8 @@ pub enum Command {
         /// Exit 0 after this many changes following the current leader.
         #[arg(long, value_name = "N")]
         count: Option<u64>,
+        #[command(flatten)]
+        metrics: crate::metrics::MetricsOpt,
     },
 
     /// Print a shell completion script: `etcd-registry completions bash > /etc/bash_completion.d/etcd-registry`.

@@ -19,6 +19,7 @@ use crate::supervise::Supervisor;
 
 pub async fn run(cli: Cli) -> CliResult {
     let g = &cli.global;
+    crate::metrics::serve(cli.command.metrics_addr())?;
     match cli.command {
         Command::Dev => dev().await,
         Command::Completions { shell } => output::completions(shell),
@@ -35,6 +36,7 @@ pub async fn run(cli: Cli) -> CliResult {
             json,
             count,
             timeout,
+            ..
         } => {
             let shutdown = Shutdown::listen()?;
             let deadline = timeout.map(|d| Instant::now() + d);
@@ -52,6 +54,7 @@ pub async fn run(cli: Cli) -> CliResult {
             weight,
             meta,
             for_secs,
+            ..
         } => {
             let shutdown = Shutdown::listen()?;
             let mut instance = ServiceInstance::new(name, id, address, port)
@@ -102,6 +105,7 @@ pub async fn run(cli: Cli) -> CliResult {
             once,
             grace,
             cmd,
+            ..
         } => {
             let mut shutdown = Shutdown::listen()?;
             if cmd.is_empty() {
@@ -154,6 +158,7 @@ pub async fn run(cli: Cli) -> CliResult {
             election,
             json,
             count,
+            ..
         } => {
             let shutdown = Shutdown::listen()?;
             with_registry(g, async |r| {

@@ -5,6 +5,7 @@ mod campaign;
 mod commands;
 mod error;
 mod lock;
+mod metrics;
 mod output;
 mod shutdown;
 mod status;

@@ -11,7 +11,7 @@ use crate::{Error, Result};
 ///
 /// Not cancel-safe in any interesting sense: dropping the future drops the
 /// connection. Callers put it under a timeout.
-pub(crate) async fn get(addr: SocketAddr, path: &str) -> Result<(u16, String)> {
+pub async fn get(addr: SocketAddr, path: &str) -> Result<(u16, String)> {
     let url = format!("http://{addr}{path}");
     let mut stream = TcpStream::connect(addr).await?;
     let request = format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\nConnection: close\r\n\r\n");

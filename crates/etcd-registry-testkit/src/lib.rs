@@ -44,6 +44,7 @@ pub use auth::ROOT_USER;
 pub use bulk::{MAX_TXN_OPS, put_batched};
 pub use cluster::EtcdCluster;
 pub use error::{Error, Result};
+pub use http::get as http_get;
 pub use proxy::{Direction, FaultProxy, ProxyMode};
 pub use server::{EtcdServer, EtcdServerBuilder};
 pub use tls::{CertifiedKey, ServerTls, TestCa};

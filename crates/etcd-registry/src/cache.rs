@@ -98,6 +98,8 @@ pub(crate) struct Shared {
     /// Set when etcd's RBAC refused the watch behind the cache.
     denied: Arc<std::sync::OnceLock<(&'static str, String)>>,
     service: Option<String>,
+    /// The registry's namespace: the `namespace` label of the cache's metrics.
+    namespace: String,
     /// Stops the feeding task when the last handle goes; the task owns the
     /// watch, so that drops the etcd watch stream.
     _stop: DropGuard,
@@ -402,6 +404,7 @@ impl Registry {
 
 impl ServiceCache {
     async fn open(inner: &Arc<Inner>, service: Option<String>) -> Result<Self> {
+        let _timer = crate::metrics::timer(&inner.config.namespace, "cache");
         let shared = {
             let mut caches = inner
                 .caches
@@ -551,6 +554,13 @@ impl Shared {
     fn start(inner: &Arc<Inner>, service: Option<String>) -> Result<Arc<Self>> {
         let feed = Feed::start(inner, service.as_deref())?;
         let stop = CancellationToken::new();
+        crate::metrics::track_cache_staleness(
+            &inner.config.namespace,
+            service.as_deref().unwrap_or("*"),
+            &feed.heard,
+            &stop,
+            &inner.cancel,
+        );
         let shared = Arc::new(Shared {
             store: RwLock::new(Store::default()),
             version: watch::Sender::new(Version::default()),
@@ -558,6 +568,7 @@ impl Shared {
             errors: feed.errors.clone(),
             denied: feed.denied.clone(),
             service,
+            namespace: inner.config.namespace.clone(),
             _stop: stop.clone().drop_guard(),
         });
         tokio::spawn(feed_cache(Arc::downgrade(&shared), feed, stop));
@@ -573,7 +584,13 @@ impl Shared {
             .write()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         store.revision = batch.revision;
-        store.apply(batch.events)
+        let changed = store.apply(batch.events);
+        crate::metrics::cache_instances(
+            &self.namespace,
+            self.service.as_deref().unwrap_or("*"),
+            store.len,
+        );
+        changed
     }
 
     fn publish(&self, changed: bool) {

@@ -186,6 +186,7 @@ impl Election {
     /// # Ok(()) }
     /// ```
     pub async fn campaign(&self, proposal: impl Into<Vec<u8>>) -> Result<Leadership> {
+        let _timer = crate::metrics::timer(&self.queue.inner.config.namespace, "campaign");
         let head = self.queue.join(proposal.into()).await?;
         Ok(Leadership { head })
     }
@@ -201,6 +202,7 @@ impl Election {
     /// # Ok(()) }
     /// ```
     pub async fn leader(&self) -> Result<Option<LeaderInfo>> {
+        let _timer = crate::metrics::timer(&self.queue.inner.config.namespace, "leader");
         let prefix = self.queue.prefix.clone();
         let resp = self
             .queue
@@ -496,6 +498,7 @@ impl Leadership {
     /// fine. If the delete fails it is returned, and the key is deleted in the
     /// background when the last clone of this `Leadership` is dropped.
     pub async fn resign(&self) -> Result<()> {
+        let _timer = crate::metrics::timer(&self.head.inner().config.namespace, "resign");
         self.head.leave().await
     }
 }

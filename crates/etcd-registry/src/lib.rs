@@ -74,6 +74,10 @@ mod error;
 mod instance;
 mod keys;
 mod lock;
+#[cfg(feature = "metrics")]
+pub mod metrics;
+#[cfg(not(feature = "metrics"))]
+mod metrics;
 mod queue;
 mod registry;
 mod session;

@@ -127,6 +127,7 @@ impl Lock {
     /// # Ok(()) }
     /// ```
     pub async fn acquire(&self) -> Result<LockGuard> {
+        let _timer = crate::metrics::timer(&self.queue.inner.config.namespace, "lock");
         let head = self.queue.join(Vec::new()).await?;
         Ok(LockGuard { head })
     }
@@ -151,6 +152,7 @@ impl Lock {
     /// # Ok(()) }
     /// ```
     pub async fn try_acquire(&self) -> Result<Option<LockGuard>> {
+        let _timer = crate::metrics::timer(&self.queue.inner.config.namespace, "lock");
         let head = self.queue.try_join(Vec::new()).await?;
         Ok(head.map(|head| LockGuard { head }))
     }
@@ -176,6 +178,7 @@ impl Lock {
     /// # Ok(()) }
     /// ```
     pub async fn acquire_timeout(&self, timeout: Duration) -> Result<Option<LockGuard>> {
+        let _timer = crate::metrics::timer(&self.queue.inner.config.namespace, "lock");
         let deadline = Instant::now() + timeout;
         let queue = &self.queue;
         let Ok(lease) = tokio::time::timeout_at(deadline, queue.lease()).await else {
@@ -388,6 +391,7 @@ impl LockGuard {
     /// is deleted in the background when the last clone of this guard is
     /// dropped.
     pub async fn release(&self) -> Result<()> {
+        let _timer = crate::metrics::timer(&self.head.inner().config.namespace, "unlock");
         self.head.leave().await
     }
 }

@@ -428,6 +428,12 @@ impl Head {
     ) -> Self {
         let inner = queue.inner.clone();
         let lost = Arc::new(watch::Sender::new(None));
+        crate::metrics::track_leadership(
+            &inner.config.namespace,
+            queue.kind,
+            &queue.name,
+            &lost.subscribe(),
+        );
         let released = Arc::new(AtomicBool::new(false));
         let monitor = tokio::spawn(monitor(
             inner.clone(),

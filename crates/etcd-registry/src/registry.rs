@@ -72,7 +72,7 @@ impl Registry {
 
     pub(crate) async fn connect_with(config: Config) -> Result<Self> {
         let conn = Conn::connect(&config).await?;
-        let session = Arc::new(Session::new(config.ttl));
+        let session = Arc::new(Session::new(config.ttl, &config.namespace));
         let lease = session.grant(&conn).await?;
         session.start(lease);
         let inner = Arc::new(Inner {
@@ -155,6 +155,7 @@ impl Registry {
     /// # Ok(()) }
     /// ```
     pub async fn register(&self, instance: ServiceInstance) -> Result<Registration> {
+        let _timer = crate::metrics::timer(&self.inner.config.namespace, "register");
         let key = self.inner.keys.instance_key(&instance.name, &instance.id);
         let value = instance.encode_for(&key)?;
         self.inner.put_entry(&key, instance.clone(), value).await?;
@@ -172,6 +173,7 @@ impl Registry {
     /// first one), so a service of any size can be listed; if that revision
     /// is compacted mid-way, the read starts again at the current revision.
     pub async fn instances(&self, name: &str) -> Result<Vec<ServiceInstance>> {
+        let _timer = crate::metrics::timer(&self.inner.config.namespace, "list");
         validate_segment("name", name)?;
         let prefix = self.inner.keys.service_prefix(name);
         Ok(self.inner.list(&prefix).await?.1)
@@ -180,6 +182,7 @@ impl Registry {
     /// Every instance of every service in the namespace, as one consistent
     /// snapshot, paged like [`Registry::instances`].
     pub async fn all_instances(&self) -> Result<Vec<ServiceInstance>> {
+        let _timer = crate::metrics::timer(&self.inner.config.namespace, "list");
         let prefix = self.inner.keys.services_prefix().to_owned();
         Ok(self.inner.list(&prefix).await?.1)
     }
@@ -231,6 +234,7 @@ impl Registry {
     ///
     /// If this registry itself maintains the instance, it stops maintaining it.
     pub async fn delete_instance(&self, name: &str, id: &str) -> Result<bool> {
+        let _timer = crate::metrics::timer(&self.inner.config.namespace, "delete");
         validate_segment("name", name)?;
         validate_segment("id", id)?;
         let key = self.inner.keys.instance_key(name, id);
@@ -244,12 +248,14 @@ impl Registry {
             })
             .await?;
         regs.remove(&key);
+        crate::metrics::registrations(&self.inner.config.namespace, regs.len());
         Ok(resp.deleted() > 0)
     }
 
     /// Admin: deletes every instance of service `name`, whoever registered
     /// them. Returns how many were deleted. `web` never touches `webhook`.
     pub async fn delete_service(&self, name: &str) -> Result<u64> {
+        let _timer = crate::metrics::timer(&self.inner.config.namespace, "delete");
         validate_segment("name", name)?;
         let prefix = self.inner.keys.service_prefix(name);
         let mut regs = self.inner.regs.lock().await;
@@ -265,6 +271,7 @@ impl Registry {
             })
             .await?;
         regs.retain(|k, _| !k.starts_with(&prefix));
+        crate::metrics::registrations(&self.inner.config.namespace, regs.len());
         Ok(resp.deleted().max(0) as u64)
     }
 
@@ -274,6 +281,7 @@ impl Registry {
     /// If etcd cannot be reached, the background work still stops and the
     /// keys expire after the TTL; the revocation error is returned.
     pub async fn close(&self) -> Result<()> {
+        let _timer = crate::metrics::timer(&self.inner.config.namespace, "close");
         self.inner.close().await
     }
 }
@@ -415,6 +423,7 @@ impl Inner {
                         },
                     );
                 }
+                crate::metrics::registrations(&self.config.namespace, regs.len());
             }
             if !self
                 .watched
@@ -548,6 +557,7 @@ impl Inner {
             .await;
         match resp {
             Ok(resp) if resp.succeeded() => {
+                crate::metrics::restored(&self.config.namespace, &entry.instance.name);
                 entry.written_rev = resp.header().map_or(0, |h| h.revision());
                 entry.yielded = false;
                 entry.restored = true;
@@ -583,6 +593,7 @@ impl Inner {
             let _ = task.await;
         }
         self.regs.lock().await.clear();
+        crate::metrics::registrations(&self.config.namespace, 0);
         let lease = self.session.close();
         if let Some(lease) = lease {
             let revoked = self
@@ -761,6 +772,7 @@ impl Registration {
     /// If another lease had taken the key over, this writes it back under this
     /// registry's lease and maintains it again (last writer wins).
     pub async fn update(&mut self, instance: ServiceInstance) -> Result<()> {
+        let _timer = crate::metrics::timer(&self.inner.config.namespace, "update");
         if instance.name != self.instance.name {
             return Err(Error::invalid(
                 "name",
@@ -781,10 +793,12 @@ impl Registration {
     /// Deletes the key and stops maintaining it. A key that another lease
     /// took over is left alone.
     pub async fn deregister(self) -> Result<()> {
+        let _timer = crate::metrics::timer(&self.inner.config.namespace, "deregister");
         let mut regs = self.inner.regs.lock().await;
         let Some(entry) = regs.remove(&self.key) else {
             return Ok(());
         };
+        crate::metrics::registrations(&self.inner.config.namespace, regs.len());
         if entry.yielded {
             return Ok(());
         }
@@ -799,6 +813,7 @@ impl Registration {
             .await;
         if let Err(e) = result {
             regs.insert(self.key.clone(), entry);
+            crate::metrics::registrations(&self.inner.config.namespace, regs.len());
             return Err(e);
         }
         tracing::debug!(service = %self.instance.name, id = %self.instance.id, "deregistered");

@@ -81,11 +81,14 @@ pub(crate) struct Session {
     /// our own old keys from another registry's).
     owned: Mutex<VecDeque<i64>>,
     ttl: Duration,
+    /// The registry's namespace: the `namespace` label of its metrics.
+    pub(crate) namespace: String,
 }
 
 impl Session {
-    pub(crate) fn new(ttl: Duration) -> Self {
+    pub(crate) fn new(ttl: Duration, namespace: &str) -> Self {
         Self {
+            namespace: namespace.to_owned(),
             lease_tx: watch::Sender::new(None),
             state_tx: watch::Sender::new(RegistryState::Connecting),
             suspect: Notify::new(),
@@ -144,6 +147,7 @@ impl Session {
             true
         });
         if changed {
+            crate::metrics::state(&self.namespace, state);
             match state {
                 RegistryState::Active { lease_id } => {
                     tracing::info!(lease = %format_args!("{lease_id:x}"), "registry state: active")
@@ -295,6 +299,7 @@ pub(crate) async fn run(
                 match cancellable(&cancel, session.grant(&conn)).await {
                     None => return,
                     Some(Ok(lease)) => {
+                        crate::metrics::lease_recovered(&session.namespace);
                         session.publish(Some(lease));
                         current = Some(lease);
                         needs_restore = true;
@@ -332,6 +337,11 @@ pub(crate) async fn run(
                     current = None;
                 }
                 KeepAlive::Broken(reason) => {
+                    crate::metrics::keep_alive(
+                        &session.namespace,
+                        false,
+                        session.lease().map(|l| l.expires),
+                    );
                     session.set_state(RegistryState::Degraded { lease_id: lease.id });
                     tracing::warn!(lease = %format_args!("{:x}", lease.id), %reason, "keep-alive stream broken; reopening");
                     if !backoff.wait(&cancel).await {
@@ -395,6 +405,7 @@ async fn keep_alive(
             Some(Ok(Ok(Some(resp)))) => {
                 lease.expires = lease_deadline(sent, resp.ttl(), ttl);
                 session.publish(Some(lease));
+                crate::metrics::keep_alive(&session.namespace, true, Some(lease.expires));
                 session.set_state(RegistryState::Active { lease_id: lease.id });
                 backoff.reset();
             }

@@ -286,6 +286,7 @@ pub(crate) struct Feed {
     pub(crate) errors: Arc<AtomicU64>,
     /// Set when etcd's RBAC refused the watch, which then ended.
     pub(crate) denied: Arc<OnceLock<(&'static str, String)>>,
+    pub(crate) heard: crate::metrics::Heard,
     service: String,
     task: JoinHandle<()>,
 }
@@ -304,7 +305,9 @@ impl Feed {
         let (tx, rx) = mpsc::channel(CHANNEL_BATCHES);
         let errors = Arc::new(AtomicU64::new(0));
         let denied = Arc::new(OnceLock::new());
+        let heard = crate::metrics::Heard::default();
         let watcher = Watcher {
+            heard: heard.clone(),
             denied: denied.clone(),
             inner: inner.clone(),
             prefix,
@@ -322,6 +325,7 @@ impl Feed {
             rx,
             errors,
             denied,
+            heard,
             service,
             task,
         })
@@ -400,6 +404,8 @@ struct Watcher {
     tx: mpsc::Sender<Batch>,
     errors: Arc<AtomicU64>,
     denied: Arc<OnceLock<(&'static str, String)>>,
+    /// When the watch last heard from etcd (for the cache staleness metric).
+    heard: crate::metrics::Heard,
     cancel: CancellationToken,
     /// What the consumer has seen, by key, as of `revision`.
     seen: BTreeMap<Vec<u8>, Seen>,
@@ -458,6 +464,7 @@ impl Watcher {
 
     /// Sends a batch; false when the consumer is gone or the registry closed.
     async fn send(&self, events: Vec<FeedEvent>) -> bool {
+        crate::metrics::watch_events(&self.inner.config.namespace, &self.service, &events);
         let batch = Batch {
             events,
             revision: self.revision,
@@ -549,6 +556,7 @@ impl Watcher {
             Some(Err(e)) => return Next::failed(State::Listing, e, ""),
             Some(Ok(read)) => read,
         };
+        self.heard.now();
         if self.listed && (revision < self.revision || cluster_id != self.cluster_id) {
             tracing::warn!(
                 service = %self.service, revision, last_seen = self.revision,
@@ -603,10 +611,20 @@ impl Watcher {
             Some(Ok(read)) => read,
         };
         if !self.same_cluster(cluster_id) {
+            crate::metrics::watch_restart(
+                &self.inner.config.namespace,
+                &self.service,
+                crate::metrics::Restart::Wiped,
+            );
             tracing::warn!(service = %self.service, revision = self.revision, "etcd cluster id changed; re-listing");
             return Next::Go(State::Listing);
         }
         if revision < self.revision {
+            crate::metrics::watch_restart(
+                &self.inner.config.namespace,
+                &self.service,
+                crate::metrics::Restart::Wiped,
+            );
             tracing::warn!(
                 service = %self.service, revision = self.revision, current = revision,
                 "etcd's revision went back (wiped or restored from an old backup); re-listing"
@@ -614,6 +632,11 @@ impl Watcher {
             return Next::Go(State::Listing);
         }
         if !consistent {
+            crate::metrics::watch_restart(
+                &self.inner.config.namespace,
+                &self.service,
+                crate::metrics::Restart::Wiped,
+            );
             tracing::warn!(
                 service = %self.service, revision = self.revision,
                 "etcd no longer holds what was seen (wiped or replaced); re-listing"
@@ -656,6 +679,11 @@ impl Watcher {
             Some(Err(e)) => return Next::failed(State::Resuming, e, ""),
         };
         if !same || count != self.seen.len() {
+            crate::metrics::watch_restart(
+                &self.inner.config.namespace,
+                &self.service,
+                crate::metrics::Restart::Wiped,
+            );
             tracing::warn!(
                 service = %self.service, revision = self.revision,
                 "etcd's history at the last revision seen differs from what was seen (wiped); re-listing"
@@ -675,6 +703,11 @@ impl Watcher {
         {
             None => return Next::Stop,
             Some(Err(end)) => {
+                crate::metrics::watch_restart(
+                    &self.inner.config.namespace,
+                    &self.service,
+                    crate::metrics::Restart::Broken,
+                );
                 return Next::failed(State::Resuming, end.into(), "opening the watch failed: ");
             }
             Some(Ok(watch)) => watch,
@@ -686,10 +719,12 @@ impl Watcher {
             let message = tokio::select! {
                 _ = self.cancel.cancelled() => return Next::Stop,
                 _ = tokio::time::sleep_until(heard + STALE_AFTER) => {
+                    crate::metrics::watch_restart(&self.inner.config.namespace, &self.service, crate::metrics::Restart::Stale);
                     return Next::Retry(State::Resuming, format!("no event or progress report for {STALE_AFTER:?} (stale stream)"));
                 }
                 _ = progress.tick() => {
                     if let Err(e) = watch.request_progress().await {
+                        crate::metrics::watch_restart(&self.inner.config.namespace, &self.service, crate::metrics::Restart::Broken);
                         return Next::Retry(State::Resuming, format!("progress request failed: {e}"));
                     }
                     continue;
@@ -699,6 +734,11 @@ impl Watcher {
             let resp = match message {
                 Ok(resp) => resp,
                 Err(WatchEnd::Compacted { compact_revision }) => {
+                    crate::metrics::watch_restart(
+                        &self.inner.config.namespace,
+                        &self.service,
+                        crate::metrics::Restart::Compacted,
+                    );
                     self.errors.fetch_add(1, Ordering::Relaxed);
                     tracing::warn!(
                         service = %self.service, revision = self.revision, compact_revision,
@@ -707,11 +747,22 @@ impl Watcher {
                     return Next::Go(State::Listing);
                 }
                 Err(WatchEnd::Broken(e)) => {
+                    crate::metrics::watch_restart(
+                        &self.inner.config.namespace,
+                        &self.service,
+                        crate::metrics::Restart::Broken,
+                    );
                     return Next::failed(State::Resuming, e, "watch stream failed: ");
                 }
             };
             heard = Instant::now();
+            self.heard.now();
             if !self.same_cluster(resp.header().map(ResponseHeader::cluster_id)) {
+                crate::metrics::watch_restart(
+                    &self.inner.config.namespace,
+                    &self.service,
+                    crate::metrics::Restart::Wiped,
+                );
                 self.errors.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(service = %self.service, revision = self.revision, "etcd cluster id changed; re-listing");
                 return Next::Go(State::Listing);
@@ -721,6 +772,11 @@ impl Watcher {
                 .header()
                 .is_some_and(|h| h.revision() > 0 && h.revision() < self.revision)
             {
+                crate::metrics::watch_restart(
+                    &self.inner.config.namespace,
+                    &self.service,
+                    crate::metrics::Restart::Broken,
+                );
                 // A wiped store, or a member that lags behind: the check tells which.
                 return Next::Retry(
                     State::Resuming,
