@@ -23,6 +23,8 @@ async fn scrape(addr: SocketAddr) -> Option<String> {
     }
 }
 
+// Mutation check by hand: recording `active` as 5 in the library made this
+// test fail (no `etcd_registry_state{..} 1` line); restored since.
 #[tokio::test]
 async fn register_serves_its_state_and_registrations_at_metrics() {
     let ctx = Ctx::new("cli-metrics").await;

@@ -171,6 +171,9 @@ async fn wait_for(what: &str, mut check: impl FnMut() -> bool) {
     eventually(what, T, || std::future::ready(check())).await;
 }
 
+// Mutation checks by hand: recording `recovering` as 1, dropping the
+// `lease_recovered` call in session.rs, or dropping the `restored` call in
+// registry.rs each made this test fail; restored since.
 #[tokio::test]
 async fn a_revoked_lease_goes_through_recovering_and_an_outside_delete_is_restored() {
     let m = recorded();
@@ -265,6 +268,8 @@ async fn a_revoked_lease_goes_through_recovering_and_an_outside_delete_is_restor
     );
 }
 
+// Mutation check by hand: counting the compacted restart in watch.rs as
+// `broken` made this test fail (0 compacted); restored since.
 #[tokio::test]
 async fn a_watch_across_a_compaction_counts_one_compacted_restart() {
     let m = recorded();
@@ -355,6 +360,8 @@ async fn a_watch_across_a_compaction_counts_one_compacted_restart() {
     within("close", T, writer.close()).await.unwrap();
 }
 
+// Mutation check by hand: without the leader gauge's increment this test
+// failed; restored since.
 #[tokio::test]
 async fn leading_sets_the_leader_gauge_and_resigning_counts_a_loss_and_caches_count_instances() {
     let m = recorded();
