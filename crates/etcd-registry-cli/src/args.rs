@@ -305,6 +305,8 @@ pub enum Command {
         /// The command to run while holding the lock, after `--`.
         #[arg(last = true, value_name = "CMD")]
         cmd: Vec<OsString>,
+        #[command(flatten)]
+        metrics: crate::metrics::MetricsOpt,
     },
 
     /// Print the leader of an election, then every change (including "no leader").

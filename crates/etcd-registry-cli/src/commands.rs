@@ -134,6 +134,7 @@ pub async fn run(cli: Cli) -> CliResult {
             timeout,
             grace,
             cmd,
+            ..
         } => {
             let mut shutdown = Shutdown::listen()?;
             let supervisor = if cmd.is_empty() {

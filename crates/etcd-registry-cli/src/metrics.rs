@@ -32,6 +32,7 @@ impl Command {
             Command::Register { metrics, .. }
             | Command::Watch { metrics, .. }
             | Command::Campaign { metrics, .. }
+            | Command::Lock { metrics, .. }
             | Command::Observe { metrics, .. } => metrics.metrics_addr,
             _ => None,
         }

@@ -71,7 +71,7 @@ async fn register_serves_its_state_and_registrations_at_metrics() {
 #[tokio::test]
 async fn every_long_running_command_takes_metrics_addr_and_a_taken_one_fails() {
     let ctx = Ctx::new("cli-metrics-flag").await;
-    for sub in ["register", "watch", "campaign", "observe"] {
+    for sub in ["register", "watch", "campaign", "observe", "lock"] {
         let help = ctx.stdout(&[sub, "--help"]).await;
         assert!(
             help.contains("--metrics-addr <HOST:PORT>"),
