@@ -71,6 +71,7 @@ mod config;
 mod conn;
 mod election;
 mod error;
+pub mod health;
 mod instance;
 mod keys;
 mod lock;
@@ -96,6 +97,7 @@ pub use config::{
 };
 pub use election::{Election, LeaderInfo, LeaderStream, Leadership};
 pub use error::{Error, Result};
+pub use health::{Health, HealthCheck, HealthPolicy, HealthState, InitialState};
 pub use instance::{MAX_ENTRY_BYTES, Port, ServiceInstance};
 pub use lock::{Lock, LockGuard};
 pub use queue::LostReason;

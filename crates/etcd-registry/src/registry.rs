@@ -13,6 +13,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::{Config, RegistryBuilder};
 use crate::conn::Conn;
 use crate::error::{Error, Result};
+use crate::health::{Gate, Health, HealthCheck, HealthPolicy};
 use crate::instance::ServiceInstance;
 use crate::keys::{Keys, validate_segment};
 use crate::session::{self, Backoff, RegistryState, Session};
@@ -48,6 +49,8 @@ pub(crate) struct Inner {
     services_changed: Notify,
     tasks: std::sync::Mutex<Vec<JoinHandle<()>>>,
     closed: AtomicBool,
+    /// `Registry::shutdown` started: no key of a registration is put again.
+    draining: AtomicBool,
 }
 
 /// A registration this registry maintains.
@@ -61,6 +64,9 @@ struct Entry {
     /// `written_rev` is a re-put of `value` by recovery or anti-entropy, not
     /// a caller's write: a caller's write still in flight may be newer.
     restored: bool,
+    /// The key belongs in etcd (healthy, in service, not drained). When
+    /// false, nothing restores it: not anti-entropy, not lease recovery.
+    serving: bool,
 }
 
 impl Registry {
@@ -88,6 +94,7 @@ impl Registry {
             services_changed: Notify::new(),
             tasks: std::sync::Mutex::new(Vec::new()),
             closed: AtomicBool::new(false),
+            draining: AtomicBool::new(false),
         });
         let weak = Arc::downgrade(&inner);
         let restore: session::Restore = Box::new(move |lease_id| {
@@ -160,6 +167,7 @@ impl Registry {
         let value = instance.encode_for(&key)?;
         self.inner.put_entry(&key, instance.clone(), value).await?;
         Ok(Registration {
+            gate: Gate::unchecked(self.inner.cancel.child_token()),
             inner: self.inner.clone(),
             key,
             instance,
@@ -405,6 +413,7 @@ impl Inner {
                             written_rev: rev,
                             yielded: false,
                             restored: false,
+                            serving: true,
                         },
                     );
                     tracing::debug!(service = %instance.name, id = %instance.id, "a restore overwrote this write with an older value; writing again");
@@ -420,10 +429,19 @@ impl Inner {
                             written_rev,
                             yielded: false,
                             restored: false,
+                            serving: true,
                         },
                     );
                 }
                 crate::metrics::registrations(&self.config.namespace, regs.len());
+                if self.draining.load(Ordering::SeqCst) {
+                    // Registry::shutdown deleted the keys while this write was in flight.
+                    self.delete_if_ours(key, lease.id).await?;
+                    if let Some(e) = regs.get_mut(key) {
+                        e.serving = false;
+                    }
+                    return Err(Error::Closed);
+                }
             }
             if !self
                 .watched
@@ -447,7 +465,7 @@ impl Inner {
         let mut regs = self.regs.lock().await;
         let keys: Vec<String> = regs
             .iter()
-            .filter(|(_, e)| !e.yielded)
+            .filter(|(_, e)| !e.yielded && e.serving)
             .map(|(k, _)| k.clone())
             .collect();
         for chunk in keys.chunks(TXN_BATCH) {
@@ -497,7 +515,8 @@ impl Inner {
         let Some(entry) = regs.get_mut(key) else {
             return Ok(());
         };
-        if mod_rev <= entry.written_rev {
+        // Out of service (unhealthy, in maintenance, drained): never restored.
+        if !entry.serving || mod_rev <= entry.written_rev {
             return Ok(());
         }
         let Some(lease) = self.session.lease() else {
@@ -753,6 +772,8 @@ pub struct Registration {
     inner: Arc<Inner>,
     key: String,
     instance: ServiceInstance,
+    /// Health, maintenance switch and the health task's token.
+    gate: Arc<Gate>,
 }
 
 impl Registration {
@@ -783,23 +804,34 @@ impl Registration {
             return Err(Error::invalid("id", "update cannot change the instance id"));
         }
         let value = instance.encode_for(&self.key)?;
-        self.inner
-            .put_entry(&self.key, instance.clone(), value)
-            .await?;
+        // Serialised with health transitions; a key that is out stays out.
+        let _gate = self.gate.lock().await;
+        if !self
+            .inner
+            .update_unserved(&self.key, &instance, value.clone())
+            .await
+        {
+            self.inner
+                .put_entry(&self.key, instance.clone(), value)
+                .await?;
+        }
         self.instance = instance;
         Ok(())
     }
 
-    /// Deletes the key and stops maintaining it. A key that another lease
-    /// took over is left alone.
+    /// Deletes the key and stops maintaining it (and its health check). A
+    /// key that another lease took over is left alone.
     pub async fn deregister(self) -> Result<()> {
         let _timer = crate::metrics::timer(&self.inner.config.namespace, "deregister");
+        // No health transition may put the key back behind our back.
+        let _gate = self.gate.lock().await;
+        self.gate.cancel.cancel();
         let mut regs = self.inner.regs.lock().await;
         let Some(entry) = regs.remove(&self.key) else {
             return Ok(());
         };
         crate::metrics::registrations(&self.inner.config.namespace, regs.len());
-        if entry.yielded {
+        if entry.yielded || !entry.serving {
             return Ok(());
         }
         let key = self.key.clone();
@@ -827,5 +859,285 @@ impl std::fmt::Debug for Registration {
             .field("key", &self.key)
             .field("instance", &self.instance)
             .finish()
+    }
+}
+
+// Health-gated registration, maintenance and draining (see health.rs): the
+// `serving` flag of an entry says whether its key belongs in etcd.
+
+impl Registry {
+    /// Registers `instance` while `check` passes: the key is in etcd only
+    /// while the instance is healthy by `policy` (see [`crate::health`]).
+    ///
+    /// The check runs on a task of its own, first at once, then every
+    /// [`HealthPolicy::interval`], each run cut off after its timeout (a
+    /// hang is a failure). After `fall` failures in a row the key is deleted
+    /// (watchers and caches see `Removed`); after `rise` passes in a row it
+    /// is put back (`Added`). While the instance is out, neither
+    /// anti-entropy nor recovery after a lost lease or a wiped etcd puts its
+    /// key back. With the default [`InitialState::Pending`](crate::InitialState)
+    /// nothing is written before the first pass, so this returns before the
+    /// instance is discoverable: watch [`Registration::health`] to know when.
+    ///
+    /// The check stops on [`Registration::deregister`] or `drain`, on
+    /// [`Registry::close`] and when the registry is dropped; dropping the
+    /// `Registration` alone keeps it running, as it keeps a plain
+    /// registration maintained.
+    ///
+    /// Invalid input (the instance, or the policy: field `interval`,
+    /// `timeout`, `rise` or `fall`) fails with [`Error::InvalidInput`] before
+    /// anything is written.
+    ///
+    /// ```no_run
+    /// # async fn demo(registry: etcd_registry::Registry) -> etcd_registry::Result<()> {
+    /// use etcd_registry::{HealthPolicy, ServiceInstance, health};
+    /// let reg = registry
+    ///     .register_checked(
+    ///         ServiceInstance::new("web", "web-1", "10.0.0.7", 8080),
+    ///         health::tcp("127.0.0.1:8080")?,
+    ///         HealthPolicy::default(),
+    ///     )
+    ///     .await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn register_checked(
+        &self,
+        instance: ServiceInstance,
+        check: impl HealthCheck,
+        policy: HealthPolicy,
+    ) -> Result<Registration> {
+        policy.validate()?;
+        let key = self.inner.keys.instance_key(&instance.name, &instance.id);
+        let value = instance.encode_for(&key)?;
+        if policy.initial == crate::health::InitialState::Healthy {
+            self.inner.put_entry(&key, instance.clone(), value).await?;
+        } else {
+            self.inner.add_unserved(&key, &instance, value).await?;
+        }
+        let (gate, task) = crate::health::start(
+            &self.inner,
+            key.clone(),
+            instance.name.clone(),
+            instance.id.clone(),
+            check,
+            policy,
+        );
+        self.inner.spawned(task);
+        Ok(Registration {
+            inner: self.inner.clone(),
+            key,
+            instance,
+            gate,
+        })
+    }
+
+    /// Drains every registration of this registry at once, waits `grace`,
+    /// then [closes](Registry::close) it.
+    ///
+    /// Every instance key is deleted first (in one transaction per 100 keys),
+    /// so that clients' caches drop them while the process still serves;
+    /// from then on no health check, `set_serving(true)` or new registration
+    /// puts a key back. Election keys stay until the close. Use it at the
+    /// start of a graceful shutdown, before the server stops accepting.
+    ///
+    /// If the deletion fails (etcd unreachable), the registry still waits
+    /// and closes, and the error is returned; the keys then go with the
+    /// lease, after the TTL at the latest.
+    pub async fn shutdown(&self, grace: Duration) -> Result<()> {
+        let drained = self.inner.drain_all().await;
+        if let Err(error) = &drained {
+            tracing::warn!(%error, "could not delete every instance key before the grace period");
+        }
+        tokio::time::sleep(grace).await;
+        let closed = self.inner.close().await;
+        drained.and(closed)
+    }
+}
+
+impl Inner {
+    /// Records a registration whose key is not in etcd yet (not healthy yet).
+    async fn add_unserved(
+        &self,
+        key: &str,
+        instance: &ServiceInstance,
+        value: Vec<u8>,
+    ) -> Result<()> {
+        {
+            let mut regs = self.regs.lock().await;
+            if self.cancel.is_cancelled() {
+                return Err(Error::Closed);
+            }
+            if let Some(e) = regs.get(key)
+                && e.serving
+                && !e.yielded
+            {
+                // Registering an id we hold replaces it: the old key goes too.
+                if let Some(lease) = self.session.lease() {
+                    self.delete_if_ours(key, lease.id).await?;
+                }
+            }
+            regs.insert(
+                key.to_owned(),
+                Entry {
+                    instance: instance.clone(),
+                    value,
+                    written_rev: 0,
+                    yielded: false,
+                    restored: false,
+                    serving: false,
+                },
+            );
+            crate::metrics::registrations(&self.config.namespace, regs.len());
+        }
+        if !self
+            .watched
+            .lock()
+            .is_ok_and(|w| w.contains(&instance.name))
+        {
+            self.services_changed.notify_one();
+        }
+        Ok(())
+    }
+
+    /// Replaces the stored value of a registration whose key is out of
+    /// etcd, without writing; returns false if it is in (or not maintained).
+    async fn update_unserved(&self, key: &str, instance: &ServiceInstance, value: Vec<u8>) -> bool {
+        let mut regs = self.regs.lock().await;
+        match regs.get_mut(key) {
+            Some(e) if !e.serving => {
+                e.instance = instance.clone();
+                e.value = value;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Puts the key back (`true`) or deletes it and keeps it out (`false`).
+    /// A registration that is no longer maintained (deregistered, deleted by
+    /// an admin call, yielded) is left alone.
+    pub(crate) async fn set_serving(&self, key: &str, serving: bool) -> Result<()> {
+        let mut regs = self.regs.lock().await;
+        let Some(entry) = regs.get_mut(key) else {
+            return Ok(());
+        };
+        if serving {
+            if self.draining.load(Ordering::SeqCst) {
+                return Ok(());
+            }
+            entry.serving = true;
+            if entry.yielded {
+                // Another lease holds it: anti-entropy reclaims it once that key is gone.
+                return Ok(());
+            }
+            let (instance, value) = (entry.instance.clone(), entry.value.clone());
+            drop(regs);
+            tracing::debug!(service = %instance.name, id = %instance.id, "putting the key back");
+            return self.put_entry(key, instance, value).await;
+        }
+        // Cleared first, under the lock: from here on nothing restores the key.
+        entry.serving = false;
+        if entry.yielded {
+            return Ok(());
+        }
+        let lease = self.session.lease().ok_or(Error::SessionLost)?;
+        self.delete_if_ours(key, lease.id).await?;
+        tracing::debug!(key, "key deleted; not serving");
+        Ok(())
+    }
+
+    /// Deletes `key` if `lease` holds it: never another registry's key, nor
+    /// a value someone wrote without a lease.
+    async fn delete_if_ours(&self, key: &str, lease: i64) -> Result<()> {
+        self.conn
+            .retry("delete", |mut c| {
+                let txn = Txn::new()
+                    .when([Compare::lease(key, CompareOp::Equal, lease)])
+                    .and_then([TxnOp::delete(key, None)]);
+                async move { c.txn(txn).await }
+            })
+            .await?;
+        Ok(())
+    }
+
+    /// Marks the registry draining and deletes every maintained instance key
+    /// that is in etcd, in batches.
+    async fn drain_all(&self) -> Result<()> {
+        self.draining.store(true, Ordering::SeqCst);
+        let mut regs = self.regs.lock().await;
+        let keys: Vec<String> = regs
+            .iter()
+            .filter(|(_, e)| e.serving && !e.yielded)
+            .map(|(k, _)| k.clone())
+            .collect();
+        for e in regs.values_mut() {
+            e.serving = false;
+        }
+        let Some(lease) = self.session.lease() else {
+            // No live lease: nothing of ours is in etcd, and nothing is restored now.
+            return Ok(());
+        };
+        for chunk in keys.chunks(TXN_BATCH / 2) {
+            // Each key is a compare and a delete; a transaction holds up to 128 operations.
+            let (compares, deletes): (Vec<Compare>, Vec<TxnOp>) = chunk
+                .iter()
+                .map(|k| {
+                    (
+                        Compare::lease(k.as_str(), CompareOp::Equal, lease.id),
+                        TxnOp::delete(k.as_str(), None),
+                    )
+                })
+                .unzip();
+            // All or nothing would keep every key if one was taken over: delete one by one on a miss.
+            let resp = self
+                .conn
+                .retry("drain", |mut c| {
+                    let txn = Txn::new().when(compares.clone()).and_then(deletes.clone());
+                    async move { c.txn(txn).await }
+                })
+                .await?;
+            if !resp.succeeded() {
+                for k in chunk {
+                    self.delete_if_ours(k, lease.id).await?;
+                }
+            }
+        }
+        tracing::info!(count = keys.len(), "drained: every instance key deleted");
+        Ok(())
+    }
+}
+
+impl Registration {
+    /// The health of this registration: its state after the rise/fall
+    /// policy, the last error text, and counts. Every transition is also
+    /// logged through `tracing`. A registration without a check reports
+    /// [`HealthState::Healthy`](crate::HealthState) and never changes.
+    pub fn health(&self) -> watch::Receiver<Health> {
+        self.gate.health()
+    }
+
+    /// Maintenance switch. `set_serving(false)` deletes the key at once and
+    /// keeps it out whatever the health check says; `set_serving(true)` puts
+    /// it back if the instance is healthy (a checked one that is not comes
+    /// back when it is). Both return once etcd agrees.
+    ///
+    /// After [`Registry::shutdown`] started, `set_serving(true)` does nothing.
+    pub async fn set_serving(&self, serving: bool) -> Result<()> {
+        tracing::info!(service = %self.instance.name, id = %self.instance.id, serving, "maintenance switch");
+        self.gate.set_serving(&self.inner, &self.key, serving).await
+    }
+
+    /// Deletes the key at once, then waits `grace` before returning, so that
+    /// clients' caches drop the instance before the caller stops serving.
+    /// The registration ends (as with [`deregister`](Registration::deregister)).
+    ///
+    /// Cancel safety: once the key is deleted, dropping the future only cuts
+    /// the wait short.
+    pub async fn drain(self, grace: Duration) -> Result<()> {
+        let (service, id) = (self.instance.name.clone(), self.instance.id.clone());
+        self.deregister().await?;
+        tracing::info!(service, id, grace = ?grace, "drained; waiting for clients to drop the instance");
+        tokio::time::sleep(grace).await;
+        Ok(())
     }
 }
