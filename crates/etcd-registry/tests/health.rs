@@ -447,9 +447,11 @@ async fn shutdown_drains_every_registration_then_closes() {
     let a = within("register", T, registry.register(inst("web", "a")))
         .await
         .unwrap();
-    let (_on, _runs, check) = switch();
+    let (on, _runs, check) = switch();
     let policy = HealthPolicy::new()
         .interval(Duration::from_millis(100))
+        .rise(1)
+        .fall(1)
         .initial(InitialState::Healthy);
     let b = within(
         "register_checked",
@@ -459,7 +461,7 @@ async fn shutdown_drains_every_registration_then_closes() {
     .await
     .unwrap();
     let lease = registry.lease_id().unwrap();
-    let grace = Duration::from_secs(2);
+    let grace = Duration::from_secs(3);
     let r = registry.clone();
     let shutdown = tokio::spawn(async move { r.shutdown(grace).await });
     eventually("keys deleted at once", T, || async {
@@ -467,17 +469,27 @@ async fn shutdown_drains_every_registration_then_closes() {
     })
     .await;
     // During the grace period the lease still lives (elections keep running)
-    // and the passing check does not put its key back.
+    // and a check that recovers does not put its key back. Breaking it by
+    // hand (no `draining` test in `Inner::set_serving`) fails the last assert.
     let mut c = client.clone();
     let ttl = c.lease_time_to_live(lease, None).await.unwrap();
     assert!(
         ttl.ttl() > 0,
         "the lease was revoked before the grace period ended"
     );
-    tokio::time::sleep(Duration::from_millis(500)).await; // several check intervals
+    on.store(false, Ordering::SeqCst);
+    health_where(&b, "unhealthy", |h| h.state == HealthState::Unhealthy).await;
+    on.store(true, Ordering::SeqCst);
+    health_where(&b, "healthy again", |h| h.state == HealthState::Healthy).await;
+    tokio::time::sleep(Duration::from_millis(300)).await; // let a wrong put land
+    let still_draining = !shutdown.is_finished();
     assert!(
         !present(&client, b.key()).await,
         "a health check re-registered during shutdown"
+    );
+    assert!(
+        still_draining,
+        "the grace period ended before the test could check"
     );
     within("shutdown", T, shutdown).await.unwrap().unwrap();
     let ttl = c.lease_time_to_live(lease, None).await.unwrap();
