@@ -71,12 +71,18 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .await?;
     let mut health = registration.health();
     let changes = tokio::spawn(async move {
+        // Every check updates the counts; print only the transitions.
+        let mut last = health.borrow_and_update().state;
+        println!("echo-1 health: {last:?}");
         while health.changed().await.is_ok() {
             let h = health.borrow_and_update().clone();
-            println!(
-                "echo-1 health: {:?} (last error: {:?})",
-                h.state, h.last_error
-            );
+            if h.state != last {
+                println!(
+                    "echo-1 health: {:?} (last error: {:?})",
+                    h.state, h.last_error
+                );
+                last = h.state;
+            }
         }
     });
 
