@@ -126,6 +126,8 @@ pub struct Global {
 }
 
 #[derive(Debug, Subcommand)]
+// Parsed once per run: the size of its largest variant does not matter.
+#[allow(clippy::large_enum_variant)]
 pub enum Command {
     /// Start a throwaway local etcd and keep it running until Ctrl-C.
     ///
@@ -179,6 +181,21 @@ pub enum Command {
     ///
     /// Prints every change of the lease state. On exit the registry is
     /// closed, which revokes the lease: the instance disappears at once.
+    ///
+    /// With a health check (--check-http, --check-tcp, --check-grpc,
+    /// --check-cmd; several must all pass), the instance is in etcd only while
+    /// healthy: registered on the first pass, deleted after --fall failures
+    /// in a row, back after --rise passes; each check is cut off after
+    /// --timeout.
+    ///
+    /// With `-- CMD [ARGS...]`, a sidecar: runs CMD, registers while it runs
+    /// (and passes its checks), and on SIGINT/SIGTERM deregisters first,
+    /// waits --drain so that clients stop sending, then forwards the signal
+    /// to CMD (SIGKILL after --grace) and exits with CMD's status. If CMD
+    /// exits by itself, the instance is deregistered at once and the CLI
+    /// exits with CMD's status. CMD gets ETCD_REGISTRY_SERVICE,
+    /// ETCD_REGISTRY_ID and ETCD_REGISTRY_KEY in its environment.
+    #[command(group(clap::ArgGroup::new("check").multiple(true).args(["check_http", "check_tcp", "check_grpc", "check_cmd"])))]
     Register {
         /// Service name (no '/').
         name: String,
@@ -197,11 +214,45 @@ pub enum Command {
         /// Metadata entry; repeat for more.
         #[arg(long = "meta", value_name = "KEY=VALUE", value_parser = parse_key_value)]
         meta: Vec<(String, String)>,
-        /// Deregister and exit after this long (`30s`, `1h`).
-        #[arg(long = "for", value_name = "DURATION", value_parser = duration)]
+        /// Deregister and exit after this long (`30s`, `1h`); not with CMD.
+        #[arg(long = "for", value_name = "DURATION", value_parser = duration, conflicts_with = "cmd")]
         for_secs: Option<Duration>,
         #[command(flatten)]
         metrics: crate::metrics::MetricsOpt,
+        /// Health check: HTTP GET of URL (http:// only); any 2xx is passing.
+        #[arg(long, value_name = "URL")]
+        check_http: Option<String>,
+        /// Health check: a TCP connection to HOST:PORT succeeds.
+        #[arg(long, value_name = "HOST:PORT")]
+        check_tcp: Option<String>,
+        /// Health check: grpc.health.v1 Check of SERVICE ("" when omitted) returns SERVING.
+        #[arg(long, value_name = "HOST:PORT[/SERVICE]")]
+        check_grpc: Option<String>,
+        /// Health check: `sh -c CMD` exits 0.
+        #[arg(long, value_name = "CMD")]
+        check_cmd: Option<String>,
+        /// With a check: time between two checks.
+        #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = positive_duration, requires = "check")]
+        interval: Duration,
+        /// With a check: how long one check may take before it fails [default: half the interval].
+        #[arg(long, value_name = "DURATION", value_parser = positive_duration, requires = "check")]
+        timeout: Option<Duration>,
+        /// With a check: passes in a row that bring an unhealthy instance back.
+        #[arg(long, value_name = "N", default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..), requires = "check")]
+        rise: u32,
+        /// With a check: failures in a row that take a healthy instance out.
+        #[arg(long, value_name = "N", default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..), requires = "check")]
+        fall: u32,
+        /// On SIGINT/SIGTERM, how long to wait between deregistering and
+        /// stopping [default: 5s with CMD, 0s without].
+        #[arg(long, value_name = "DURATION", value_parser = duration)]
+        drain: Option<Duration>,
+        /// With CMD: how long CMD may take to exit after the signal before SIGKILL.
+        #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = duration, requires = "cmd")]
+        grace: Duration,
+        /// The command to run while registered, after `--`.
+        #[arg(last = true, value_name = "CMD")]
+        cmd: Vec<OsString>,
     },
 
     /// Delete one instance, whoever registered it (admin).

@@ -54,6 +54,17 @@ pub async fn run(cli: Cli) -> CliResult {
             weight,
             meta,
             for_secs,
+            check_http,
+            check_tcp,
+            check_grpc,
+            check_cmd,
+            interval,
+            timeout,
+            rise,
+            fall,
+            drain,
+            grace,
+            cmd,
             ..
         } => {
             let shutdown = Shutdown::listen()?;
@@ -63,6 +74,22 @@ pub async fn run(cli: Cli) -> CliResult {
             instance.metadata.extend(meta);
             // Reject bad input before reaching etcd: no connection, no lease, no write.
             instance.validate()?;
+            let checks =
+                crate::register::Checks::parse(check_http, check_tcp, check_grpc, check_cmd)?;
+            if !checks.is_empty() || !cmd.is_empty() || drain.is_some() {
+                let run = crate::register::Run {
+                    instance,
+                    checks,
+                    policy: crate::register::policy(interval, timeout, rise, fall),
+                    drain,
+                    for_secs,
+                    supervisor: match cmd.is_empty() {
+                        true => None,
+                        false => Some(Supervisor::new(cmd, grace)?),
+                    },
+                };
+                return with_registry(g, async |r| run.run(r, shutdown).await).await;
+            }
             with_registry(g, async |r| register(r, instance, for_secs, shutdown).await).await?;
             line("closed: lease revoked, the instance is gone")
         }

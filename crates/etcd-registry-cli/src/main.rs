@@ -7,6 +7,7 @@ mod error;
 mod lock;
 mod metrics;
 mod output;
+mod register;
 mod shutdown;
 mod status;
 mod supervise;

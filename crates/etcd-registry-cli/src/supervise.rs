@@ -75,6 +75,11 @@ impl fmt::Display for Status {
     }
 }
 
+/// "exited with status N" or "was killed by SIG... (status N)", as for CMD.
+pub fn describe(status: ExitStatus) -> String {
+    Status(status).to_string()
+}
+
 /// Why a supervised command ended.
 #[derive(Debug)]
 pub enum Ended<R> {
@@ -131,6 +136,20 @@ impl Supervisor {
         stop: impl Future<Output = R>,
         shutdown: &mut Shutdown,
     ) -> CliResult<Ended<R>> {
+        self.run_draining(env, stop, shutdown, async |_| {}).await
+    }
+
+    /// As [`run`](Self::run), but on SIGINT/SIGTERM awaits `drain` (such as
+    /// deregistering, then waiting for clients to notice) while CMD keeps
+    /// running, and forwards the signal only then. A second signal cuts the
+    /// drain short; a CMD that exits meanwhile ends it too.
+    pub async fn run_draining<R>(
+        &self,
+        env: &[(&str, String)],
+        stop: impl Future<Output = R>,
+        shutdown: &mut Shutdown,
+        drain: impl AsyncFnOnce(Received),
+    ) -> CliResult<Ended<R>> {
         let mut child = self.spawn(env)?;
         let Some(pid) = child.id().and_then(|id| i32::try_from(id).ok()) else {
             // Only an already reaped child has no id.
@@ -149,6 +168,17 @@ impl Supervisor {
                 Ok(Ended::Stopped { reason, status })
             }
             signal = shutdown.recv() => {
+                let drained = tokio::select! {
+                    _ = drain(signal) => None,
+                    status = child.wait() => Some(status?),
+                    _ = shutdown.recv() => {
+                        say("second signal: forwarding it now");
+                        None
+                    }
+                };
+                if let Some(status) = drained {
+                    return Ok(Ended::Signalled { signal, status: Status(status) });
+                }
                 say(format!("received {}; forwarding it to the command (pid {pid}), SIGKILL after {}", signal.name(), humantime::format_duration(self.grace)));
                 signal_group(group, signal.0);
                 let status = self.wait_grace(&mut child, group, shutdown).await?;

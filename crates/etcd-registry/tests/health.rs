@@ -11,9 +11,10 @@ use etcd_registry::{
     Health, HealthPolicy, HealthState, InitialState, Registration, Registry, ServiceEvent,
     ServiceInstance, health,
 };
-use etcd_registry_testkit::{EtcdServer, eventually, shared_server, unique_name, within};
+use etcd_registry_testkit::{
+    EtcdServer, HealthEndpoint, eventually, shared_server, unique_name, within,
+};
 use futures::StreamExt;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::time::Instant;
 
 /// Bound for any single await that could hang.
@@ -47,66 +48,6 @@ async fn health_where(reg: &Registration, what: &str, f: impl Fn(&Health) -> boo
         .clone()
 }
 
-/// A plain-HTTP health endpoint that answers 200 or 503 as switched. Test
-/// scaffolding only: the library's check uses hyper's client.
-struct HealthServer {
-    port: u16,
-    healthy: Arc<AtomicBool>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl HealthServer {
-    async fn start() -> Self {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let port = listener.local_addr().unwrap().port();
-        let healthy = Arc::new(AtomicBool::new(true));
-        let flag = healthy.clone();
-        let task = tokio::spawn(async move {
-            while let Ok((mut stream, _)) = listener.accept().await {
-                let ok = flag.load(Ordering::SeqCst);
-                tokio::spawn(async move {
-                    let mut buf = vec![0u8; 4096];
-                    let mut seen = Vec::new();
-                    while !seen.windows(4).any(|w| w == b"\r\n\r\n") {
-                        match stream.read(&mut buf).await {
-                            Ok(0) | Err(_) => return,
-                            Ok(n) => seen.extend_from_slice(&buf[..n]),
-                        }
-                    }
-                    let status = if ok {
-                        "200 OK"
-                    } else {
-                        "503 Service Unavailable"
-                    };
-                    let response = format!(
-                        "HTTP/1.1 {status}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
-                    );
-                    let _ = stream.write_all(response.as_bytes()).await;
-                });
-            }
-        });
-        HealthServer {
-            port,
-            healthy,
-            task,
-        }
-    }
-
-    fn url(&self) -> String {
-        format!("http://127.0.0.1:{}/healthz", self.port)
-    }
-
-    fn set(&self, healthy: bool) {
-        self.healthy.store(healthy, Ordering::SeqCst);
-    }
-}
-
-impl Drop for HealthServer {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
 /// A check switched by a flag, counting its runs.
 fn switch() -> (
     Arc<AtomicBool>,
@@ -135,7 +76,7 @@ async fn an_http_check_removes_and_restores_the_key_and_watchers_see_it() {
     let client = server.client().await.unwrap();
     let ns = unique_name("health-http");
     let registry = connect(server.endpoints(), &ns).await;
-    let endpoint = HealthServer::start().await;
+    let endpoint = HealthEndpoint::start().await.unwrap();
     let interval = Duration::from_millis(300);
     let (rise, fall) = (2, 3);
     let policy = HealthPolicy::new().interval(interval).rise(rise).fall(fall);
@@ -145,7 +86,7 @@ async fn an_http_check_removes_and_restores_the_key_and_watchers_see_it() {
         T,
         registry.register_checked(
             inst("web", "web-1"),
-            health::http(&endpoint.url()).unwrap(),
+            health::http(&endpoint.url("/healthz")).unwrap(),
             policy,
         ),
     )
@@ -162,7 +103,7 @@ async fn an_http_check_removes_and_restores_the_key_and_watchers_see_it() {
         other => panic!("expected a snapshot, got {other:?}"),
     }
 
-    endpoint.set(false);
+    endpoint.set_healthy(false);
     let failing = Instant::now();
     // Below `fall` failures in a row, the key stays.
     let h = health_where(&reg, "one failure", |h| h.failures >= 1).await;
@@ -192,7 +133,7 @@ async fn an_http_check_removes_and_restores_the_key_and_watchers_see_it() {
         other => panic!("expected Removed, got {other:?}"),
     }
 
-    endpoint.set(true);
+    endpoint.set_healthy(true);
     let h = health_where(&reg, "one pass", |h| h.passes >= 1).await;
     if h.passes < rise {
         assert!(
