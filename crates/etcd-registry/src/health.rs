@@ -11,7 +11,7 @@
 //!
 //! The built-in checks are functions of this module, not associated
 //! functions of the trait, because a trait cannot name the concrete type
-//! such a constructor returns: [`http`], [`tcp`], [`grpc`] (cargo feature
+//! such a constructor returns: [`http()`], [`tcp`], [`grpc`] (cargo feature
 //! `grpc-health`) and [`from_fn`]. Any type can be a check by implementing
 //! [`HealthCheck`].
 //!
@@ -420,7 +420,7 @@ fn log_transition(service: &str, id: &str, health: &Health) {
     }
 }
 
-/// An HTTP GET check: any 2xx status is a pass. See [`http`].
+/// An HTTP GET check: any 2xx status is a pass. See [`http()`].
 #[derive(Clone, Debug)]
 pub struct HttpCheck {
     uri: http::Uri,

@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use etcd_client::Client;
 use etcd_registry::{
-    Health, HealthPolicy, HealthState, InitialState, Registration, Registry, ServiceEvent,
-    ServiceInstance, health,
+    Health, HealthCheck, HealthPolicy, HealthState, InitialState, Registration, Registry,
+    ServiceEvent, ServiceInstance, health,
 };
 use etcd_registry_testkit::{
     EtcdServer, HealthEndpoint, eventually, shared_server, unique_name, within,
@@ -49,13 +49,7 @@ async fn health_where(reg: &Registration, what: &str, f: impl Fn(&Health) -> boo
 }
 
 /// A check switched by a flag, counting its runs.
-fn switch() -> (
-    Arc<AtomicBool>,
-    Arc<AtomicU64>,
-    health::FnCheck<
-        impl Fn() -> futures::future::Ready<Result<(), String>> + Send + Sync + 'static,
-    >,
-) {
+fn switch() -> (Arc<AtomicBool>, Arc<AtomicU64>, impl HealthCheck) {
     let on = Arc::new(AtomicBool::new(true));
     let runs = Arc::new(AtomicU64::new(0));
     let (flag, count) = (on.clone(), runs.clone());
