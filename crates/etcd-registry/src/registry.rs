@@ -317,6 +317,8 @@ impl std::fmt::Debug for Registry {
 impl Inner {
     fn spawned(&self, task: JoinHandle<()>) {
         if let Ok(mut tasks) = self.tasks.lock() {
+            // Health tasks end with their registration: do not keep their handles.
+            tasks.retain(|t| !t.is_finished());
             tasks.push(task);
         }
     }
