@@ -145,7 +145,7 @@ async fn an_http_check_removes_and_restores_the_key_and_watchers_see_it() {
         other => panic!("expected Added, got {other:?}"),
     }
     eprintln!("key deleted {gone_after:?} after the endpoint started failing (bound {bound:?})");
-    registry.close().await.unwrap();
+    within("close", T, registry.close()).await.unwrap();
 }
 
 #[tokio::test]
@@ -225,8 +225,10 @@ async fn a_hanging_check_fails_after_its_timeout_and_blocks_nobody() {
 }
 
 /// Breaking the mechanism by hand: with the `serving` filter removed from
-/// `restore_all` the wiped-etcd step fails, and with the `!entry.serving`
-/// guard removed from `reconcile_key` the external-write step fails.
+/// `restore_all` the wiped-etcd step fails; with the `!entry.serving` guard
+/// removed from `reconcile_key` the key is restored right after the check
+/// deletes it; with that guard kept for deletions only, the stray write is
+/// taken back under the registry's lease.
 #[tokio::test]
 async fn an_unhealthy_instance_is_never_restored_until_it_is_healthy() {
     let mut server = EtcdServer::start().await.unwrap();
@@ -256,18 +258,38 @@ async fn an_unhealthy_instance_is_never_restored_until_it_is_healthy() {
     })
     .await;
 
-    // Written and deleted from outside (a stray etcdctl), while unhealthy.
+    // Written, then deleted, from outside (a stray etcdctl), while unhealthy.
+    // After each step the control key is deleted and waited for: the
+    // registry handles events in revision order, so once the control key is
+    // back it has handled the step before.
     let mut c = client.clone();
-    c.put(checked.key(), inst("web", "sick").to_json(), None)
+    let barrier = async |c: &mut Client| {
+        within("delete", T, c.delete(control.key(), None))
+            .await
+            .unwrap();
+        eventually("the control key is restored", T, || {
+            present(&client, control.key())
+        })
+        .await;
+    };
+    within(
+        "put",
+        T,
+        c.put(checked.key(), inst("web", "sick").to_json(), None),
+    )
+    .await
+    .unwrap();
+    barrier(&mut c).await;
+    let stray = within("get", T, c.get(checked.key(), None)).await.unwrap();
+    assert_eq!(
+        stray.kvs().first().map(|kv| kv.lease()),
+        Some(0),
+        "an unhealthy key was taken back under the registry's lease"
+    );
+    within("delete", T, c.delete(checked.key(), None))
         .await
         .unwrap();
-    c.delete(checked.key(), None).await.unwrap();
-    // The control key deleted from outside comes back: anti-entropy is at work.
-    c.delete(control.key(), None).await.unwrap();
-    eventually("the control key is restored", T, || {
-        present(&client, control.key())
-    })
-    .await;
+    barrier(&mut c).await;
     assert!(
         !present(&client, checked.key()).await,
         "an unhealthy key was restored"
@@ -291,7 +313,7 @@ async fn an_unhealthy_instance_is_never_restored_until_it_is_healthy() {
 
     on.store(true, Ordering::SeqCst);
     eventually("back once healthy", T, || present(&client, checked.key())).await;
-    registry.close().await.unwrap();
+    within("close", T, registry.close()).await.unwrap();
 }
 
 #[tokio::test]
@@ -329,7 +351,7 @@ async fn maintenance_mode_overrides_a_passing_check() {
         .await
         .unwrap();
     assert!(present(&client, reg.key()).await);
-    registry.close().await.unwrap();
+    within("close", T, registry.close()).await.unwrap();
 }
 
 #[tokio::test]
@@ -367,7 +389,7 @@ async fn drain_deletes_first_then_waits_the_grace_period() {
         .await
         .unwrap();
     assert!(!present(&client, &key).await);
-    registry.close().await.unwrap();
+    within("close", T, registry.close()).await.unwrap();
 }
 
 #[tokio::test]
@@ -404,7 +426,9 @@ async fn shutdown_drains_every_registration_then_closes() {
     // and a check that recovers does not put its key back. Breaking it by
     // hand (no `draining` test in `Inner::set_serving`) fails the last assert.
     let mut c = client.clone();
-    let ttl = c.lease_time_to_live(lease, None).await.unwrap();
+    let ttl = within("lease ttl", T, c.lease_time_to_live(lease, None))
+        .await
+        .unwrap();
     assert!(
         ttl.ttl() > 0,
         "the lease was revoked before the grace period ended"
@@ -424,7 +448,9 @@ async fn shutdown_drains_every_registration_then_closes() {
         "the grace period ended before the test could check"
     );
     within("shutdown", T, shutdown).await.unwrap().unwrap();
-    let ttl = c.lease_time_to_live(lease, None).await.unwrap();
+    let ttl = within("lease ttl", T, c.lease_time_to_live(lease, None))
+        .await
+        .unwrap();
     assert!(ttl.ttl() <= 0, "the lease outlived shutdown");
 }
 
@@ -487,7 +513,7 @@ async fn a_grpc_health_server_set_to_not_serving_removes_the_instance() {
         .set_service_status("echo", tonic_health::ServingStatus::Serving)
         .await;
     eventually("back when SERVING", T, || present(&client, reg.key())).await;
-    registry.close().await.unwrap();
+    within("close", T, registry.close()).await.unwrap();
     grpc.abort();
 }
 
@@ -510,13 +536,14 @@ async fn bad_policies_are_rejected_before_anything_is_written() {
         "{err:?}"
     );
     let mut c = client.clone();
-    let all = c
-        .get(
-            format!("/etcd_registry/{ns}/"),
-            Some(etcd_client::GetOptions::new().with_prefix()),
-        )
-        .await
-        .unwrap();
+    let prefix = format!("/etcd_registry/{ns}/");
+    let all = within(
+        "get",
+        T,
+        c.get(prefix, Some(etcd_client::GetOptions::new().with_prefix())),
+    )
+    .await
+    .unwrap();
     assert!(all.kvs().is_empty());
-    registry.close().await.unwrap();
+    within("close", T, registry.close()).await.unwrap();
 }
