@@ -1111,7 +1111,8 @@ impl Inner {
 
 impl Registration {
     /// The health of this registration: its state after the rise/fall
-    /// policy, the last error text, and counts. Every transition is also
+    /// policy, the last error text, and counts, updated after every check
+    /// (compare `state` to see transitions). Every transition is also
     /// logged through `tracing`. A registration without a check reports
     /// [`HealthState::Healthy`](crate::HealthState) and never changes.
     pub fn health(&self) -> watch::Receiver<Health> {
