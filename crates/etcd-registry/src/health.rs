@@ -385,6 +385,12 @@ async fn run<C: HealthCheck>(
             );
         }
         let Some(inner) = inner.upgrade() else { return };
+        crate::metrics::health_check(
+            inner.config.namespace(),
+            &service,
+            health.failures == 0,
+            changed.then_some(health.state == HealthState::Healthy),
+        );
         let mut st = gate.state.lock().await;
         if cancel.is_cancelled() {
             return;

@@ -31,6 +31,8 @@
 //! | [`CACHE_STALENESS_SECONDS`] | gauge | `namespace`, `service` | time since the cache's watch last heard from etcd (an event or a progress report); updated every second |
 //! | [`LEADER`] | gauge | `namespace`, `election` | 1 while this process leads the election |
 //! | [`LEADERSHIP_LOST_TOTAL`] | counter | `namespace`, `election`, `reason` | leaderships that ended; `reason` is `resigned`, `key_deleted`, `key_replaced`, `lease_deadline`, `session_lost`, `closed` or `dropped` |
+//! | [`HEALTH_CHECKS_TOTAL`] | counter | `namespace`, `service`, `result` | health checks run by [`register_checked`](crate::Registry::register_checked); `result` is `pass` or `fail` (a timeout is a `fail`) |
+//! | [`HEALTH_TRANSITIONS_TOTAL`] | counter | `namespace`, `service`, `state` | checked registrations that turned `healthy` (key put back) or `unhealthy` (key taken out) |
 //! | [`REQUEST_DURATION_SECONDS`] | histogram | `namespace`, `operation` | duration of the public operations: `register`, `update`, `deregister`, `list`, `delete`, `cache`, `campaign`, `resign`, `leader`, `lock` (any acquire), `unlock`, `close` |
 
 #[cfg(feature = "metrics")]
@@ -75,6 +77,12 @@ pub const CACHE_INSTANCES: &str = "etcd_registry_cache_instances";
 /// `etcd_registry_cache_staleness_seconds`: time since a cache last heard from etcd.
 #[cfg(feature = "metrics")]
 pub const CACHE_STALENESS_SECONDS: &str = "etcd_registry_cache_staleness_seconds";
+/// `etcd_registry_health_checks_total`: health checks run, by result.
+#[cfg(feature = "metrics")]
+pub const HEALTH_CHECKS_TOTAL: &str = "etcd_registry_health_checks_total";
+/// `etcd_registry_health_transitions_total`: health state changes, by new state.
+#[cfg(feature = "metrics")]
+pub const HEALTH_TRANSITIONS_TOTAL: &str = "etcd_registry_health_transitions_total";
 /// `etcd_registry_leader`: 1 while this process leads an election.
 #[cfg(feature = "metrics")]
 pub const LEADER: &str = "etcd_registry_leader";
@@ -161,6 +169,28 @@ pub(crate) fn lease_recovered(namespace: &str) {
 pub(crate) fn registrations(namespace: &str, count: usize) {
     #[cfg(feature = "metrics")]
     gauge!(REGISTRATIONS, "namespace" => namespace.to_owned()).set(count as f64);
+}
+
+/// One health check of a registration of `service`, and whether it changed
+/// the registration's state (`Some(true)`: now healthy).
+#[cfg_attr(not(feature = "metrics"), allow(unused_variables))]
+pub(crate) fn health_check(
+    namespace: &str,
+    service: &str,
+    passed: bool,
+    now_healthy: Option<bool>,
+) {
+    #[cfg(feature = "metrics")]
+    {
+        let result = if passed { "pass" } else { "fail" };
+        counter!(HEALTH_CHECKS_TOTAL, "namespace" => namespace.to_owned(), "service" => service.to_owned(), "result" => result)
+            .increment(1);
+        if let Some(healthy) = now_healthy {
+            let state = if healthy { "healthy" } else { "unhealthy" };
+            counter!(HEALTH_TRANSITIONS_TOTAL, "namespace" => namespace.to_owned(), "service" => service.to_owned(), "state" => state)
+                .increment(1);
+        }
+    }
 }
 
 /// A key of `service` restored by anti-entropy.

@@ -417,3 +417,62 @@ async fn leading_sets_the_leader_gauge_and_resigning_counts_a_loss_and_caches_co
     );
     within("close", T, registry.close()).await.unwrap();
 }
+
+/// Checked by hand: with the `health_check` call removed from the health
+/// task, the pass/fail counts stay 0 and this fails.
+#[tokio::test]
+async fn health_checks_are_counted_by_result_and_transitions_by_state() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    use etcd_registry::{HealthPolicy, health};
+
+    let m = recorded();
+    let etcd = shared_server().await;
+    let ns = unique_name("metrics-health");
+    let registry = connect_with(builder(etcd.endpoints(), &ns, 10)).await;
+    let ok = Arc::new(AtomicBool::new(true));
+    let check = health::from_fn({
+        let ok = ok.clone();
+        move || {
+            let ok = ok.load(Ordering::SeqCst);
+            async move { if ok { Ok(()) } else { Err("down".to_owned()) } }
+        }
+    });
+    let policy = HealthPolicy::new()
+        .interval(Duration::from_millis(100))
+        .rise(1)
+        .fall(2);
+    let _reg = within(
+        "register_checked",
+        T,
+        registry.register_checked(ServiceInstance::new("api", "a-1", "h", 1), check, policy),
+    )
+    .await
+    .unwrap();
+    let label = |k: &'static str, v: &'static str| {
+        [
+            ("namespace", ns.clone()),
+            ("service", "api".to_owned()),
+            (k, v.to_owned()),
+        ]
+    };
+    let count = |name: &str, labels: &[(&'static str, String); 3]| {
+        let labels: Vec<(&str, &str)> = labels.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        m.counter(name, &labels)
+    };
+    let checks = "etcd_registry_health_checks_total";
+    let transitions = "etcd_registry_health_transitions_total";
+    wait_for("a healthy transition", || {
+        count(transitions, &label("state", "healthy")) == 1
+    })
+    .await;
+    assert!(count(checks, &label("result", "pass")) >= 1);
+    ok.store(false, Ordering::SeqCst);
+    wait_for("an unhealthy transition", || {
+        count(transitions, &label("state", "unhealthy")) == 1
+    })
+    .await;
+    assert!(count(checks, &label("result", "fail")) >= 2, "fall is 2");
+    assert_eq!(count(transitions, &label("state", "healthy")), 1);
+    within("close", T, registry.close()).await.unwrap();
+}
