@@ -374,6 +374,22 @@ pub enum Command {
         metrics: crate::metrics::MetricsOpt,
     },
 
+    /// Serve a read-only live dashboard: services, instances, elections and
+    /// the connection to etcd, updated as they change.
+    ///
+    /// Prints the address it serves on. The page and its JSON API
+    /// (/api/services, /api/services/{name}, /api/elections, /api/status,
+    /// /api/events) have no authentication: listening on anything but a
+    /// loopback address prints a warning. Runs until Ctrl-C/SIGTERM.
+    Ui {
+        /// Address to serve on; port 0 picks a free one.
+        #[arg(long, value_name = "ADDR:PORT", default_value = "127.0.0.1:8080")]
+        listen: std::net::SocketAddr,
+        /// Show every namespace under --prefix instead of --namespace.
+        #[arg(long, conflicts_with = "namespace")]
+        all_namespaces: bool,
+    },
+
     /// Print a shell completion script: `etcd-registry completions bash > /etc/bash_completion.d/etcd-registry`.
     Completions {
         /// The shell.

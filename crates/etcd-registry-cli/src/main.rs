@@ -11,6 +11,7 @@ mod register;
 mod shutdown;
 mod status;
 mod supervise;
+mod ui;
 
 use std::io::IsTerminal as _;
 use std::process::ExitCode;

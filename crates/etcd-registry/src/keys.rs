@@ -99,6 +99,22 @@ impl Keys {
     }
 }
 
+/// `{prefix}/`: the root under which every namespace lives.
+pub(crate) fn namespaces_root(prefix: &str) -> String {
+    format!("{prefix}/")
+}
+
+/// The namespace of a key under `root` (from [`namespaces_root`]), and
+/// whether the key is in the layout (`{namespace}/services/..` or
+/// `{namespace}/elections/..`). `None` for a key with no `/` after the namespace.
+pub(crate) fn parse_namespace<'a>(root: &str, key: &'a str) -> Option<(&'a str, bool)> {
+    let rest = key.strip_prefix(root)?;
+    let (namespace, tail) = rest.split_once('/')?;
+    let in_layout =
+        !namespace.is_empty() && (tail.starts_with("services/") || tail.starts_with("elections/"));
+    Some((namespace, in_layout))
+}
+
 /// Validates a path segment such as a service name, an instance id or an election name.
 pub(crate) fn validate_segment(field: &'static str, value: &str) -> Result<()> {
     if value.is_empty() {

@@ -73,6 +73,7 @@ mod election;
 mod error;
 pub mod health;
 mod instance;
+mod inventory;
 mod keys;
 mod lock;
 #[cfg(feature = "metrics")]
@@ -101,6 +102,7 @@ pub use health::{Health, HealthCheck, HealthPolicy, HealthState, InitialState};
 pub use instance::{MAX_ENTRY_BYTES, Port, ServiceInstance};
 pub use lock::{Lock, LockGuard};
 pub use queue::LostReason;
+pub use inventory::InstanceRevision;
 pub use registry::{Registration, Registry};
 pub use session::RegistryState;
 pub use status::{ElectionSummary, EndpointStatus, LockSummary, MemberStatus};
