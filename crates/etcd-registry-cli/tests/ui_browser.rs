@@ -234,6 +234,20 @@ async fn the_page_shows_instances_and_leaders_and_follows_changes_without_reload
     })
     .await;
 
+    eventually(
+        "the resigned candidate is no longer counted",
+        SHOWN,
+        || async {
+            let facts = js(
+                &client,
+                "return document.querySelector('[data-election] .facts').textContent",
+            )
+            .await;
+            facts.as_str().is_some_and(|f| f.contains("1 candidate ·"))
+        },
+    )
+    .await;
+
     // The filter narrows the table to what matches.
     let input = within(
         "the filter",

@@ -482,9 +482,12 @@ impl State {
         names
             .into_iter()
             .map(|key| {
+                // Samples from before the namespace was read would show a false 0.
+                let read = self.namespaces.get(&key.0).copied().unwrap_or(u64::MAX);
                 let history: Vec<Value> = self
                     .history
                     .iter()
+                    .filter(|(t, _)| *t >= read)
                     .map(|(t, sample)| json!([t, sample.get(key).copied().unwrap_or(0)]))
                     .collect();
                 json!({
