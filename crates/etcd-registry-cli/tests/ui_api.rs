@@ -220,6 +220,7 @@ async fn the_connection_state_reports_a_lost_etcd_and_recovers_by_itself() {
     assert_eq!(before["lost_since_ms"], Value::Null);
     assert_eq!(before["endpoints"][0]["reachable"], true);
 
+    // Checked against a mutant that always counted etcd as connected: this fails.
     within("stopping etcd", STEP, etcd.stop()).await.unwrap();
     eventually("the loss is shown", SEEN, || async {
         let s = status().await;

@@ -619,7 +619,14 @@ mod tests {
         assert_eq!(updated["since_ms"], since);
         assert_eq!(updated["create_revision"], 7);
 
-        hub.apply("ns", ServiceEvent::Removed(web("a", "1")));
+        // One already there at the first read stays of unknown age when updated
+        // (checked against a mutant that restarted the age on every update).
+        hub.apply("ns", ServiceEvent::Updated(web("a", "2")));
+        let (event, updated) = next(&mut rx);
+        assert_eq!(event, "updated");
+        assert_eq!(updated["since_ms"], Value::Null);
+
+        hub.apply("ns", ServiceEvent::Removed(web("a", "2")));
         assert_eq!(next(&mut rx).0, "removed");
         assert!(rx.try_recv().is_err(), "nothing else was sent");
         assert_eq!(hub.services_json()[0]["instances"], 1);
