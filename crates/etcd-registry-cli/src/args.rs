@@ -378,7 +378,7 @@ pub enum Command {
     /// the connection to etcd, updated as they change.
     ///
     /// Prints the address it serves on. The page and its JSON API
-    /// (/api/services, /api/services/{name}, /api/elections, /api/status,
+    /// (/api/services, /api/services/{name}, /api/elections, /api/locks, /api/status,
     /// /api/events) have no authentication: listening on anything but a
     /// loopback address prints a warning. Runs until Ctrl-C/SIGTERM.
     Ui {

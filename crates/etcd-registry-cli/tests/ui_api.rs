@@ -349,3 +349,64 @@ async fn listening_beyond_loopback_warns_and_namespace_options_exclude_each_othe
         "{out:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn locks_show_their_holder_and_waiters_and_go_when_released() {
+    let ctx = Ctx::new("ui-locks").await;
+    let registry = ctx.registry().await;
+    let rival = ctx.registry().await;
+    let held = within(
+        "lock",
+        STEP,
+        registry.lock("db-migrations").unwrap().acquire(),
+    )
+    .await
+    .unwrap();
+    let rival_lock = rival.lock("db-migrations").unwrap();
+    let waiting = tokio::spawn(async move { rival_lock.acquire().await });
+
+    let ui = dashboard(&ctx).await;
+    eventually("the holder and one waiter", SEEN, || async {
+        let locks = ui.get("/api/locks").await.1;
+        locks[0]["name"] == "db-migrations" && locks[0]["waiters"] == 1
+    })
+    .await;
+    let locks = ui.get("/api/locks").await.1;
+    assert_eq!(locks[0]["holder"]["fencing_token"], held.fencing_token());
+    assert_eq!(
+        locks[0]["holder"]["lease"],
+        format!("{:x}", held.lease_id()).as_str()
+    );
+
+    let mut events = ui.events().await;
+    let (name, snapshot) = events.next().await;
+    assert_eq!(name, "snapshot");
+    assert_eq!(
+        snapshot["locks"][0]["holder"]["fencing_token"],
+        held.fencing_token()
+    );
+
+    held.release().await.unwrap();
+    let next = within("the waiter gets the lock", STEP, waiting)
+        .await
+        .unwrap()
+        .unwrap();
+    let changed = events
+        .until("the next holder", SEEN, |name, d| {
+            (name == "lock" && d["holder"]["fencing_token"] == next.fencing_token())
+                .then(|| d.clone())
+        })
+        .await;
+    assert_eq!(changed["waiters"], 0);
+    next.release().await.unwrap();
+    events
+        .until("released", SEEN, |name, d| {
+            (name == "lock" && d["holder"].is_null()).then_some(())
+        })
+        .await;
+    assert_eq!(ui.get("/api/locks").await.1, serde_json::json!([]));
+
+    ui.stop().await;
+    rival.close().await.unwrap();
+    registry.close().await.unwrap();
+}

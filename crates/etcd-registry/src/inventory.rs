@@ -1,7 +1,10 @@
 //! Read-only inventory for dashboards: where instance keys stand in etcd's
-//! history, and which namespaces exist under the key prefix.
+//! history, who holds which lock, and which namespaces exist under the key
+//! prefix.
 
-use etcd_client::GetOptions;
+use std::collections::BTreeMap;
+
+use etcd_client::{GetOptions, SortOrder, SortTarget};
 
 use crate::error::Result;
 use crate::keys::{namespaces_root, parse_namespace};
@@ -24,6 +27,20 @@ pub struct InstanceRevision {
     pub mod_revision: i64,
     /// The lease the key lives under; 0 for a key written without one.
     pub lease_id: i64,
+}
+
+/// A lock with a holder, from [`Registry::locks`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct LockSummary {
+    /// The lock name, as given to [`Registry::lock`].
+    pub name: String,
+    /// The holder's fencing token: the create revision of its key.
+    pub fencing_token: i64,
+    /// The lease the holder's key lives under.
+    pub lease_id: i64,
+    /// How many wait behind the holder.
+    pub waiters: usize,
 }
 
 /// More namespaces than this are not looked for: each costs one request.
@@ -69,8 +86,55 @@ impl Registry {
             .collect())
     }
 
+    /// Every lock of the namespace that has a holder, by name, with its
+    /// holder (the key with the lowest create revision) and the number of
+    /// waiters, in one consistent read. Locks nobody holds leave nothing in
+    /// etcd and are not listed. `etcdctl lock` holders are listed as well.
+    ///
+    /// ```no_run
+    /// # async fn demo(registry: etcd_registry::Registry) -> etcd_registry::Result<()> {
+    /// for l in registry.locks().await? {
+    ///     println!("{}: held under lease {:x}, {} waiting", l.name, l.lease_id, l.waiters);
+    /// }
+    /// # Ok(()) }
+    /// ```
+    pub async fn locks(&self) -> Result<Vec<LockSummary>> {
+        let keys = &self.inner.keys;
+        let prefix = keys.locks_prefix().to_owned();
+        let resp = self
+            .inner
+            .conn
+            .retry("get", |mut c| {
+                let prefix = prefix.clone();
+                // Ascending create revision: the first key seen of a lock is its holder.
+                let options = GetOptions::new()
+                    .with_prefix()
+                    .with_keys_only()
+                    .with_sort(SortTarget::Create, SortOrder::Ascend);
+                async move { c.get(prefix, Some(options)).await }
+            })
+            .await?;
+        let mut locks: BTreeMap<String, LockSummary> = BTreeMap::new();
+        for kv in resp.kvs() {
+            let Some(name) = kv.key_str().ok().and_then(|k| keys.parse_lock_key(k)) else {
+                tracing::warn!(key = %String::from_utf8_lossy(kv.key()), "skipping a key outside the lock layout");
+                continue;
+            };
+            locks
+                .entry(name.to_owned())
+                .and_modify(|l| l.waiters += 1)
+                .or_insert_with(|| LockSummary {
+                    name: name.to_owned(),
+                    fencing_token: kv.create_revision(),
+                    lease_id: kv.lease(),
+                    waiters: 0,
+                });
+        }
+        Ok(locks.into_values().collect())
+    }
+
     /// Every namespace under this registry's key prefix that holds a service
-    /// instance or an election key, sorted. This registry's own namespace is
+    /// instance, an election key or a lock key, sorted. This registry's own namespace is
     /// listed only if it holds such a key.
     ///
     /// It skips from one namespace to the next, one keys-only read of a

@@ -74,6 +74,18 @@ impl Keys {
         format!("{}{election}/{lease_id:x}", self.elections)
     }
 
+    /// `{root}/locks/`: every lock of the namespace.
+    pub(crate) fn locks_prefix(&self) -> &str {
+        &self.locks
+    }
+
+    /// The lock a holder or waiter key belongs to; `None` for keys outside the layout.
+    pub(crate) fn parse_lock_key<'a>(&self, key: &'a str) -> Option<&'a str> {
+        let rest = key.strip_prefix(self.locks.as_str())?;
+        let (lock, member) = rest.split_once('/')?;
+        (!lock.is_empty() && !member.is_empty() && !member.contains('/')).then_some(lock)
+    }
+
     /// `{root}/locks/{lock}`: the name `etcdctl lock` takes.
     pub(crate) fn lock_name(&self, lock: &str) -> String {
         format!("{}{lock}", self.locks)
@@ -105,8 +117,8 @@ pub(crate) fn namespaces_root(prefix: &str) -> String {
 }
 
 /// The namespace of a key under `root` (from [`namespaces_root`]), and
-/// whether the key is in the layout (`{namespace}/services/..` or
-/// `{namespace}/elections/..`). `None` for a key with no `/` after the namespace.
+/// whether the key is in the layout (`{namespace}/services/..`,
+/// `{namespace}/elections/..` or `{namespace}/locks/..`). `None` for a key with no `/` after the namespace.
 pub(crate) fn parse_namespace<'a>(root: &str, key: &'a str) -> Option<(&'a str, bool)> {
     let rest = key.strip_prefix(root)?;
     let (namespace, tail) = rest.split_once('/')?;

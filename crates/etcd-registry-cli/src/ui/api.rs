@@ -46,6 +46,11 @@ pub async fn elections(State(s): State<AppState>) -> Json<Value> {
     Json(s.hub.elections_json())
 }
 
+/// `GET /api/locks`: every lock with a holder.
+pub async fn locks(State(s): State<AppState>) -> Json<Value> {
+    Json(s.hub.locks_json())
+}
+
 /// `GET /api/status`: endpoints, whether etcd answers, the last revision.
 pub async fn status(State(s): State<AppState>) -> Json<Value> {
     Json(s.hub.connection_json())

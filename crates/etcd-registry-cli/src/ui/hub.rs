@@ -10,7 +10,7 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use etcd_registry::{InstanceRevision, LeaderInfo, ServiceEvent, ServiceInstance};
+use etcd_registry::{InstanceRevision, LeaderInfo, LockSummary, ServiceEvent, ServiceInstance};
 
 /// A leader as the page shows it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -26,6 +26,26 @@ impl From<&LeaderInfo> for Leader {
             proposal: l.proposal_str().into_owned(),
             fencing_token: l.fencing_token,
             lease_id: l.lease_id,
+        }
+    }
+}
+
+/// A lock's holder as the page shows it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LockView {
+    pub name: String,
+    pub fencing_token: i64,
+    pub lease_id: i64,
+    pub waiters: usize,
+}
+
+impl From<LockSummary> for LockView {
+    fn from(l: LockSummary) -> Self {
+        LockView {
+            name: l.name,
+            fencing_token: l.fencing_token,
+            lease_id: l.lease_id,
+            waiters: l.waiters,
         }
     }
 }
@@ -90,6 +110,8 @@ struct State {
     /// Samples of the counts, oldest first: (time, counts of the services then present).
     history: VecDeque<(u64, BTreeMap<NameKey, usize>)>,
     elections: BTreeMap<NameKey, ElectionView>,
+    /// Locks with a holder, and since when that holder holds it (as seen here).
+    locks: BTreeMap<NameKey, (LockView, u64)>,
     connection: Connection,
 }
 
@@ -165,6 +187,7 @@ impl Hub {
                 counts: BTreeMap::new(),
                 history: VecDeque::new(),
                 elections: BTreeMap::new(),
+                locks: BTreeMap::new(),
                 connection,
             }),
             tx,
@@ -339,6 +362,48 @@ impl Hub {
             self.publish("election", data);
         }
         new
+    }
+
+    /// The locks of a poll of the namespace; publishes a `lock` event for
+    /// each that changed, with `holder: null` for one nobody holds any more.
+    pub fn set_locks(&self, namespace: &str, locks: Vec<LockView>) {
+        let mut state = lock(&self.state);
+        let fresh: BTreeMap<NameKey, LockView> = locks
+            .into_iter()
+            .map(|l| ((namespace.to_owned(), l.name.clone()), l))
+            .collect();
+        let gone: Vec<NameKey> = state
+            .locks
+            .keys()
+            .filter(|k| k.0 == namespace && !fresh.contains_key(*k))
+            .cloned()
+            .collect();
+        for key in gone {
+            state.locks.remove(&key);
+            self.publish("lock", lock_json(&key, None));
+        }
+        let now = now_ms();
+        for (key, view) in fresh {
+            let since = match state.locks.get(&key) {
+                Some((old, _)) if *old == view => continue,
+                Some((old, since)) if old.fencing_token == view.fencing_token => *since,
+                _ => now,
+            };
+            let data = lock_json(&key, Some((&view, since)));
+            state.locks.insert(key, (view, since));
+            self.publish("lock", data);
+        }
+    }
+
+    pub fn locks_json(&self) -> Value {
+        let state = lock(&self.state);
+        Value::Array(
+            state
+                .locks
+                .iter()
+                .map(|(k, (v, since))| lock_json(k, Some((v, *since))))
+                .collect(),
+        )
     }
 
     pub fn set_connection(&self, update: impl FnOnce(&mut Connection)) {
@@ -527,6 +592,7 @@ impl State {
             "services": self.services(),
             "instances": self.instances.keys().map(|k| self.instance_value(k)).collect::<Vec<_>>(),
             "elections": self.elections.iter().map(|(k, v)| election_json(k, v)).collect::<Vec<_>>(),
+            "locks": self.locks.iter().map(|(k, (v, since))| lock_json(k, Some((v, *since)))).collect::<Vec<_>>(),
             "connection": self.connection_json(),
         })
     }
@@ -540,18 +606,32 @@ fn msg(event: &'static str, data: Value) -> Msg {
 }
 
 /// An instance as the API shows it: the Go wire fields (with `port` a
-/// number), its namespace, and when it appeared.
+/// number when it is one), its namespace, and when it appeared.
 fn instance_json(namespace: &str, i: &ServiceInstance, since_ms: Option<u64>) -> Value {
     json!({
         "namespace": namespace,
         "name": i.name,
         "id": i.id,
         "address": i.address,
-        "port": i.port,
+        // A number, or the stored string when it is none (Go writes a string).
+        "port": i.port.number().map_or_else(|| json!(i.port.as_str()), |n| json!(n)),
         "version": i.version,
         "weight": i.weight,
         "metadata": i.metadata,
         "since_ms": since_ms,
+    })
+}
+
+fn lock_json(key: &NameKey, holder: Option<(&LockView, u64)>) -> Value {
+    json!({
+        "namespace": key.0,
+        "name": key.1,
+        "waiters": holder.map_or(0, |(l, _)| l.waiters),
+        "since_ms": holder.map(|(_, since)| since),
+        "holder": holder.map(|(l, _)| json!({
+            "fencing_token": l.fencing_token,
+            "lease": lease_hex(l.lease_id),
+        })),
     })
 }
 

@@ -50,7 +50,7 @@ pub async fn run(g: &Global, listen: SocketAddr, all_namespaces: bool) -> CliRes
         .local_addr()
         .map_err(|e| CliError::msg(format!("cannot read the listening address: {e}")))?;
 
-    let builder = builder(g);
+    let builder = builder(g)?;
     let registry = Arc::new(builder.clone().connect().await?);
     let hub = Hub::new(all_namespaces, registry.config().endpoints());
     let cancel = CancellationToken::new();
@@ -127,6 +127,7 @@ fn router(hub: Arc<Hub>, cancel: CancellationToken) -> Router {
         .route("/api/services", get(api::services))
         .route("/api/services/{name}", get(api::service))
         .route("/api/elections", get(api::elections))
+        .route("/api/locks", get(api::locks))
         .route("/api/status", get(api::status))
         .route("/api/events", get(sse::events))
         .with_state(api::AppState { hub, cancel })

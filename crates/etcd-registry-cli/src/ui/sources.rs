@@ -19,7 +19,7 @@ use tokio_util::sync::CancellationToken;
 use super::hub::{EndpointView, Hub, SAMPLE_EVERY};
 
 /// How often elections are listed to find new ones (leaders themselves
-/// arrive through observe streams, as they change).
+/// arrive through observe streams, as they change), and locks are listed.
 const ELECTIONS_EVERY: Duration = Duration::from_secs(2);
 /// How often every endpoint is asked for its status.
 const PROBE_EVERY: Duration = Duration::from_secs(3);
@@ -127,7 +127,8 @@ async fn read_revisions(
     }
 }
 
-/// Lists the namespace's elections now and then, and observes each one found.
+/// Lists the namespace's elections and locks now and then, and observes
+/// each election found (lock holders are read by the listing itself).
 async fn follow_elections(
     hub: &Arc<Hub>,
     registry: &Registry,
@@ -169,6 +170,10 @@ async fn follow_elections(
             Err(error) => {
                 tracing::warn!(namespace, %error, "listing elections failed; retrying");
             }
+        }
+        match registry.locks().await {
+            Ok(locks) => hub.set_locks(namespace, locks.into_iter().map(Into::into).collect()),
+            Err(error) => tracing::warn!(namespace, %error, "listing locks failed; retrying"),
         }
         if !pause(cancel, ELECTIONS_EVERY).await {
             break;

@@ -10,6 +10,7 @@ const st = {
   instances: new Map(),   // key -> instance
   services: new Map(),    // "ns\0name" -> {namespace, name, instances, history}
   elections: new Map(),   // "ns\0name" -> election
+  locks: new Map(),       // "ns\0name" -> lock with a holder
   namespaces: new Map(),  // ns -> read_ms
   connection: null,
   allNamespaces: false,
@@ -63,6 +64,7 @@ const handlers = {
     st.instances = new Map(d.instances.map((i) => [ikey(i), i]));
     st.services = new Map(d.services.map((s) => [skey(s.namespace, s.name), s]));
     st.elections = new Map(d.elections.map((e) => [skey(e.namespace, e.name), e]));
+    st.locks = new Map(d.locks.map((l) => [skey(l.namespace, l.name), l]));
     st.connection = d.connection;
     st.ready = d.ready;
   },
@@ -99,6 +101,14 @@ const handlers = {
     const leader = e.leader ? `${e.leader.proposal} leads (token ${e.leader.fencing_token})` : "no leader";
     if (!before || JSON.stringify(before.leader) !== JSON.stringify(e.leader)) {
       note(e.leader ? "updated" : "removed", `election ${serviceLabel(e.namespace, e.name)}: ${leader}`);
+    }
+  },
+  lock(l) {
+    const k = skey(l.namespace, l.name);
+    const before = st.locks.get(k);
+    if (l.holder) st.locks.set(k, l); else st.locks.delete(k);
+    if (!before || !l.holder || before.holder.fencing_token !== l.holder.fencing_token) {
+      note(l.holder ? "updated" : "removed", `lock ${serviceLabel(l.namespace, l.name)}: ${l.holder ? `held (token ${l.holder.fencing_token})` : "released"}`);
     }
   },
   connection(c) { st.connection = c; },
@@ -150,6 +160,14 @@ function renderElections() {
       <div class="leader">${l ? esc(l.proposal) : "NO LEADER"}</div>
       <div class="facts">${facts}</div></div>`;
   }).join("");
+}
+
+function renderLocks() {
+  const list = [...st.locks.values()].sort((a, b) => (a.namespace + a.name).localeCompare(b.namespace + b.name));
+  if (!list.length) { $("locks").innerHTML = `<p class="muted">none held</p>`; return; }
+  $("locks").innerHTML = list.map((l) => `<div class="election" data-lock="${esc(l.namespace + "/" + l.name)}">
+      <div class="name">${esc(serviceLabel(l.namespace, l.name))}</div>
+      <div class="facts">held under lease <span class="mono">${esc(l.holder.lease)}</span> · fencing token <span class="mono token">${l.holder.fencing_token}</span> · ${l.waiters} waiting · for ${ago(now() - l.since_ms)}</div></div>`).join("");
 }
 
 function age(i) {
@@ -230,7 +248,7 @@ function render() {
   queued = true;
   requestAnimationFrame(() => {
     queued = false;
-    renderServices(); renderElections(); renderTable(); renderChanges(); renderConnection();
+    renderServices(); renderElections(); renderLocks(); renderTable(); renderChanges(); renderConnection();
   });
 }
 
