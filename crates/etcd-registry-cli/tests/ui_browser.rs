@@ -162,6 +162,14 @@ async fn the_page_shows_instances_and_leaders_and_follows_changes_without_reload
     let rival_election = rival.election("nightly-cron").unwrap();
     let second = tokio::spawn(async move { rival_election.campaign("node-b").await });
 
+    let lock = within(
+        "a lock",
+        STEP,
+        registry.lock("db-migrations").unwrap().acquire(),
+    )
+    .await
+    .unwrap();
+
     let ui = Dashboard::start(ctx.command(&["ui", "--listen", "127.0.0.1:0"]), "ui").await;
     let driver = start_driver(&chromedriver).await;
     let profile = tempfile::tempdir().unwrap();
@@ -186,6 +194,13 @@ async fn the_page_shows_instances_and_leaders_and_follows_changes_without_reload
     .await;
     eventually("the leader is shown", SHOWN, || async {
         leader_shown(&client).await == "node-a"
+    })
+    .await;
+    eventually("the lock and its holder's token are shown", SHOWN, || async {
+        let facts = js(&client, "const e = document.querySelector('[data-lock] .facts'); return e ? e.textContent : ''").await;
+        facts
+            .as_str()
+            .is_some_and(|f| f.contains(&format!("fencing token {}", lock.fencing_token())))
     })
     .await;
     // A marker that a reload would wipe.
@@ -368,6 +383,7 @@ async fn the_page_shows_instances_and_leaders_and_follows_changes_without_reload
         "the filter took {filter_took:?}"
     );
 
+    lock.release().await.unwrap();
     within("closing the browser", STEP, client.close())
         .await
         .unwrap();

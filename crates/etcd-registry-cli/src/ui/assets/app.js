@@ -129,6 +129,7 @@ const handlers = {
 
 function sparkline(s) {
   const pts = s.history.map((p) => p[1]).concat([s.instances]);
+  if (pts.length === 1) pts.unshift(pts[0]); // no sample yet: a flat line at the current count
   const max = Math.max(1, ...pts);
   const w = 100, h = 24;
   const step = pts.length > 1 ? w / (pts.length - 1) : w;
