@@ -1,10 +1,7 @@
 //! Read-only inventory for dashboards: where instance keys stand in etcd's
-//! history, who holds which lock, and which namespaces exist under the key
-//! prefix.
+//! history, and which namespaces exist under the key prefix.
 
-use std::collections::BTreeMap;
-
-use etcd_client::{GetOptions, SortOrder, SortTarget};
+use etcd_client::GetOptions;
 
 use crate::error::Result;
 use crate::keys::{namespaces_root, parse_namespace};
@@ -29,26 +26,13 @@ pub struct InstanceRevision {
     pub lease_id: i64,
 }
 
-/// A lock with a holder, from [`Registry::locks`].
-#[derive(Clone, Debug, PartialEq, Eq)]
-#[non_exhaustive]
-pub struct LockSummary {
-    /// The lock name, as given to [`Registry::lock`].
-    pub name: String,
-    /// The holder's fencing token: the create revision of its key.
-    pub fencing_token: i64,
-    /// The lease the holder's key lives under.
-    pub lease_id: i64,
-    /// How many wait behind the holder.
-    pub waiters: usize,
-}
-
 /// More namespaces than this are not looked for: each costs one request.
 const MAX_NAMESPACES: usize = 10_000;
 
 impl Registry {
     /// The create and mod revisions and the lease of every instance key of
-    /// the namespace, in one keys-only read (values are not transferred).
+    /// the namespace, in one consistent keys-only read (values are not
+    /// transferred; paged like [`Registry::instances`]).
     /// Keys outside the layout are skipped.
     ///
     /// ```no_run
@@ -61,76 +45,23 @@ impl Registry {
     pub async fn instance_revisions(&self) -> Result<Vec<InstanceRevision>> {
         let keys = &self.inner.keys;
         let prefix = keys.services_prefix().to_owned();
-        let resp = self
+        let paged = self
             .inner
             .conn
-            .retry("get", |mut c| {
-                let prefix = prefix.clone();
-                let options = GetOptions::new().with_prefix().with_keys_only();
-                async move { c.get(prefix, Some(options)).await }
+            .read_prefixes("get", &[prefix], true, Vec::new, |out, kvs| {
+                out.extend(kvs.iter().filter_map(|kv| {
+                    let (name, id) = keys.parse_instance_key(kv.key_str().ok()?)?;
+                    Some(InstanceRevision {
+                        name: name.to_owned(),
+                        id: id.to_owned(),
+                        create_revision: kv.create_revision(),
+                        mod_revision: kv.mod_revision(),
+                        lease_id: kv.lease(),
+                    })
+                }));
             })
             .await?;
-        Ok(resp
-            .kvs()
-            .iter()
-            .filter_map(|kv| {
-                let (name, id) = keys.parse_instance_key(kv.key_str().ok()?)?;
-                Some(InstanceRevision {
-                    name: name.to_owned(),
-                    id: id.to_owned(),
-                    create_revision: kv.create_revision(),
-                    mod_revision: kv.mod_revision(),
-                    lease_id: kv.lease(),
-                })
-            })
-            .collect())
-    }
-
-    /// Every lock of the namespace that has a holder, by name, with its
-    /// holder (the key with the lowest create revision) and the number of
-    /// waiters, in one consistent read. Locks nobody holds leave nothing in
-    /// etcd and are not listed. `etcdctl lock` holders are listed as well.
-    ///
-    /// ```no_run
-    /// # async fn demo(registry: etcd_registry::Registry) -> etcd_registry::Result<()> {
-    /// for l in registry.locks().await? {
-    ///     println!("{}: held under lease {:x}, {} waiting", l.name, l.lease_id, l.waiters);
-    /// }
-    /// # Ok(()) }
-    /// ```
-    pub async fn locks(&self) -> Result<Vec<LockSummary>> {
-        let keys = &self.inner.keys;
-        let prefix = keys.locks_prefix().to_owned();
-        let resp = self
-            .inner
-            .conn
-            .retry("get", |mut c| {
-                let prefix = prefix.clone();
-                // Ascending create revision: the first key seen of a lock is its holder.
-                let options = GetOptions::new()
-                    .with_prefix()
-                    .with_keys_only()
-                    .with_sort(SortTarget::Create, SortOrder::Ascend);
-                async move { c.get(prefix, Some(options)).await }
-            })
-            .await?;
-        let mut locks: BTreeMap<String, LockSummary> = BTreeMap::new();
-        for kv in resp.kvs() {
-            let Some(name) = kv.key_str().ok().and_then(|k| keys.parse_lock_key(k)) else {
-                tracing::warn!(key = %String::from_utf8_lossy(kv.key()), "skipping a key outside the lock layout");
-                continue;
-            };
-            locks
-                .entry(name.to_owned())
-                .and_modify(|l| l.waiters += 1)
-                .or_insert_with(|| LockSummary {
-                    name: name.to_owned(),
-                    fencing_token: kv.create_revision(),
-                    lease_id: kv.lease(),
-                    waiters: 0,
-                });
-        }
-        Ok(locks.into_values().collect())
+        Ok(paged.value)
     }
 
     /// Every namespace under this registry's key prefix that holds a service

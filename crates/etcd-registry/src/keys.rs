@@ -74,18 +74,6 @@ impl Keys {
         format!("{}{election}/{lease_id:x}", self.elections)
     }
 
-    /// `{root}/locks/`: every lock of the namespace.
-    pub(crate) fn locks_prefix(&self) -> &str {
-        &self.locks
-    }
-
-    /// The lock a holder or waiter key belongs to; `None` for keys outside the layout.
-    pub(crate) fn parse_lock_key<'a>(&self, key: &'a str) -> Option<&'a str> {
-        let rest = key.strip_prefix(self.locks.as_str())?;
-        let (lock, member) = rest.split_once('/')?;
-        (!lock.is_empty() && !member.is_empty() && !member.contains('/')).then_some(lock)
-    }
-
     /// `{root}/locks/{lock}`: the name `etcdctl lock` takes.
     pub(crate) fn lock_name(&self, lock: &str) -> String {
         format!("{}{lock}", self.locks)
