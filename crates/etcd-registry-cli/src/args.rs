@@ -374,6 +374,22 @@ pub enum Command {
         metrics: crate::metrics::MetricsOpt,
     },
 
+    /// Serve a read-only live dashboard: services, instances, elections and
+    /// the connection to etcd, updated as they change.
+    ///
+    /// Prints the address it serves on. The page and its JSON API
+    /// (/api/services, /api/services/{name}, /api/elections, /api/locks, /api/status,
+    /// /api/events) have no authentication: listening on anything but a
+    /// loopback address prints a warning. Runs until Ctrl-C/SIGTERM.
+    Ui {
+        /// Address to serve on; port 0 picks a free one.
+        #[arg(long, value_name = "ADDR:PORT", default_value = "127.0.0.1:8080")]
+        listen: std::net::SocketAddr,
+        /// Show every namespace under --prefix instead of --namespace.
+        #[arg(long)]
+        all_namespaces: bool,
+    },
+
     /// Print a shell completion script: `etcd-registry completions bash > /etc/bash_completion.d/etcd-registry`.
     Completions {
         /// The shell.
@@ -382,6 +398,37 @@ pub enum Command {
 
     /// Print the man page (roff): `etcd-registry man | man -l -`.
     Man,
+}
+
+impl Cli {
+    /// Parses the command line; usage errors exit 2 with clap's message.
+    ///
+    /// `--namespace` is global, so clap cannot tell `ui --all-namespaces`
+    /// that it conflicts; this does, for a `--namespace` typed on the command
+    /// line (not for ETCD_REGISTRY_NAMESPACE from the environment).
+    pub fn parse_checked() -> Cli {
+        use clap::parser::ValueSource;
+        use clap::{CommandFactory, FromArgMatches};
+        let mut command = Cli::command();
+        let matches = command.get_matches_mut();
+        let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+        let typed =
+            |m: &clap::ArgMatches| m.value_source("namespace") == Some(ValueSource::CommandLine);
+        if let Command::Ui {
+            all_namespaces: true,
+            ..
+        } = cli.command
+            && (typed(&matches) || matches.subcommand_matches("ui").is_some_and(typed))
+        {
+            command
+                .error(
+                    clap::error::ErrorKind::ArgumentConflict,
+                    "the argument '--all-namespaces' cannot be used with '--namespace'",
+                )
+                .exit();
+        }
+        cli
+    }
 }
 
 /// A duration in etcdctl's style (`500ms`, `2s`, `1m`) or in whole seconds (`2`).

@@ -25,6 +25,10 @@ pub async fn run(cli: Cli) -> CliResult {
         Command::Completions { shell } => output::completions(shell),
         Command::Man => output::man(),
         Command::Status { json } => crate::status::status(g, json).await,
+        Command::Ui {
+            listen,
+            all_namespaces,
+        } => crate::ui::run(g, listen, all_namespaces).await,
         Command::List {
             service, raw: true, ..
         } => with_registry(g, async |r| list_raw(r, service.as_deref()).await).await,

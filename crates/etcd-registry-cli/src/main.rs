@@ -11,17 +11,16 @@ mod register;
 mod shutdown;
 mod status;
 mod supervise;
+mod ui;
 
 use std::io::IsTerminal as _;
 use std::process::ExitCode;
-
-use clap::Parser;
 
 use crate::error::CliError;
 
 fn main() -> ExitCode {
     // Usage errors exit 2 here, with clap's message.
-    let cli = args::Cli::parse();
+    let cli = args::Cli::parse_checked();
     init_logging(cli.global.verbose);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()

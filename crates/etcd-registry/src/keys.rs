@@ -99,6 +99,24 @@ impl Keys {
     }
 }
 
+/// `{prefix}/`: the root under which every namespace lives.
+pub(crate) fn namespaces_root(prefix: &str) -> String {
+    format!("{prefix}/")
+}
+
+/// The namespace of a key under `root` (from [`namespaces_root`]), and
+/// whether the key is in the layout (`{namespace}/services/..`,
+/// `{namespace}/elections/..` or `{namespace}/locks/..`). `None` for a key with no `/` after the namespace.
+pub(crate) fn parse_namespace<'a>(root: &str, key: &'a str) -> Option<(&'a str, bool)> {
+    let rest = key.strip_prefix(root)?;
+    let (namespace, tail) = rest.split_once('/')?;
+    let in_layout = !namespace.is_empty()
+        && ["services/", "elections/", "locks/"]
+            .iter()
+            .any(|kind| tail.starts_with(kind));
+    Some((namespace, in_layout))
+}
+
 /// Validates a path segment such as a service name, an instance id or an election name.
 pub(crate) fn validate_segment(field: &'static str, value: &str) -> Result<()> {
     if value.is_empty() {
@@ -240,5 +258,28 @@ mod tests {
         assert_eq!(k.parse_lock_key("/etcd_registry/prod/locks/db/"), None);
         assert_eq!(k.parse_lock_key("/etcd_registry/prod/locks//1"), None);
         assert_eq!(k.parse_lock_key("/etcd_registry/other/locks/db/1"), None);
+    }
+
+    #[test]
+    fn namespaces_are_the_segment_after_the_prefix_and_count_only_in_the_layout() {
+        let root = namespaces_root("/etcd_registry");
+        assert_eq!(root, "/etcd_registry/");
+        let parse = |k| parse_namespace(&root, k);
+        assert_eq!(
+            parse("/etcd_registry/prod/services/web/1"),
+            Some(("prod", true))
+        );
+        assert_eq!(
+            parse("/etcd_registry/prod/elections/job/1f"),
+            Some(("prod", true))
+        );
+        assert_eq!(
+            parse("/etcd_registry/prod/locks/db/1f"),
+            Some(("prod", true))
+        );
+        assert_eq!(parse("/etcd_registry/prod/other"), Some(("prod", false)));
+        assert_eq!(parse("/etcd_registry//services/web/1"), Some(("", false)));
+        assert_eq!(parse("/etcd_registry/prod"), None);
+        assert_eq!(parse("/elsewhere/prod/services/web/1"), None);
     }
 }

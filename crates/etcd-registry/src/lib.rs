@@ -73,6 +73,7 @@ mod election;
 mod error;
 pub mod health;
 mod instance;
+mod inventory;
 mod keys;
 mod lock;
 #[cfg(feature = "metrics")]
@@ -99,6 +100,7 @@ pub use election::{Election, LeaderInfo, LeaderStream, Leadership};
 pub use error::{Error, Result};
 pub use health::{Health, HealthCheck, HealthPolicy, HealthState, InitialState};
 pub use instance::{MAX_ENTRY_BYTES, Port, ServiceInstance};
+pub use inventory::InstanceRevision;
 pub use lock::{Lock, LockGuard};
 pub use queue::LostReason;
 pub use registry::{Registration, Registry};
