@@ -886,7 +886,7 @@ enum Place {
     Behind { key: Vec<u8>, rev: i64 },
     /// At `rev` no key older than ours was left and ours was still ours.
     First { rev: i64 },
-    /// Our key was deleted or replaced.
+    /// Nobody was ahead, but our key was deleted or replaced.
     Lost(LostReason),
 }
 
@@ -913,15 +913,18 @@ async fn place(inner: &Inner, prefix: &str, key: &str, token: i64) -> Result<Pla
         _ => None,
     });
     let (ahead, own) = (reads.next().flatten(), reads.next().flatten());
+    // Our key decides only once nobody is ahead, as it did when it was read
+    // after the wait: a member behind others whose key went (its lease
+    // revoked, say) keeps waiting until `on_lease` reports the lost session.
     // A missing answer reads as a missing key: never as a way to the head.
-    Ok(match (own, ahead) {
-        (None, _) => Place::Lost(LostReason::KeyDeleted),
-        (Some(kv), _) if kv.create_revision() != token => Place::Lost(LostReason::KeyReplaced),
-        (Some(_), Some(ahead)) => Place::Behind {
+    Ok(match (ahead, own) {
+        (Some(ahead), _) => Place::Behind {
             key: ahead.key().to_vec(),
             rev,
         },
-        (Some(_), None) => Place::First { rev },
+        (None, None) => Place::Lost(LostReason::KeyDeleted),
+        (None, Some(kv)) if kv.create_revision() != token => Place::Lost(LostReason::KeyReplaced),
+        (None, Some(_)) => Place::First { rev },
     })
 }
 
