@@ -65,8 +65,8 @@ fn spawn_campaign(election: &Election, proposal: &'static str) -> Pending {
 /// c3 waits behind c2, which waits behind the leader c1. When c2 leaves, c3
 /// must go on waiting for c1: the delete it was woken by is not the end of
 /// the queue. Checked by hand against the mutant that treats the wake-up as
-/// the head (wait_deletes returning `First` after `wait_delete`): c3 led
-/// beside c1 and this failed at "c3 must wait".
+/// the head (`wait_deletes` returning right after `wait_delete`): c3 stopped
+/// waiting while c1 led and this failed at "c3 must wait".
 #[tokio::test(flavor = "multi_thread")]
 async fn a_candidate_woken_by_a_leaving_predecessor_still_waits_for_the_leader() {
     init_tracing();
@@ -113,8 +113,8 @@ async fn a_candidate_woken_by_a_leaving_predecessor_still_waits_for_the_leader()
 /// A waiting candidate whose key is deleted, or deleted and written again
 /// by someone else, must not lead when the leader goes. Checked by hand
 /// against the mutant that skips the own-key check in the handover read
-/// (`place` ignoring the own key's answer): both candidates then returned
-/// as leaders and this failed.
+/// (`place` ignoring the own key's answer): c2 then led with its deleted
+/// key and this failed at "c2 led".
 #[tokio::test(flavor = "multi_thread")]
 async fn a_waiting_candidate_whose_key_was_deleted_or_replaced_does_not_lead() {
     init_tracing();
