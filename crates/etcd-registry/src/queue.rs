@@ -14,6 +14,9 @@
 //! - a member waits for the deletion of the newest key created before its
 //!   own, then reads again, until no older key is left. Each key has one
 //!   waiter behind it, so a release wakes one member, not the whole queue.
+//!   Each read is one transaction that also reads the member's own key, so
+//!   a handover costs one round trip after the wake-up, and a member leads
+//!   only if no older key existed at a revision at which its key was its own.
 //!
 //! # What we add to the Go package
 //!
@@ -223,17 +226,19 @@ impl Queue {
             let Some(mut member) = self.enqueue(lease.id, value, Turn::Try).await? else {
                 return Ok(None);
             };
-            let ahead = persist(&self.inner, "read the members ahead", || {
-                predecessor(&self.inner, &self.prefix, member.token)
+            let place = persist(&self.inner, "read the queue", || {
+                place(&self.inner, &self.prefix, &member.key, member.token)
             })
             .await?;
-            if let Some((key, _)) = ahead {
-                tracing::debug!(kind = self.kind.noun(), name = %self.name, holder = %String::from_utf8_lossy(&key), "taken; withdrawing");
-                member.withdraw().await;
-                return Ok(None);
+            match place {
+                Place::Behind { key, .. } => {
+                    tracing::debug!(kind = self.kind.noun(), name = %self.name, holder = %String::from_utf8_lossy(&key), "taken; withdrawing");
+                    member.withdraw().await;
+                    Ok(None)
+                }
+                Place::First { rev } => member.promote(rev).map(Some),
+                Place::Lost(reason) => Err(member.lost(reason)),
             }
-            let checked_rev = member.check_own_key().await?;
-            member.promote(checked_rev).map(Some)
         })
         .await
     }
@@ -323,32 +328,21 @@ pub(crate) struct Member {
 }
 
 impl Member {
-    /// Waits until every older member is gone and checks the key is still
-    /// ours; returns the revision at which it was checked.
+    /// Waits until no older member is left at a revision at which our key is
+    /// still ours; returns that revision.
     pub(crate) async fn wait_turn(&mut self) -> Result<i64> {
         tracing::debug!(kind = self.queue.kind.noun(), name = %self.queue.name, key = %self.key, "waiting for the members ahead");
-        wait_deletes(&self.queue.inner, &self.queue.prefix, self.token).await?;
-        self.check_own_key().await
+        let q = &self.queue;
+        match wait_deletes(&q.inner, &q.prefix, &self.key, self.token).await? {
+            Ok(rev) => Ok(rev),
+            Err(reason) => Err(self.lost(reason)),
+        }
     }
 
-    /// Someone may have deleted or replaced our key while we waited.
-    async fn check_own_key(&mut self) -> Result<i64> {
-        let inner = &self.queue.inner;
-        let key = &self.key;
-        let resp = persist(inner, "check the queue key", || {
-            inner.conn.retry_on("get", key, |mut c| {
-                let key = key.clone();
-                async move { c.get(key, None).await }
-            })
-        })
-        .await?;
-        let reason = match resp.kvs().first() {
-            None => LostReason::KeyDeleted,
-            Some(kv) if kv.create_revision() != self.token => LostReason::KeyReplaced,
-            Some(_) => return Ok(resp.header().map_or(0, |h| h.revision())),
-        };
+    /// Someone deleted or replaced our key: the error to end the join with.
+    fn lost(&mut self, reason: LostReason) -> Error {
         self.guard.token = None; // nothing of ours left to delete
-        Err(self.queue.kind.lost_error(reason))
+        self.queue.kind.lost_error(reason)
     }
 
     /// Becomes the head, if the lease still holds.
@@ -886,33 +880,71 @@ async fn lease_lost(mut leases: watch::Receiver<Option<Lease>>, lease_id: i64) -
     }
 }
 
-/// Reads the candidates ahead of `my_rev`: the newest key under `prefix`
-/// created before it, with the revision of the read.
-async fn predecessor(inner: &Inner, prefix: &str, my_rev: i64) -> Result<Option<(Vec<u8>, i64)>> {
+/// Where a member stands in the queue, as one transaction read it.
+enum Place {
+    /// `key` is the newest key created before ours; read at `rev`.
+    Behind { key: Vec<u8>, rev: i64 },
+    /// At `rev` no key older than ours was left and ours was still ours.
+    First { rev: i64 },
+    /// Nobody was ahead, but our key was deleted or replaced.
+    Lost(LostReason),
+}
+
+/// Reads, in one transaction and so at one revision, the newest key under
+/// `prefix` created before `token` and our own `key`. One round trip decides
+/// the head: the two reads one after the other cost a second round trip on
+/// every handover, and were made at two revisions.
+async fn place(inner: &Inner, prefix: &str, key: &str, token: i64) -> Result<Place> {
     let resp = inner
         .conn
         .retry_on("get", prefix, |mut c| {
-            let options = GetOptions::new()
+            let ahead = GetOptions::new()
                 .with_prefix()
-                .with_max_create_revision(my_rev - 1)
+                .with_max_create_revision(token - 1)
                 .with_sort(SortTarget::Create, SortOrder::Descend)
                 .with_limit(1);
-            let prefix = prefix.to_owned();
-            async move { c.get(prefix, Some(options)).await }
+            let txn = Txn::new().and_then([TxnOp::get(prefix, Some(ahead)), TxnOp::get(key, None)]);
+            async move { c.txn(txn).await }
         })
         .await?;
     let rev = resp.header().map_or(0, |h| h.revision());
-    Ok(resp.kvs().first().map(|kv| (kv.key().to_vec(), rev)))
+    let mut reads = resp.op_responses().into_iter().map(|op| match op {
+        TxnOpResponse::Get(g) => g.kvs().first().cloned(),
+        _ => None,
+    });
+    let (ahead, own) = (reads.next().flatten(), reads.next().flatten());
+    // Our key decides only once nobody is ahead, as it did when it was read
+    // after the wait: a member behind others whose key went (its lease
+    // revoked, say) keeps waiting until `on_lease` reports the lost session.
+    // A missing answer reads as a missing key: never as a way to the head.
+    Ok(match (ahead, own) {
+        (Some(ahead), _) => Place::Behind {
+            key: ahead.key().to_vec(),
+            rev,
+        },
+        (None, None) => Place::Lost(LostReason::KeyDeleted),
+        (None, Some(kv)) if kv.create_revision() != token => Place::Lost(LostReason::KeyReplaced),
+        (None, Some(_)) => Place::First { rev },
+    })
 }
 
 /// Go's `waitDeletes`: waits until no key under `prefix` has a create revision
-/// below `my_rev`, by watching the newest such key until it is deleted.
-async fn wait_deletes(inner: &Inner, prefix: &str, my_rev: i64) -> Result<()> {
+/// below `token`, by watching the newest such key until it is deleted, and
+/// returns the revision at which that was read with `key` still ours (or why
+/// it was not). Keys older than ours can only go, never come back (a key
+/// written again gets a new create revision), so the head stays the head.
+async fn wait_deletes(
+    inner: &Inner,
+    prefix: &str,
+    key: &str,
+    token: i64,
+) -> Result<std::result::Result<i64, LostReason>> {
     let mut backoff = Backoff::standard();
     loop {
-        let (key, rev) = match predecessor(inner, prefix, my_rev).await {
-            Ok(Some(found)) => found,
-            Ok(None) => return Ok(()),
+        let (ahead, rev) = match place(inner, prefix, key, token).await {
+            Ok(Place::Behind { key, rev }) => (key, rev),
+            Ok(Place::First { rev }) => return Ok(Ok(rev)),
+            Ok(Place::Lost(reason)) => return Ok(Err(reason)),
             Err(error) => {
                 tracing::warn!(prefix, %error, "reading the members ahead failed; retrying");
                 if !backoff.wait(&inner.cancel).await {
@@ -921,8 +953,8 @@ async fn wait_deletes(inner: &Inner, prefix: &str, my_rev: i64) -> Result<()> {
                 continue;
             }
         };
-        tracing::debug!(predecessor = %String::from_utf8_lossy(&key), "waiting for the member ahead to go");
-        match wait_delete(inner, key, rev).await {
+        tracing::debug!(predecessor = %String::from_utf8_lossy(&ahead), "waiting for the member ahead to go");
+        match wait_delete(inner, ahead, rev).await {
             Ok(()) => backoff.reset(),
             Err(error) => {
                 tracing::warn!(prefix, %error, "watching the member ahead failed; retrying");

@@ -174,9 +174,9 @@ fn cause(figure: &str, rows: &[Row]) -> Option<String> {
             let (o, b) = (h.ours.as_ref()?, h.base.as_ref()?);
             let put = find("register")?.base.as_ref()?.p50_us;
             Some(format!(
-                "once the predecessor's delete reaches c2's watch, `campaign` makes two more \
-                 reads one after the other (the predecessors again, then its own key) before it \
-                 returns, and each step (watch event, reads, task wake-ups) waits for a CPU of a \
+                "once the predecessor's delete reaches c2's watch, `campaign` makes one more \
+                 read (a transaction: the keys ahead and its own key) before it returns, and \
+                 each step (watch event, reads, task wake-ups) waits for a CPU of a \
                  loaded machine in our process, where etcd's Campaign waits inside the server and \
                  answers at once; the gap was {} at p50, with a raw put's p50 at {}",
                 measure::fmt_us(o.p50_us - b.p50_us),
