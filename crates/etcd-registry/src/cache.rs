@@ -17,10 +17,10 @@ use rand::Rng;
 use tokio::sync::watch;
 use tokio_util::sync::{CancellationToken, DropGuard};
 
+use crate::core::Core;
 use crate::error::{Error, Result};
 use crate::instance::ServiceInstance;
 use crate::keys::validate_segment;
-use crate::registry::{Inner, Registry};
 use crate::watch::{Batch, Feed, FeedEvent};
 
 /// The registry's caches, by service name (`None`: the whole namespace).
@@ -112,6 +112,8 @@ struct Store {
     len: usize,
     /// The etcd revision the store reflects.
     revision: i64,
+    /// The last batch applied came from a re-list.
+    relisted: bool,
     /// The flat view of `services`: built by the first reader that needs it
     /// after a change, dropped by the next change.
     view: OnceLock<Arc<View>>,
@@ -377,44 +379,31 @@ pub(crate) struct Version {
     pub(crate) ready: bool,
     /// The watch ended (the registry closed).
     pub(crate) closed: bool,
-}
-
-impl Registry {
-    /// A cache of service `name`, resolved once the first snapshot is applied.
-    ///
-    /// Shares the watch of any live cache of the same service from this
-    /// registry. Until the first snapshot can be read it keeps retrying (see
-    /// [`ServiceWatch`](crate::ServiceWatch)); wrap the call in a timeout to
-    /// bound the wait. Fails with [`Error::InvalidInput`] for an invalid name
-    /// with [`Error::PermissionDenied`] when etcd's RBAC refuses this user
-    /// the service's keys, and with [`Error::Closed`] once the registry is closed.
-    ///
-    /// Cancel safety: dropping the future loses nothing; the shared watch
-    /// stops if no other handle holds it.
-    pub async fn cache(&self, name: &str) -> Result<ServiceCache> {
-        validate_segment("name", name)?;
-        ServiceCache::open(&self.inner, Some(name.to_owned())).await
-    }
-
-    /// A cache of every service of the namespace. Like [`Registry::cache`].
-    pub async fn cache_all(&self) -> Result<ServiceCache> {
-        ServiceCache::open(&self.inner, None).await
-    }
+    /// The last change applied came from a re-list (a wiped or restored
+    /// etcd, a compaction, a cluster change) rather than from etcd's events:
+    /// its removals may be instances about to re-register.
+    pub(crate) relisted: bool,
 }
 
 impl ServiceCache {
-    async fn open(inner: &Arc<Inner>, service: Option<String>) -> Result<Self> {
-        let _timer = crate::metrics::timer(&inner.config.namespace, "cache");
+    /// The cache of service `name` (`None`: the whole namespace), shared
+    /// through `caches` with every live cache of it; resolved once the
+    /// first snapshot is applied.
+    pub(crate) async fn open(core: &Core, caches: &Caches, service: Option<&str>) -> Result<Self> {
+        let _timer = crate::metrics::timer(core.namespace(), "cache");
+        if let Some(name) = service {
+            validate_segment("name", name)?;
+        }
+        let service = service.map(str::to_owned);
         let shared = {
-            let mut caches = inner
-                .caches
+            let mut caches = caches
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
             caches.retain(|_, weak| weak.strong_count() > 0);
             match caches.get(&service).and_then(Weak::upgrade) {
                 Some(shared) => shared,
                 None => {
-                    let shared = Shared::start(inner, service.clone())?;
+                    let shared = Shared::start(core, service.clone())?;
                     caches.insert(service, Arc::downgrade(&shared));
                     shared
                 }
@@ -422,7 +411,7 @@ impl ServiceCache {
         };
         let mut version = shared.version.subscribe();
         let ready = tokio::select! {
-            _ = inner.cancel.cancelled() => return Err(Error::Closed),
+            _ = core.cancel.cancelled() => return Err(Error::Closed),
             v = version.wait_for(|v| v.ready || v.closed) => v.map(|v| v.ready),
         };
         match ready {
@@ -511,6 +500,20 @@ impl ServiceCache {
         }
     }
 
+    /// Whether the cache stopped following etcd: its registry was closed or
+    /// dropped (or etcd's RBAC refused the watch; see
+    /// [`error`](Self::error)). A closed cache keeps its last instances,
+    /// and [`changed`](Self::changed) returns [`Error::Closed`] at once.
+    pub fn is_closed(&self) -> bool {
+        self.shared.version.borrow().closed
+    }
+
+    /// Why the cache stopped, when etcd's RBAC refused its watch:
+    /// [`Error::PermissionDenied`]. `None` otherwise.
+    pub fn error(&self) -> Option<Error> {
+        crate::watch::denied_error(&self.shared.denied)
+    }
+
     /// The etcd revision the cache reflects (see
     /// [`ServiceWatch::revision`](crate::ServiceWatch::revision)).
     pub fn revision(&self) -> i64 {
@@ -551,15 +554,15 @@ impl std::fmt::Debug for ServiceCache {
 }
 
 impl Shared {
-    fn start(inner: &Arc<Inner>, service: Option<String>) -> Result<Arc<Self>> {
-        let feed = Feed::start(inner, service.as_deref())?;
+    fn start(core: &Core, service: Option<String>) -> Result<Arc<Self>> {
+        let feed = Feed::start(core, service.as_deref())?;
         let stop = CancellationToken::new();
         crate::metrics::track_cache_staleness(
-            &inner.config.namespace,
+            core.namespace(),
             service.as_deref().unwrap_or("*"),
             &feed.heard,
             &stop,
-            &inner.cancel,
+            &core.cancel,
         );
         let shared = Arc::new(Shared {
             store: RwLock::new(Store::default()),
@@ -568,7 +571,7 @@ impl Shared {
             errors: feed.errors.clone(),
             denied: feed.denied.clone(),
             service,
-            namespace: inner.config.namespace.clone(),
+            namespace: core.namespace().to_owned(),
             _stop: stop.clone().drop_guard(),
         });
         tokio::spawn(feed_cache(Arc::downgrade(&shared), feed, stop));
@@ -584,6 +587,7 @@ impl Shared {
             .write()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         store.revision = batch.revision;
+        store.relisted = batch.relisted;
         let changed = store.apply(batch.events);
         crate::metrics::cache_instances(
             &self.namespace,
@@ -594,11 +598,17 @@ impl Shared {
     }
 
     fn publish(&self, changed: bool) {
+        let relisted = self
+            .store
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .relisted;
         self.version.send_if_modified(|v| {
             let before = *v;
             v.ready = true;
             if changed {
                 v.changes += 1;
+                v.relisted = relisted;
             }
             *v != before
         });

@@ -3,7 +3,6 @@
 use std::time::Duration;
 
 use crate::error::{Error, Result};
-use crate::registry::Registry;
 #[cfg(feature = "tls")]
 use crate::tls::TlsConfig;
 
@@ -47,12 +46,18 @@ pub const DEFAULT_KEEP_ALIVE_TIMEOUT: Duration = Duration::from_secs(10);
 /// The shortest HTTP/2 keep-alive interval the builder accepts: etcd's
 /// default `--grpc-keepalive-min-time`.
 pub const MIN_KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(5);
+/// etcd's default `--max-request-bytes`: 1.5 MiB.
+pub const DEFAULT_MAX_REQUEST_BYTES: usize = 1_572_864;
+/// etcd's default `--max-txn-ops`: 128.
+pub const DEFAULT_MAX_TXN_OPS: usize = 128;
+/// The smallest `max_request_bytes` the builder accepts: 4 KiB.
+const MIN_REQUEST_BYTES: usize = 4096;
 /// Default dial timeout (5 s).
 pub const DEFAULT_DIAL_TIMEOUT: Duration = Duration::from_secs(5);
 /// Default timeout of one unary etcd request (5 s).
 pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// The validated configuration of a [`Registry`].
+/// The validated configuration of a [`Registry`](crate::Registry).
 #[derive(Clone, Debug)]
 pub struct Config {
     pub(crate) endpoints: Vec<String>,
@@ -63,11 +68,21 @@ pub struct Config {
     pub(crate) request_timeout: Duration,
     pub(crate) auth: Option<Credentials>,
     pub(crate) keep_alive: Option<(Duration, Duration)>,
+    pub(crate) max_request_bytes: usize,
+    pub(crate) max_txn_ops: usize,
     #[cfg(feature = "tls")]
     pub(crate) tls: Option<TlsConfig>,
 }
 
 impl Config {
+    /// The largest request the registry sends (see [`RegistryBuilder::etcd_limits`]).
+    pub fn max_request_bytes(&self) -> usize {
+        self.max_request_bytes
+    }
+    /// The most operations the registry puts in one transaction.
+    pub fn max_txn_ops(&self) -> usize {
+        self.max_txn_ops
+    }
     /// The etcd endpoints.
     pub fn endpoints(&self) -> &[String] {
         &self.endpoints
@@ -86,7 +101,7 @@ impl Config {
     }
 }
 
-/// Configures and connects a [`Registry`].
+/// Configures and connects a [`Registry`](crate::Registry).
 ///
 /// Every setting has a default; only the endpoints usually need to be given.
 ///
@@ -114,6 +129,8 @@ pub struct RegistryBuilder {
     request_timeout: Duration,
     auth: Option<Credentials>,
     keep_alive: Option<(Duration, Duration)>,
+    max_request_bytes: usize,
+    max_txn_ops: usize,
     #[cfg(feature = "tls")]
     tls: Option<TlsConfig>,
 }
@@ -129,6 +146,8 @@ impl Default for RegistryBuilder {
             request_timeout: DEFAULT_REQUEST_TIMEOUT,
             auth: None,
             keep_alive: Some((DEFAULT_KEEP_ALIVE_INTERVAL, DEFAULT_KEEP_ALIVE_TIMEOUT)),
+            max_request_bytes: DEFAULT_MAX_REQUEST_BYTES,
+            max_txn_ops: DEFAULT_MAX_TXN_OPS,
             #[cfg(feature = "tls")]
             tls: None,
         }
@@ -310,6 +329,21 @@ impl RegistryBuilder {
         {
             return Err(Error::invalid("auth", "the user name is empty"));
         }
+        if self.max_request_bytes < MIN_REQUEST_BYTES {
+            return Err(Error::invalid(
+                "max_request_bytes",
+                format!(
+                    "{} is under the {MIN_REQUEST_BYTES}-byte minimum",
+                    self.max_request_bytes
+                ),
+            ));
+        }
+        if self.max_txn_ops < 2 {
+            return Err(Error::invalid(
+                "max_txn_ops",
+                "must be at least 2 (a compare and a write)",
+            ));
+        }
         self.validate_tls()?;
         Ok(Config {
             endpoints: self.endpoints.clone(),
@@ -320,18 +354,27 @@ impl RegistryBuilder {
             request_timeout: self.request_timeout,
             auth: self.auth.clone(),
             keep_alive: self.keep_alive,
+            max_request_bytes: self.max_request_bytes,
+            max_txn_ops: self.max_txn_ops,
             #[cfg(feature = "tls")]
             tls: self.tls.clone(),
         })
     }
 
-    /// Validates the settings, reaches etcd and grants the registry's lease.
+    /// The request limits of the etcd cluster: `--max-request-bytes`
+    /// (default 1.5 MiB) and `--max-txn-ops` (default 128). Set them when
+    /// the cluster's operators lowered etcd's defaults.
     ///
-    /// Succeeds when any endpoint answers within the dial timeout; otherwise
-    /// fails with [`Error::Connect`] naming every endpoint tried.
-    pub async fn connect(self) -> Result<Registry> {
-        let config = self.build_config()?;
-        Registry::connect_with(config).await
+    /// Batched writes (restoring every registration under a new lease,
+    /// draining) are sized to fit both, and a registration that could never
+    /// fit in one request is refused by `register` with
+    /// [`Error::InvalidInput`] naming its size and the limit. A batch etcd
+    /// still refuses for its size or its count of operations is split in
+    /// two and sent again, never repeated as it was.
+    pub fn etcd_limits(mut self, max_request_bytes: usize, max_txn_ops: usize) -> Self {
+        self.max_request_bytes = max_request_bytes;
+        self.max_txn_ops = max_txn_ops;
+        self
     }
 }
 

@@ -307,140 +307,6 @@ fn tls_hint(detail: &str, tls: bool) -> Option<&'static str> {
     }
 }
 
-/// Why a [`Watch`] stopped.
-#[derive(Debug)]
-pub(crate) enum WatchEnd {
-    /// etcd compacted the history past the watch's start revision: read the
-    /// current state again, then watch from there.
-    Compacted {
-        /// The oldest revision etcd still holds.
-        compact_revision: i64,
-    },
-    /// The stream broke, ended, did not open in time, or etcd cancelled the
-    /// watch for another reason. Resume from the last revision seen + 1.
-    Broken(Error),
-}
-
-impl std::fmt::Display for WatchEnd {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            WatchEnd::Compacted { compact_revision } => {
-                write!(f, "history compacted up to revision {compact_revision}")
-            }
-            WatchEnd::Broken(e) => e.fmt(f),
-        }
-    }
-}
-
-impl From<WatchEnd> for Error {
-    fn from(end: WatchEnd) -> Self {
-        match end {
-            WatchEnd::Broken(e) => e,
-            compacted @ WatchEnd::Compacted { .. } => watch_error(compacted.to_string()),
-        }
-    }
-}
-
-fn watch_options(prefix: bool, from: i64) -> etcd_client::WatchOptions {
-    let options = etcd_client::WatchOptions::new().with_start_revision(from);
-    if prefix {
-        options.with_prefix()
-    } else {
-        options
-    }
-}
-
-fn watch_error(reason: impl Into<String>) -> Error {
-    Error::etcd("watch", etcd_client::Error::WatchError(reason.into()))
-}
-
-/// One etcd watch whose every way of stopping arrives as a [`WatchEnd`].
-/// Dropping it cancels the watch.
-pub(crate) struct Watch {
-    requests: etcd_client::WatchRequestSender,
-    responses: etcd_client::WatchResponseStream,
-    /// The first key watched, to name it when etcd's RBAC refuses the watch.
-    key: String,
-}
-
-impl Conn {
-    /// Watches `key` (every key under it when `prefix`) from revision `from`
-    /// (0: from now). Opening is bounded by the request timeout.
-    pub(crate) async fn watch(
-        &self,
-        key: impl Into<Vec<u8>>,
-        prefix: bool,
-        from: i64,
-    ) -> Result<Watch, WatchEnd> {
-        let key = key.into();
-        let name = String::from_utf8_lossy(&key).into_owned();
-        let options = watch_options(prefix, from);
-        let mut client = self.client();
-        let stream = tokio::time::timeout(self.request_timeout, client.watch(key, Some(options)))
-            .await
-            .map_err(|_| {
-                WatchEnd::Broken(Error::Timeout {
-                    op: "watch",
-                    after: self.request_timeout,
-                })
-            })?
-            .map_err(|e| WatchEnd::Broken(Error::etcd("watch", e).on_key(&name)))?;
-        let (requests, responses) = stream.split();
-        Ok(Watch {
-            requests,
-            responses,
-            key: name,
-        })
-    }
-}
-
-impl Watch {
-    /// The next response: events, the creation notice, or a progress report.
-    ///
-    /// Cancel safe: dropping the future loses no response.
-    pub(crate) async fn next(&mut self) -> Result<etcd_client::WatchResponse, WatchEnd> {
-        let resp = self
-            .responses
-            .message()
-            .await
-            .map_err(|e| WatchEnd::Broken(Error::etcd("watch", e).on_key(&self.key)))?
-            .ok_or_else(|| WatchEnd::Broken(watch_error("stream ended")))?;
-        if resp.canceled() {
-            return Err(if resp.compact_revision() > 0 {
-                WatchEnd::Compacted {
-                    compact_revision: resp.compact_revision(),
-                }
-            } else {
-                let reason = format!("cancelled by etcd: {}", resp.cancel_reason());
-                WatchEnd::Broken(watch_error(reason).on_key(&self.key))
-            });
-        }
-        Ok(resp)
-    }
-
-    /// Adds another watcher to the same stream; its responses arrive through
-    /// [`Watch::next`] too.
-    pub(crate) async fn add(
-        &mut self,
-        key: impl Into<Vec<u8>>,
-        prefix: bool,
-        from: i64,
-    ) -> Result<()> {
-        self.requests
-            .watch(key, Some(watch_options(prefix, from)))
-            .await
-            .map_err(|e| Error::etcd("watch", e))
-    }
-
-    /// Asks etcd for a progress report, which arrives through [`Watch::next`].
-    pub(crate) async fn request_progress(&mut self) -> Result<()> {
-        self.requests
-            .request_progress()
-            .await
-            .map_err(|e| Error::etcd("watch progress", e))
-    }
-}
-
 /// The size a page of a paged read aims at. etcd limits a page by count
 /// only, so the count of the next page is derived from the bytes per key
 /// seen so far. 1 MiB keeps a page a quarter of tonic's default 4 MiB
@@ -668,4 +534,12 @@ mod paging_tests {
         assert_eq!(next_page_keys(1, 8 << 20, MAX_PAGE_KEYS), 1);
         assert_eq!(next_page_keys(0, 0, 3), 3);
     }
+}
+
+/// The first key read by a transaction's first get, if any.
+pub(crate) fn first_get_kv(resp: &etcd_client::TxnResponse) -> Option<etcd_client::KeyValue> {
+    resp.op_responses().into_iter().find_map(|op| match op {
+        etcd_client::TxnOpResponse::Get(g) => g.kvs().first().cloned(),
+        _ => None,
+    })
 }

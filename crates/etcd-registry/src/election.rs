@@ -32,7 +32,7 @@
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
+
 use std::task::{Context, Poll};
 
 use etcd_client::{
@@ -42,12 +42,14 @@ use etcd_client::{
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
-use crate::conn::WatchEnd;
+use crate::backoff::Backoff;
+use crate::conn::first_get_kv;
+use crate::core::Core;
+use crate::error::LostReason;
 use crate::error::{Error, Result};
 use crate::keys::validate_segment;
-use crate::queue::{Head, Kind, LostReason, Queue, first_get_kv};
-use crate::registry::{Inner, Registry};
-use crate::session::Backoff;
+use crate::queue::{Head, Kind, Queue, Slots};
+use crate::stream::Item;
 
 /// The current leader of an election, as read from etcd.
 ///
@@ -81,36 +83,6 @@ impl LeaderInfo {
     }
 }
 
-impl Registry {
-    /// An election named `name` in this registry's namespace.
-    ///
-    /// Every candidate of the election campaigns with the lease of its own
-    /// registry. The name is validated like a service name (non-empty, no `/`,
-    /// no control characters); an invalid name fails with
-    /// [`Error::InvalidInput`]. Nothing is sent to etcd.
-    ///
-    /// ```no_run
-    /// # async fn demo(registry: etcd_registry::Registry) -> etcd_registry::Result<()> {
-    /// let election = registry.election("nightly-report")?;
-    /// let leadership = election.campaign("instance-01").await?;
-    /// // ... run the job, then step down so the next candidate wins at once:
-    /// leadership.resign().await?;
-    /// # Ok(()) }
-    /// ```
-    pub fn election(&self, name: &str) -> Result<Election> {
-        validate_segment("election", name)?;
-        Ok(Election {
-            queue: Queue {
-                inner: self.inner.clone(),
-                kind: Kind::Election,
-                name: name.to_owned(),
-                prefix: self.inner.keys.election_prefix(name),
-            },
-            etcd_name: self.inner.keys.election_name(name),
-        })
-    }
-}
-
 /// One election of a [`Registry`]; create it with [`Registry::election`].
 ///
 /// An `Election` is cheap to clone and holds no state in etcd by itself:
@@ -137,6 +109,21 @@ impl std::fmt::Debug for Election {
 }
 
 impl Election {
+    /// The election `name` of the registry whose core this is; `slots` are the
+    /// registry's (one member per queue key).
+    pub(crate) fn new(core: &Core, slots: &Slots, name: &str) -> Result<Self> {
+        validate_segment("election", name)?;
+        Ok(Election {
+            queue: Queue {
+                inner: core.clone(),
+                slots: slots.clone(),
+                kind: Kind::Election,
+                name: name.to_owned(),
+                prefix: core.keys.election_prefix(name),
+            },
+            etcd_name: core.keys.election_name(name),
+        })
+    }
     /// The election name, as given to [`Registry::election`].
     pub fn name(&self) -> &str {
         &self.queue.name
@@ -452,7 +439,7 @@ impl Leadership {
         let value = value.into();
         let (key, token, lease_id) = (head.key(), head.token(), head.lease_id());
         let resp = head
-            .inner()
+            .core()
             .conn
             .retry("proclaim", |mut c| {
                 let txn = Txn::new()
@@ -469,7 +456,7 @@ impl Leadership {
         let resp = match resp {
             Ok(resp) => resp,
             Err(e) if e.is_lease_not_found() => {
-                head.inner().session.suspect_lost();
+                head.core().session.suspect_lost();
                 head.set_lost(LostReason::SessionLost);
                 return Err(Error::NotLeader(head.not_held_reason()));
             }
@@ -498,7 +485,7 @@ impl Leadership {
     /// fine. If the delete fails it is returned, and the key is deleted in the
     /// background when the last clone of this `Leadership` is dropped.
     pub async fn resign(&self) -> Result<()> {
-        let _timer = crate::metrics::timer(&self.head.inner().config.namespace, "resign");
+        let _timer = crate::metrics::timer(&self.head.core().config.namespace, "resign");
         self.head.leave().await
     }
 }
@@ -550,7 +537,7 @@ impl Candidate {
 
 /// Reads the candidates: every key under `prefix`, with the revision of the read.
 async fn read_candidates(
-    inner: &Inner,
+    inner: &Core,
     prefix: &str,
 ) -> Result<(i64, BTreeMap<Vec<u8>, Candidate>)> {
     // Paged: the number of candidates is not bounded.
@@ -575,8 +562,6 @@ async fn read_candidates(
 struct Observer {
     /// Candidates by key; `None` until the first read (or after compaction).
     candidates: Option<BTreeMap<Vec<u8>, Candidate>>,
-    /// The last revision applied.
-    revision: i64,
     /// The last value sent; `None` before the first.
     last: Option<Option<LeaderInfo>>,
 }
@@ -605,83 +590,76 @@ impl Observer {
     }
 }
 
-async fn observe_task(inner: Arc<Inner>, prefix: String, tx: mpsc::Sender<Option<LeaderInfo>>) {
-    let cancel = inner.cancel.clone();
+async fn observe_task(inner: Core, prefix: String, tx: mpsc::Sender<Option<LeaderInfo>>) {
     let closed = tx.clone();
     tokio::select! {
-        _ = cancel.cancelled() => {}
         _ = closed.closed() => {}
         _ = observe_loop(&inner, &prefix, &tx) => {}
     }
 }
 
-async fn observe_loop(inner: &Inner, prefix: &str, tx: &mpsc::Sender<Option<LeaderInfo>>) {
+/// Reads the candidates, then follows them through the resumable watch
+/// (progress, stale checks, resume from the last revision seen); reads
+/// again when that history is gone. Ends when the consumer goes away or
+/// the registry closes.
+async fn observe_loop(inner: &Core, prefix: &str, tx: &mpsc::Sender<Option<LeaderInfo>>) {
     let mut state = Observer {
         candidates: None,
-        revision: 0,
         last: None,
     };
-    let mut backoff = Backoff::standard();
+    let mut stream = inner.stream(vec![prefix.to_owned()], true, prefix);
     loop {
-        match observe_pass(inner, prefix, tx, &mut state, &mut backoff).await {
-            Ok(false) => return,
-            Ok(true) => {}
-            Err(error) => tracing::warn!(prefix, %error, "election observer interrupted; resuming"),
-        }
-        if !backoff.wait(&inner.cancel).await {
-            return;
-        }
-    }
-}
-
-/// One watch: (re)reads the candidates if needed, then applies events until
-/// the watch breaks. `Ok(false)` when the consumer went away.
-async fn observe_pass(
-    inner: &Inner,
-    prefix: &str,
-    tx: &mpsc::Sender<Option<LeaderInfo>>,
-    state: &mut Observer,
-    backoff: &mut Backoff,
-) -> Result<bool> {
-    if state.candidates.is_none() {
-        let (revision, candidates) = read_candidates(inner, prefix).await?;
-        state.revision = revision;
-        state.candidates = Some(candidates);
-        if !state.emit(tx).await {
-            return Ok(false);
-        }
-    }
-    let mut watch = inner.conn.watch(prefix, true, state.revision + 1).await?;
-    loop {
-        let resp = match watch.next().await {
-            Ok(resp) => resp,
-            Err(end) => {
-                if let WatchEnd::Compacted { compact_revision } = end {
-                    tracing::info!(
-                        prefix,
-                        compact_revision,
-                        "election history compacted; re-reading the candidates"
-                    );
-                    state.candidates = None;
+        if state.candidates.is_none() {
+            let read =
+                crate::backoff::retry_transient(&inner.cancel, "reading the candidates", || {
+                    read_candidates(inner, prefix)
+                })
+                .await;
+            match read {
+                Ok((revision, candidates)) => {
+                    stream.start_at(revision + 1);
+                    state.candidates = Some(candidates);
                 }
-                return Err(end.into());
-            }
-        };
-        if resp.created() {
-            backoff.reset();
-        }
-        for event in resp.events() {
-            let Some(kv) = event.kv() else { continue };
-            if let Some(candidates) = state.candidates.as_mut() {
-                if event.event_type() == EventType::Delete {
-                    candidates.remove(kv.key());
-                } else {
-                    candidates.insert(kv.key().to_vec(), Candidate::from_kv(kv));
+                Err(Error::Closed) => return,
+                Err(error) => {
+                    tracing::error!(prefix, %error, "cannot read the election's candidates; the observer ends");
+                    return;
                 }
             }
-            state.revision = state.revision.max(kv.mod_revision());
             if !state.emit(tx).await {
-                return Ok(false);
+                return;
+            }
+        }
+        match stream.next().await {
+            Err(Error::Closed) => return,
+            Err(error) => {
+                tracing::error!(prefix, %error, "cannot watch the election; the observer ends");
+                return;
+            }
+            // Broken, compacted or another history: read the candidates again.
+            Ok(Item::Interrupted) => state.candidates = None,
+            Ok(Item::Reset(why)) => {
+                tracing::info!(
+                    prefix,
+                    ?why,
+                    "election history gone (compacted or etcd wiped); re-reading the candidates"
+                );
+                state.candidates = None;
+            }
+            Ok(Item::Events(events)) => {
+                for event in events {
+                    let Some(kv) = event.kv() else { continue };
+                    if let Some(candidates) = state.candidates.as_mut() {
+                        if event.event_type() == EventType::Delete {
+                            candidates.remove(kv.key());
+                        } else {
+                            candidates.insert(kv.key().to_vec(), Candidate::from_kv(kv));
+                        }
+                    }
+                }
+                if !state.emit(tx).await {
+                    return;
+                }
             }
         }
     }

@@ -80,16 +80,25 @@ pub enum Error {
 
     /// Leadership ended before the operation could complete; the reason says why.
     #[error("leadership was lost: {0}")]
-    NotLeader(crate::queue::LostReason),
+    NotLeader(LostReason),
 
     /// A lock was lost, or its key was deleted or replaced while waiting for
     /// it; the reason says why.
     #[error("the lock was lost: {}", .0.lock_wording())]
-    LockLost(crate::queue::LostReason),
+    LockLost(LostReason),
 
     /// The registry was closed (or dropped).
     #[error("the registry is closed")]
     Closed,
+
+    /// This [`Registration`](crate::Registration) handle was retired: a later
+    /// `register` of the same service and id on the same registry took the
+    /// key over, and only that newer handle changes it now.
+    #[error("registration of {key:?} was replaced by a newer register() of the same id")]
+    Replaced {
+        /// The instance key both handles name.
+        key: String,
+    },
 }
 
 /// Shorthand for `Result<T, etcd_registry::Error>`.
@@ -132,6 +141,13 @@ impl Error {
             Error::Etcd { source, .. } => is_transient(source),
             _ => false,
         }
+    }
+
+    /// True for errors that retrying cannot cure: etcd's RBAC refused the
+    /// request, or it refused the credentials. Campaigns, lock waits and
+    /// `lead()` end with these instead of trying again.
+    pub(crate) fn is_final(&self) -> bool {
+        matches!(self, Error::PermissionDenied { .. } | Error::Auth { .. })
     }
 
     /// True when etcd answered that a lease does not exist (expired or revoked).
@@ -194,5 +210,59 @@ pub(crate) fn is_transient(e: &etcd_client::Error) -> bool {
             ) && !is_lease_not_found(e)
         }
         _ => false,
+    }
+}
+
+/// Why a [`Leadership`](crate::Leadership) or a [`LockGuard`](crate::LockGuard)
+/// ended. Returned by their `lost()` and carried by [`Error::NotLeader`] and
+/// [`Error::LockLost`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum LostReason {
+    /// [`Leadership::resign`](crate::Leadership::resign) was called.
+    Resigned,
+    /// [`LockGuard::release`](crate::LockGuard::release) was called.
+    Released,
+    /// The key was deleted by someone else (an admin, `etcdctl del`, ...).
+    KeyDeleted,
+    /// The key was deleted and written again by someone else: it has a
+    /// different create revision, so it is no longer this holder's key.
+    KeyReplaced,
+    /// No keep-alive of the registry's lease was acknowledged in time: etcd
+    /// may let the lease (and with it the key) expire from now on.
+    /// This is the local safety bound; it fires with no help from etcd, for
+    /// example while the holder is cut off from etcd.
+    LeaseDeadline,
+    /// The registry's lease is gone (expired, revoked, or etcd lost its data)
+    /// and the registry moved on to a new lease.
+    SessionLost,
+    /// The registry was closed or dropped.
+    Closed,
+}
+
+/// Worded for elections, as it was before locks existed (the CLI prints it);
+/// [`Error::LockLost`] words the key reasons for locks.
+impl std::fmt::Display for LostReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            LostReason::Resigned => "resigned",
+            LostReason::Released => "released",
+            LostReason::KeyDeleted => "the leader key was deleted",
+            LostReason::KeyReplaced => "the leader key was replaced",
+            LostReason::LeaseDeadline => "no keep-alive was acknowledged before the lease deadline",
+            LostReason::SessionLost => "the registry's lease was lost",
+            LostReason::Closed => "the registry was closed",
+        })
+    }
+}
+
+impl LostReason {
+    /// The reason worded for a lock.
+    pub(crate) fn lock_wording(self) -> std::borrow::Cow<'static, str> {
+        match self {
+            LostReason::KeyDeleted => "the lock key was deleted".into(),
+            LostReason::KeyReplaced => "the lock key was replaced".into(),
+            reason => reason.to_string().into(),
+        }
     }
 }

@@ -35,14 +35,13 @@
 //! ```
 
 use std::future::Future;
-use std::sync::{Arc, Weak};
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::{Mutex, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::error::{Error, Result};
-use crate::registry::Inner;
 
 /// A health check: `Ok(())` is a pass, `Err(text)` a failure saying why.
 ///
@@ -245,6 +244,12 @@ impl Health {
     }
 }
 
+/// Makes etcd agree with a registration's presence: puts its key back
+/// (`true`) or deletes it and keeps it out (`false`). Given by whoever owns
+/// the registration; health knows nothing of how.
+pub(crate) type Applier =
+    Arc<dyn Fn(bool) -> futures::future::BoxFuture<'static, Result<()>> + Send + Sync>;
+
 /// What decides whether one registration's key is in etcd: its health, the
 /// manual switch, and what was last applied to etcd. Every change of the
 /// key's presence goes through the lock, so they never interleave.
@@ -291,32 +296,33 @@ impl Gate {
     }
 
     /// Maintenance switch: records it and makes etcd agree.
-    pub(crate) async fn set_serving(&self, inner: &Inner, key: &str, serving: bool) -> Result<()> {
+    pub(crate) async fn set_serving(&self, applier: &Applier, serving: bool) -> Result<()> {
         let mut st = self.state.lock().await;
         if self.cancel.is_cancelled() {
             return Err(Error::Closed);
         }
         st.serving = serving;
-        apply(inner, key, &mut st).await
+        apply(applier, &mut st).await
     }
 }
 
 /// Puts or deletes the key so that etcd matches the gate.
-async fn apply(inner: &Inner, key: &str, st: &mut GateState) -> Result<()> {
+async fn apply(applier: &Applier, st: &mut GateState) -> Result<()> {
     let want = st.healthy && st.serving;
     if st.applied == Some(want) {
         return Ok(());
     }
     st.applied = None;
-    inner.set_serving(key, want).await?;
+    applier(want).await?;
     st.applied = Some(want);
     Ok(())
 }
 
 /// Starts the gate of a checked registration and its owned health task.
 pub(crate) fn start<C: HealthCheck>(
-    inner: &Arc<Inner>,
-    key: String,
+    cancel: CancellationToken,
+    namespace: String,
+    applier: Applier,
     service: String,
     id: String,
     check: C,
@@ -327,11 +333,11 @@ pub(crate) fn start<C: HealthCheck>(
         InitialState::Healthy => (HealthState::Healthy, Some(true)),
         InitialState::Unhealthy => (HealthState::Unhealthy, Some(false)),
     };
-    let gate = Gate::with(state, applied, inner.cancel.child_token());
+    let gate = Gate::with(state, applied, cancel);
     let task = tokio::spawn(run(
-        Arc::downgrade(inner),
+        namespace,
+        applier,
         gate.clone(),
-        key,
         service,
         id,
         check,
@@ -343,9 +349,9 @@ pub(crate) fn start<C: HealthCheck>(
 /// The health task: one check per interval, each under the timeout; a state
 /// change (or an earlier failure to apply one) is applied to etcd.
 async fn run<C: HealthCheck>(
-    inner: Weak<Inner>,
+    namespace: String,
+    applier: Applier,
     gate: Arc<Gate>,
-    key: String,
     service: String,
     id: String,
     check: C,
@@ -384,9 +390,8 @@ async fn run<C: HealthCheck>(
                 "health check failed"
             );
         }
-        let Some(inner) = inner.upgrade() else { return };
         crate::metrics::health_check(
-            inner.config.namespace(),
+            &namespace,
             &service,
             health.failures == 0,
             changed.then_some(health.state == HealthState::Healthy),
@@ -398,7 +403,7 @@ async fn run<C: HealthCheck>(
         st.healthy = health.state == HealthState::Healthy;
         let applied = tokio::select! {
             _ = cancel.cancelled() => return,
-            r = apply(&inner, &key, &mut st) => r,
+            r = apply(&applier, &mut st) => r,
         };
         if let Err(error) = applied {
             tracing::warn!(service, id, %error, "could not apply the health state to etcd; retrying after the next check");

@@ -3,9 +3,9 @@
 
 use etcd_client::GetOptions;
 
+use crate::core::Core;
 use crate::error::Result;
 use crate::keys::{namespaces_root, parse_namespace};
-use crate::registry::Registry;
 
 /// Where one instance key stands in etcd's history, from
 /// [`Registry::instance_revisions`].
@@ -29,94 +29,65 @@ pub struct InstanceRevision {
 /// More namespaces than this are not looked for: each costs one request.
 const MAX_NAMESPACES: usize = 10_000;
 
-impl Registry {
-    /// The create and mod revisions and the lease of every instance key of
-    /// the namespace, in one consistent keys-only read (values are not
-    /// transferred; paged like [`Registry::instances`]).
-    /// Keys outside the layout are skipped.
-    ///
-    /// ```no_run
-    /// # async fn demo(registry: etcd_registry::Registry) -> etcd_registry::Result<()> {
-    /// for r in registry.instance_revisions().await? {
-    ///     println!("{}/{} registered at revision {}", r.name, r.id, r.create_revision);
-    /// }
-    /// # Ok(()) }
-    /// ```
-    pub async fn instance_revisions(&self) -> Result<Vec<InstanceRevision>> {
-        let keys = &self.inner.keys;
-        let prefix = keys.services_prefix().to_owned();
-        let paged = self
-            .inner
+pub(crate) async fn instance_revisions(core: &Core) -> Result<Vec<InstanceRevision>> {
+    let keys = &core.keys;
+    let prefix = keys.services_prefix().to_owned();
+    let paged = core
+        .conn
+        .read_prefixes("get", &[prefix], true, Vec::new, |out, kvs| {
+            out.extend(kvs.iter().filter_map(|kv| {
+                let (name, id) = keys.parse_instance_key(kv.key_str().ok()?)?;
+                Some(InstanceRevision {
+                    name: name.to_owned(),
+                    id: id.to_owned(),
+                    create_revision: kv.create_revision(),
+                    mod_revision: kv.mod_revision(),
+                    lease_id: kv.lease(),
+                })
+            }));
+        })
+        .await?;
+    Ok(paged.value)
+}
+
+pub(crate) async fn namespaces(core: &Core) -> Result<Vec<String>> {
+    let root = namespaces_root(core.config.key_prefix());
+    // The root ends with '/'; '0' is the byte after it: the end of the root's range.
+    let end = format!("{}0", &root[..root.len() - 1]);
+    let mut cursor = root.clone().into_bytes();
+    let mut found = Vec::new();
+    while found.len() < MAX_NAMESPACES {
+        let from = cursor.clone();
+        let resp = core
             .conn
-            .read_prefixes("get", &[prefix], true, Vec::new, |out, kvs| {
-                out.extend(kvs.iter().filter_map(|kv| {
-                    let (name, id) = keys.parse_instance_key(kv.key_str().ok()?)?;
-                    Some(InstanceRevision {
-                        name: name.to_owned(),
-                        id: id.to_owned(),
-                        create_revision: kv.create_revision(),
-                        mod_revision: kv.mod_revision(),
-                        lease_id: kv.lease(),
-                    })
-                }));
+            .retry("get", |mut c| {
+                let options = GetOptions::new()
+                    .with_range(end.clone())
+                    .with_keys_only()
+                    .with_limit(1);
+                let from = from.clone();
+                async move { c.get(from, Some(options)).await }
             })
             .await?;
-        Ok(paged.value)
-    }
-
-    /// Every namespace under this registry's key prefix that holds a service
-    /// instance, an election key or a lock key, sorted. This registry's own namespace is
-    /// listed only if it holds such a key.
-    ///
-    /// It skips from one namespace to the next, one keys-only read of a
-    /// single key each, so its cost grows with the number of namespaces, not
-    /// of keys. At most 10,000 namespaces are returned.
-    ///
-    /// ```no_run
-    /// # async fn demo(registry: etcd_registry::Registry) -> etcd_registry::Result<()> {
-    /// println!("namespaces: {:?}", registry.namespaces().await?);
-    /// # Ok(()) }
-    /// ```
-    pub async fn namespaces(&self) -> Result<Vec<String>> {
-        let root = namespaces_root(self.inner.config.key_prefix());
-        // The root ends with '/'; '0' is the byte after it: the end of the root's range.
-        let end = format!("{}0", &root[..root.len() - 1]);
-        let mut cursor = root.clone().into_bytes();
-        let mut found = Vec::new();
-        while found.len() < MAX_NAMESPACES {
-            let from = cursor.clone();
-            let resp = self
-                .inner
-                .conn
-                .retry("get", |mut c| {
-                    let options = GetOptions::new()
-                        .with_range(end.clone())
-                        .with_keys_only()
-                        .with_limit(1);
-                    let from = from.clone();
-                    async move { c.get(from, Some(options)).await }
-                })
-                .await?;
-            let Some(kv) = resp.kvs().first() else { break };
-            let key = kv.key();
-            match std::str::from_utf8(key)
-                .ok()
-                .and_then(|k| parse_namespace(&root, k))
-            {
-                Some((namespace, in_layout)) => {
-                    if in_layout {
-                        found.push(namespace.to_owned());
-                    }
-                    // Past every key of `{root}{namespace}/`: '0' follows '/'.
-                    cursor = format!("{root}{namespace}0").into_bytes();
+        let Some(kv) = resp.kvs().first() else { break };
+        let key = kv.key();
+        match std::str::from_utf8(key)
+            .ok()
+            .and_then(|k| parse_namespace(&root, k))
+        {
+            Some((namespace, in_layout)) => {
+                if in_layout {
+                    found.push(namespace.to_owned());
                 }
-                None => {
-                    // A key with no '/' after the namespace: step just past it.
-                    cursor = key.to_vec();
-                    cursor.push(0);
-                }
+                // Past every key of `{root}{namespace}/`: '0' follows '/'.
+                cursor = format!("{root}{namespace}0").into_bytes();
+            }
+            None => {
+                // A key with no '/' after the namespace: step just past it.
+                cursor = key.to_vec();
+                cursor.push(0);
             }
         }
-        Ok(found)
     }
+    Ok(found)
 }

@@ -64,11 +64,13 @@
 //! [`Port`] and the layout `{prefix}/{namespace}/services/{name}/{id}`,
 //! composed by plain concatenation for any prefix and namespace, as Go does.
 
+mod backoff;
 #[cfg(feature = "tower")]
 mod balance;
 mod cache;
 mod config;
 mod conn;
+mod core;
 mod election;
 mod error;
 pub mod health;
@@ -81,9 +83,11 @@ pub mod metrics;
 #[cfg(not(feature = "metrics"))]
 mod metrics;
 mod queue;
+mod registrations;
 mod registry;
 mod session;
 mod status;
+mod stream;
 #[cfg(feature = "tls")]
 mod tls;
 mod watch;
@@ -93,17 +97,17 @@ pub use balance::ServiceDiscover;
 pub use cache::{Instances, InstancesIter, ServiceCache, Strategy};
 pub use config::{
     Config, DEFAULT_DIAL_TIMEOUT, DEFAULT_KEEP_ALIVE_INTERVAL, DEFAULT_KEEP_ALIVE_TIMEOUT,
-    DEFAULT_KEY_PREFIX, DEFAULT_NAMESPACE, DEFAULT_REQUEST_TIMEOUT, DEFAULT_TTL,
-    MIN_KEEP_ALIVE_INTERVAL, RegistryBuilder,
+    DEFAULT_KEY_PREFIX, DEFAULT_MAX_REQUEST_BYTES, DEFAULT_MAX_TXN_OPS, DEFAULT_NAMESPACE,
+    DEFAULT_REQUEST_TIMEOUT, DEFAULT_TTL, MIN_KEEP_ALIVE_INTERVAL, RegistryBuilder,
 };
 pub use election::{Election, LeaderInfo, LeaderStream, Leadership};
-pub use error::{Error, Result};
+pub use error::{Error, LostReason, Result};
 pub use health::{Health, HealthCheck, HealthPolicy, HealthState, InitialState};
 pub use instance::{MAX_ENTRY_BYTES, Port, ServiceInstance};
 pub use inventory::InstanceRevision;
 pub use lock::{Lock, LockGuard};
-pub use queue::LostReason;
-pub use registry::{Registration, Registry};
+pub use registrations::{Registration, RegistrationState};
+pub use registry::Registry;
 pub use session::RegistryState;
 pub use status::{ElectionSummary, EndpointStatus, LockSummary, MemberStatus};
 #[cfg(feature = "tls")]

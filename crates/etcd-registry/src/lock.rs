@@ -23,40 +23,12 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
+use crate::backoff::Backoff;
+use crate::core::Core;
+use crate::error::LostReason;
 use crate::error::{Error, Result};
 use crate::keys::validate_segment;
-use crate::queue::{Head, Kind, LostReason, Queue, Turn};
-use crate::registry::Registry;
-use crate::session::Backoff;
-
-impl Registry {
-    /// A lock named `name` in this registry's namespace.
-    ///
-    /// The name is validated like a service name (non-empty, no `/`, no
-    /// control characters); an invalid name fails with
-    /// [`Error::InvalidInput`] naming the field `lock`. Nothing is sent to etcd.
-    ///
-    /// ```no_run
-    /// # async fn demo(registry: etcd_registry::Registry) -> etcd_registry::Result<()> {
-    /// let lock = registry.lock("schema-migration")?;
-    /// let guard = lock.acquire().await?;
-    /// // ... the critical section; pass guard.fencing_token() to what it writes ...
-    /// guard.release().await?;
-    /// # Ok(()) }
-    /// ```
-    pub fn lock(&self, name: &str) -> Result<Lock> {
-        validate_segment("lock", name)?;
-        Ok(Lock {
-            queue: Queue {
-                inner: self.inner.clone(),
-                kind: Kind::Lock,
-                name: name.to_owned(),
-                prefix: self.inner.keys.lock_prefix(name),
-            },
-            etcd_name: self.inner.keys.lock_name(name),
-        })
-    }
-}
+use crate::queue::{Head, Kind, Queue, Slots, Turn};
 
 /// One distributed lock of a [`Registry`]; create it with [`Registry::lock`].
 ///
@@ -84,6 +56,21 @@ impl std::fmt::Debug for Lock {
 }
 
 impl Lock {
+    /// The lock `name` of the registry whose core this is; `slots` are the
+    /// registry's (one member per queue key).
+    pub(crate) fn new(core: &Core, slots: &Slots, name: &str) -> Result<Self> {
+        validate_segment("lock", name)?;
+        Ok(Lock {
+            queue: Queue {
+                inner: core.clone(),
+                slots: slots.clone(),
+                kind: Kind::Lock,
+                name: name.to_owned(),
+                prefix: core.keys.lock_prefix(name),
+            },
+            etcd_name: core.keys.lock_name(name),
+        })
+    }
     /// The lock name, as given to [`Registry::lock`].
     pub fn name(&self) -> &str {
         &self.queue.name
@@ -391,7 +378,7 @@ impl LockGuard {
     /// is deleted in the background when the last clone of this guard is
     /// dropped.
     pub async fn release(&self) -> Result<()> {
-        let _timer = crate::metrics::timer(&self.head.inner().config.namespace, "unlock");
+        let _timer = crate::metrics::timer(&self.head.core().config.namespace, "unlock");
         self.head.leave().await
     }
 }

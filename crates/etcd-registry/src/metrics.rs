@@ -40,11 +40,9 @@ use ::metrics::{counter, gauge, histogram};
 #[cfg(feature = "metrics")]
 use tokio::sync::watch;
 
-use crate::queue::{Kind, LostReason};
-use crate::session::RegistryState;
-use crate::watch::FeedEvent;
+use crate::error::LostReason;
 
-/// `etcd_registry_state`: the [`RegistryState`] as a number.
+/// `etcd_registry_state`: the [`RegistryState`](crate::RegistryState) as a number.
 #[cfg(feature = "metrics")]
 pub const STATE: &str = "etcd_registry_state";
 /// `etcd_registry_keepalive_total`: acknowledged keep-alives.
@@ -120,18 +118,12 @@ impl Restart {
 
 /// A state change of the session.
 #[cfg_attr(not(feature = "metrics"), allow(unused_variables))]
-pub(crate) fn state(namespace: &str, state: RegistryState) {
+/// `code` is 0 connecting, 1 active, 2 degraded, 3 recovering, 4 closed.
+pub(crate) fn state(namespace: &str, code: u8) {
     #[cfg(feature = "metrics")]
     {
-        let code = match state {
-            RegistryState::Connecting => 0.0,
-            RegistryState::Active { .. } => 1.0,
-            RegistryState::Degraded { .. } => 2.0,
-            RegistryState::Recovering => 3.0,
-            RegistryState::Closed => 4.0,
-        };
-        gauge!(STATE, "namespace" => namespace.to_owned()).set(code);
-        if matches!(state, RegistryState::Recovering | RegistryState::Closed) {
+        gauge!(STATE, "namespace" => namespace.to_owned()).set(f64::from(code));
+        if code >= 3 {
             gauge!(LEASE_DEADLINE_SECONDS, "namespace" => namespace.to_owned()).set(0.0);
         }
     }
@@ -214,20 +206,12 @@ pub(crate) fn watch_restart(namespace: &str, service: &str, cause: Restart) {
     .increment(1);
 }
 
-/// Events of a watch of `service` handed to its consumer.
+/// Events of a watch of `service` handed to its consumer, counted as
+/// snapshots, additions, updates and removals.
 #[cfg_attr(not(feature = "metrics"), allow(unused_variables))]
-pub(crate) fn watch_events(namespace: &str, service: &str, events: &[FeedEvent]) {
+pub(crate) fn watch_events(namespace: &str, service: &str, counts: [u64; 4]) {
     #[cfg(feature = "metrics")]
     {
-        let mut counts = [0u64; 4];
-        for event in events {
-            counts[match event {
-                FeedEvent::Snapshot(_) => 0,
-                FeedEvent::Added(_) => 1,
-                FeedEvent::Updated(_) => 2,
-                FeedEvent::Removed(_) => 3,
-            }] += 1;
-        }
         for (kind, n) in ["snapshot", "added", "updated", "removed"]
             .into_iter()
             .zip(counts)
@@ -314,12 +298,11 @@ pub(crate) fn track_cache_staleness(
 #[cfg_attr(not(feature = "metrics"), allow(unused_variables))]
 pub(crate) fn track_leadership(
     namespace: &str,
-    kind: Kind,
     election: &str,
     lost: &tokio::sync::watch::Receiver<Option<LostReason>>,
 ) {
     #[cfg(feature = "metrics")]
-    if kind == Kind::Election {
+    {
         let (ns, el) = (namespace.to_owned(), election.to_owned());
         let leader = gauge!(LEADER, "namespace" => ns.clone(), "election" => el.clone());
         leader.increment(1.0);

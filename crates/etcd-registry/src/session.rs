@@ -2,20 +2,22 @@
 //!
 //! One background task owns the lease. Everything else reads it through a
 //! [`tokio::sync::watch`] channel of [`Lease`] values and is told when it
-//! changes. The task publishes a fresh [`Lease::expires`] after every
+//! changes; whoever keeps keys under the lease reacts to a new one itself
+//! (there is no callback from here upward). Keep-alive runs on a new lease
+//! from the moment it is granted, whatever else is going on. The task publishes a fresh [`Lease::expires`] after every
 //! acknowledged keep-alive: the local instant by which the server may have let
 //! the lease expire, which elections use to step down before anyone else can win.
 
 use std::collections::VecDeque;
-use std::future::Future;
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Duration;
 
-use futures::future::BoxFuture;
 use tokio::sync::{Notify, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use crate::backoff::{Backoff, cancellable};
 use crate::conn::Conn;
 use crate::error::{Error, Result};
 
@@ -39,7 +41,8 @@ pub enum RegistryState {
         /// The lease being kept alive.
         lease_id: i64,
     },
-    /// The lease is gone; a new one is being granted and every registration re-put.
+    /// The lease is gone; a new one is being granted and every registration
+    /// re-put (keep-alive already runs on the new lease meanwhile).
     Recovering,
     /// `close()` was called or the registry was dropped.
     Closed,
@@ -81,8 +84,24 @@ pub(crate) struct Session {
     /// our own old keys from another registry's).
     owned: Mutex<VecDeque<i64>>,
     ttl: Duration,
+    /// The lease whose keys are all back in etcd (0: none yet). The state is
+    /// `Active` only while the current lease is this one.
+    restored: AtomicI64,
     /// The registry's namespace: the `namespace` label of its metrics.
     pub(crate) namespace: String,
+}
+
+impl RegistryState {
+    /// The code of the `etcd_registry_state` metric.
+    fn code(self) -> u8 {
+        match self {
+            RegistryState::Connecting => 0,
+            RegistryState::Active { .. } => 1,
+            RegistryState::Degraded { .. } => 2,
+            RegistryState::Recovering => 3,
+            RegistryState::Closed => 4,
+        }
+    }
 }
 
 impl Session {
@@ -94,6 +113,7 @@ impl Session {
             suspect: Notify::new(),
             owned: Mutex::new(VecDeque::new()),
             ttl,
+            restored: AtomicI64::new(0),
         }
     }
 
@@ -147,7 +167,7 @@ impl Session {
             true
         });
         if changed {
-            crate::metrics::state(&self.namespace, state);
+            crate::metrics::state(&self.namespace, state.code());
             match state {
                 RegistryState::Active { lease_id } => {
                     tracing::info!(lease = %format_args!("{lease_id:x}"), "registry state: active")
@@ -208,64 +228,36 @@ impl Session {
         Ok(lease)
     }
 
-    /// Installs the first lease (granted by `connect`) and marks the session active.
+    /// Installs the first lease (granted by `connect`, with nothing to
+    /// restore under it) and marks the session active.
     pub(crate) fn start(&self, lease: Lease) {
+        self.restored.store(lease.id, Ordering::SeqCst);
         self.publish(Some(lease));
         self.set_state(RegistryState::Active { lease_id: lease.id });
     }
-}
 
-/// Re-puts every registration under a new lease.
-pub(crate) type Restore = Box<dyn Fn(i64) -> BoxFuture<'static, Result<()>> + Send + Sync>;
-
-/// The one retry policy of the crate: capped exponential backoff with jitter.
-pub(crate) struct Backoff {
-    min: Duration,
-    max: Duration,
-    iter: Box<dyn Iterator<Item = Duration> + Send>,
-}
-
-impl Backoff {
-    pub(crate) fn new(min: Duration, max: Duration) -> Self {
-        Self {
-            min,
-            max,
-            iter: Self::build(min, max),
+    /// Told by the registrations once every key is back under `lease_id`:
+    /// the state turns `Active` if that is still the current lease.
+    pub(crate) fn mark_restored(&self, lease_id: i64) {
+        self.restored.store(lease_id, Ordering::SeqCst);
+        if self.lease().is_some_and(|l| l.id == lease_id) {
+            self.set_state(RegistryState::Active { lease_id });
         }
     }
 
-    /// 100 ms doubling to 5 s, with jitter.
-    pub(crate) fn standard() -> Self {
-        Self::new(Duration::from_millis(100), Duration::from_secs(5))
-    }
-
-    fn build(min: Duration, max: Duration) -> Box<dyn Iterator<Item = Duration> + Send> {
-        use backon::BackoffBuilder;
-        Box::new(
-            backon::ExponentialBuilder::default()
-                .with_min_delay(min)
-                .with_max_delay(max)
-                .with_jitter()
-                .without_max_times()
-                .build(),
-        )
-    }
-
-    pub(crate) fn reset(&mut self) {
-        self.iter = Self::build(self.min, self.max);
-    }
-
-    pub(crate) fn next_delay(&mut self) -> Duration {
-        self.iter.next().unwrap_or(self.max)
-    }
-
-    /// Sleeps for the next delay; false when cancelled first.
-    pub(crate) async fn wait(&mut self, cancel: &CancellationToken) -> bool {
-        let d = self.next_delay();
-        tokio::select! {
-            _ = cancel.cancelled() => false,
-            _ = tokio::time::sleep(d) => true,
+    /// The state a healthy keep-alive of `lease_id` stands for.
+    fn healthy(&self, lease_id: i64) -> RegistryState {
+        if self.restored.load(Ordering::SeqCst) == lease_id {
+            RegistryState::Active { lease_id }
+        } else {
+            RegistryState::Recovering
         }
+    }
+
+    /// The lease's local deadline has passed with no newer keep-alive
+    /// acknowledged: etcd may have let it expire. The one check of it.
+    pub(crate) fn past_deadline(lease: &Lease) -> bool {
+        lease.expires <= Instant::now()
     }
 }
 
@@ -277,17 +269,12 @@ enum KeepAlive {
     Cancelled,
 }
 
-/// The session task: keeps the lease alive, and on loss grants a new one and
-/// restores every registration, forever, until cancelled.
-pub(crate) async fn run(
-    session: std::sync::Arc<Session>,
-    conn: Conn,
-    restore: Restore,
-    cancel: CancellationToken,
-) {
+/// The session task: keeps the lease alive, and on loss grants a new one
+/// and publishes it, until cancelled. Keep-alive starts on a new lease at
+/// once: restoring the keys under it is the registrations' job, beside it.
+pub(crate) async fn run(session: std::sync::Arc<Session>, conn: Conn, cancel: CancellationToken) {
     let mut backoff = Backoff::standard();
     let mut current = session.lease();
-    let mut needs_restore = false;
     loop {
         if cancel.is_cancelled() {
             return;
@@ -302,7 +289,7 @@ pub(crate) async fn run(
                         crate::metrics::lease_recovered(&session.namespace);
                         session.publish(Some(lease));
                         current = Some(lease);
-                        needs_restore = true;
+                        backoff.reset();
                     }
                     Some(Err(error)) => {
                         tracing::warn!(%error, "lease grant failed; retrying");
@@ -312,24 +299,6 @@ pub(crate) async fn run(
                     }
                 }
             }
-            Some(lease) if needs_restore => match cancellable(&cancel, restore(lease.id)).await {
-                None => return,
-                Some(Ok(())) => {
-                    needs_restore = false;
-                    backoff.reset();
-                    session.set_state(RegistryState::Active { lease_id: lease.id });
-                }
-                Some(Err(error)) if error.is_lease_not_found() => {
-                    tracing::warn!(lease = %format_args!("{:x}", lease.id), "new lease vanished while restoring; granting another");
-                    current = None;
-                }
-                Some(Err(error)) => {
-                    tracing::warn!(lease = %format_args!("{:x}", lease.id), %error, "restoring registrations failed; retrying");
-                    if !backoff.wait(&cancel).await {
-                        return;
-                    }
-                }
-            },
             Some(lease) => match keep_alive(&session, &conn, lease, &cancel, &mut backoff).await {
                 KeepAlive::Cancelled => return,
                 KeepAlive::Lost => {
@@ -350,13 +319,6 @@ pub(crate) async fn run(
                 }
             },
         }
-    }
-}
-
-async fn cancellable<T>(cancel: &CancellationToken, f: impl Future<Output = T>) -> Option<T> {
-    tokio::select! {
-        _ = cancel.cancelled() => None,
-        v = f => Some(v),
     }
 }
 
@@ -406,7 +368,7 @@ async fn keep_alive(
                 lease.expires = lease_deadline(sent, resp.ttl(), ttl);
                 session.publish(Some(lease));
                 crate::metrics::keep_alive(&session.namespace, true, Some(lease.expires));
-                session.set_state(RegistryState::Active { lease_id: lease.id });
+                session.set_state(session.healthy(lease.id));
                 backoff.reset();
             }
         }

@@ -9,9 +9,9 @@ use etcd_client::{GetOptions, SortOrder, SortTarget};
 
 use crate::config::RegistryBuilder;
 use crate::conn;
+use crate::core::Core;
 use crate::election::LeaderInfo;
 use crate::error::Result;
-use crate::registry::Registry;
 
 /// What one endpoint said when asked for its status, or why it did not answer.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -114,55 +114,6 @@ pub struct ElectionSummary {
     pub leader: LeaderInfo,
 }
 
-impl Registry {
-    /// Every election of the namespace that has a candidate, by name, with its
-    /// leader and number of candidates, in one consistent read. Elections
-    /// without candidates leave nothing in etcd and are not listed.
-    ///
-    /// `etcdctl elect` candidates under the namespace's election prefix are
-    /// counted as well.
-    ///
-    /// ```no_run
-    /// # async fn demo(registry: etcd_registry::Registry) -> etcd_registry::Result<()> {
-    /// for e in registry.elections().await? {
-    ///     println!("{}: {} leads, {} candidates", e.name, e.leader.proposal_str(), e.candidates);
-    /// }
-    /// # Ok(()) }
-    /// ```
-    pub async fn elections(&self) -> Result<Vec<ElectionSummary>> {
-        let keys = &self.inner.keys;
-        let prefix = keys.elections_prefix().to_owned();
-        let resp = self
-            .inner
-            .conn
-            .retry("get", |mut c| {
-                let prefix = prefix.clone();
-                // Ascending create revision: the first key seen of an election is its leader.
-                let options = GetOptions::new()
-                    .with_prefix()
-                    .with_sort(SortTarget::Create, SortOrder::Ascend);
-                async move { c.get(prefix, Some(options)).await }
-            })
-            .await?;
-        let mut elections: BTreeMap<String, ElectionSummary> = BTreeMap::new();
-        for kv in resp.kvs() {
-            let Some(name) = kv.key_str().ok().and_then(|k| keys.parse_election_key(k)) else {
-                tracing::warn!(key = %String::from_utf8_lossy(kv.key()), "skipping a key outside the election layout");
-                continue;
-            };
-            elections
-                .entry(name.to_owned())
-                .and_modify(|e| e.candidates += 1)
-                .or_insert_with(|| ElectionSummary {
-                    name: name.to_owned(),
-                    candidates: 1,
-                    leader: LeaderInfo::from_kv(kv),
-                });
-        }
-        Ok(elections.into_values().collect())
-    }
-}
-
 /// A lock with at least one holder or waiter, as returned by [`Registry::locks`].
 #[derive(Clone, Debug, PartialEq, Eq)]
 #[non_exhaustive]
@@ -177,25 +128,42 @@ pub struct LockSummary {
     pub waiters: usize,
 }
 
-impl Registry {
-    /// Every lock of the namespace that has a holder, by name, with the
-    /// holder's fencing token and lease and the number of waiters, in one
-    /// consistent read (paged like [`Registry::instances`]). Locks nobody
-    /// holds leave nothing in etcd and are not listed; `etcdctl lock`
-    /// holders and waiters under the namespace's lock prefix are included.
-    ///
-    /// ```no_run
-    /// # async fn demo(registry: etcd_registry::Registry) -> etcd_registry::Result<()> {
-    /// for l in registry.locks().await? {
-    ///     println!("{}: token {}, {} waiting", l.name, l.fencing_token, l.waiters);
-    /// }
-    /// # Ok(()) }
-    /// ```
-    pub async fn locks(&self) -> Result<Vec<LockSummary>> {
-        let keys = &self.inner.keys;
-        let prefix = keys.lock_name("");
-        let paged = self
-            .inner
+pub(crate) async fn elections(core: &Core) -> Result<Vec<ElectionSummary>> {
+    let keys = &core.keys;
+    let prefix = keys.elections_prefix().to_owned();
+    let resp = core
+        .conn
+        .retry("get", |mut c| {
+            let prefix = prefix.clone();
+            // Ascending create revision: the first key seen of an election is its leader.
+            let options = GetOptions::new()
+                .with_prefix()
+                .with_sort(SortTarget::Create, SortOrder::Ascend);
+            async move { c.get(prefix, Some(options)).await }
+        })
+        .await?;
+    let mut elections: BTreeMap<String, ElectionSummary> = BTreeMap::new();
+    for kv in resp.kvs() {
+        let Some(name) = kv.key_str().ok().and_then(|k| keys.parse_election_key(k)) else {
+            tracing::warn!(key = %String::from_utf8_lossy(kv.key()), "skipping a key outside the election layout");
+            continue;
+        };
+        elections
+            .entry(name.to_owned())
+            .and_modify(|e| e.candidates += 1)
+            .or_insert_with(|| ElectionSummary {
+                name: name.to_owned(),
+                candidates: 1,
+                leader: LeaderInfo::from_kv(kv),
+            });
+    }
+    Ok(elections.into_values().collect())
+}
+
+pub(crate) async fn locks(core: &Core) -> Result<Vec<LockSummary>> {
+    let keys = &core.keys;
+    let prefix = keys.lock_name("");
+    let paged = core
             .conn
             .read_prefixes("get", &[prefix], false, BTreeMap::new, |locks, kvs| {
                 for kv in kvs {
@@ -223,6 +191,5 @@ impl Registry {
                 }
             })
             .await?;
-        Ok(paged.value.into_values().collect())
-    }
+    Ok(paged.value.into_values().collect())
 }

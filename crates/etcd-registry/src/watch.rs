@@ -35,18 +35,16 @@ use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use etcd_client::{Event, EventType, KeyValue, ResponseHeader};
+use etcd_client::{Event, EventType, KeyValue};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
-use tokio::time::{Instant, MissedTickBehavior};
-use tokio_util::sync::CancellationToken;
 
-use crate::conn::{Paged, WatchEnd, is_compacted};
+use crate::backoff::Backoff;
+use crate::conn::{Paged, is_compacted};
+use crate::core::Core;
 use crate::error::{Error, Result};
 use crate::instance::ServiceInstance;
-use crate::keys::validate_segment;
-use crate::registry::{Inner, Registry};
-use crate::session::Backoff;
+use crate::stream::{Item, Listed, Resumable};
 
 /// What a [`ServiceWatch`] yields.
 ///
@@ -100,11 +98,8 @@ impl From<FeedEvent> for ServiceEvent {
     }
 }
 
-/// How often a watch asks etcd for a progress report.
-const PROGRESS_INTERVAL: Duration = Duration::from_secs(5);
-/// A watch that has heard nothing at all (no event, no progress report) for
-/// this long is considered stale and is restarted.
-const STALE_AFTER: Duration = Duration::from_secs(10);
+const PROGRESS_INTERVAL: Duration = crate::stream::PROGRESS_INTERVAL;
+const STALE_AFTER: Duration = crate::stream::STALE_AFTER;
 /// Batches buffered between the watch task and its consumer.
 const CHANNEL_BATCHES: usize = 16;
 
@@ -238,29 +233,12 @@ impl std::fmt::Debug for ServiceWatch {
     }
 }
 
-impl Registry {
-    /// Watches service `name`: a [`ServiceEvent::Snapshot`] of its instances,
-    /// then every change. See [`ServiceWatch`] for the guarantees.
-    ///
-    /// Must be called within a Tokio runtime: it spawns the watch task.
-    /// Fails with [`Error::InvalidInput`] for an invalid name and with
-    /// [`Error::Closed`] after [`Registry::close`]; every later problem is
-    /// retried, not returned.
-    pub fn watch(&self, name: &str) -> Result<ServiceWatch> {
-        validate_segment("name", name)?;
-        let feed = Feed::start(&self.inner, Some(name))?;
-        Ok(ServiceWatch::new(feed))
-    }
-
-    /// Watches every service of the namespace. Like [`Registry::watch`];
-    /// events carry instances of any service (tell them apart by `name`).
-    pub fn watch_all(&self) -> Result<ServiceWatch> {
-        let feed = Feed::start(&self.inner, None)?;
-        Ok(ServiceWatch::new(feed))
-    }
-}
-
 impl ServiceWatch {
+    /// Starts the watch of service `name` (`None`: every service).
+    pub(crate) fn start(core: &Core, name: Option<&str>) -> Result<Self> {
+        Feed::start(core, name).map(Self::new)
+    }
+
     fn new(feed: Feed) -> Self {
         Self {
             feed,
@@ -277,6 +255,10 @@ pub(crate) struct Batch {
     pub(crate) events: Vec<FeedEvent>,
     /// The revision the consumer has caught up to once it applied `events`.
     pub(crate) revision: i64,
+    /// The batch is the difference found by a re-list (a wiped or restored
+    /// etcd, a compaction, a cluster change), not events etcd reported: its
+    /// removals may be keys about to come back, not deregistrations.
+    pub(crate) relisted: bool,
 }
 
 /// The receiving end of a watch task; dropping it stops the task, which drops
@@ -293,32 +275,33 @@ pub(crate) struct Feed {
 
 impl Feed {
     /// Spawns the watch task of service `name` (`None`: every service).
-    pub(crate) fn start(inner: &Arc<Inner>, name: Option<&str>) -> Result<Self> {
-        if inner.cancel.is_cancelled() {
-            return Err(Error::Closed);
-        }
+    pub(crate) fn start(core: &Core, name: Option<&str>) -> Result<Self> {
+        core.check_open()?;
         let prefix = match name {
-            Some(name) => inner.keys.service_prefix(name),
-            None => inner.keys.services_prefix().to_owned(),
+            Some(name) => {
+                crate::keys::validate_segment("name", name)?;
+                core.keys.service_prefix(name)
+            }
+            None => core.keys.services_prefix().to_owned(),
         };
         let service = name.unwrap_or("*").to_owned();
         let (tx, rx) = mpsc::channel(CHANNEL_BATCHES);
-        let errors = Arc::new(AtomicU64::new(0));
         let denied = Arc::new(OnceLock::new());
         let heard = crate::metrics::Heard::default();
+        let mut stream = core.stream(vec![prefix], true, &service);
+        stream.on_heard(heard.clone());
+        let errors = stream.errors();
         let watcher = Watcher {
             heard: heard.clone(),
             denied: denied.clone(),
-            inner: inner.clone(),
-            prefix,
+            core: core.clone(),
             service: service.clone(),
             tx,
             errors: errors.clone(),
-            cancel: inner.cancel.clone(),
             seen: BTreeMap::new(),
             revision: 0,
-            cluster_id: None,
             listed: false,
+            stream,
         };
         let task = tokio::spawn(watcher.run());
         Ok(Self {
@@ -370,15 +353,15 @@ enum State {
     Listing,
     /// The stream broke: check that etcd still holds what we saw, then resume.
     Resuming,
-    /// Watch from this revision on.
-    Watching { from: i64 },
+    /// Follow the resumable stream.
+    Watching,
 }
 
 /// How one state ended.
 enum Next {
     /// Go on to this state now.
     Go(State),
-    /// A recoverable error: count it, log it, back off, then go on to this state.
+    /// A failed read: count it, log it, back off, then go on to this state.
     Retry(State, String),
     /// The registry closed or the consumer went away.
     Stop,
@@ -387,18 +370,19 @@ enum Next {
 }
 
 impl Next {
-    /// A failed step: an RBAC refusal ends the watch, anything else is retried.
-    fn failed(state: State, e: Error, context: &str) -> Next {
+    /// A failed step: an RBAC refusal ends the watch, a closed registry
+    /// stops it, anything else is retried.
+    fn failed(state: State, e: Error) -> Next {
         match e {
             Error::PermissionDenied { op, key } => Next::Denied(op, key),
-            e => Next::Retry(state, format!("{context}{e}")),
+            Error::Closed => Next::Stop,
+            e => Next::Retry(state, e.to_string()),
         }
     }
 }
 
 struct Watcher {
-    inner: Arc<Inner>,
-    prefix: String,
+    core: Core,
     /// The service name for logs, `*` for the whole namespace.
     service: String,
     tx: mpsc::Sender<Batch>,
@@ -406,14 +390,13 @@ struct Watcher {
     denied: Arc<OnceLock<(&'static str, String)>>,
     /// When the watch last heard from etcd (for the cache staleness metric).
     heard: crate::metrics::Heard,
-    cancel: CancellationToken,
     /// What the consumer has seen, by key, as of `revision`.
     seen: BTreeMap<Vec<u8>, Seen>,
     /// Every change at or below this revision has been sent.
     revision: i64,
-    cluster_id: Option<u64>,
     /// Whether the snapshot has been sent.
     listed: bool,
+    stream: Resumable,
 }
 
 impl Watcher {
@@ -424,17 +407,22 @@ impl Watcher {
             let next = match state {
                 State::Listing => self.list().await,
                 State::Resuming => self.check().await,
-                State::Watching { from } => self.watch(from, &mut backoff).await,
+                State::Watching => self.watch().await,
             };
             match next {
-                Next::Go(s) => state = s,
+                Next::Go(s) => {
+                    if matches!(s, State::Watching) {
+                        backoff.reset();
+                    }
+                    state = s;
+                }
                 Next::Retry(s, reason) => {
                     self.errors.fetch_add(1, Ordering::Relaxed);
                     tracing::warn!(
                         service = %self.service, revision = self.revision, %reason,
                         "watch interrupted; retrying"
                     );
-                    if !backoff.wait(&self.cancel).await {
+                    if !backoff.wait(&self.core.cancel).await {
                         return;
                     }
                     state = s;
@@ -456,108 +444,56 @@ impl Watcher {
 
     /// Runs `f` unless the registry closes first.
     async fn cancellable<T>(&self, f: impl Future<Output = T>) -> Option<T> {
-        tokio::select! {
-            _ = self.cancel.cancelled() => None,
-            v = f => Some(v),
-        }
+        crate::backoff::cancellable(&self.core.cancel, f).await
     }
 
     /// Sends a batch; false when the consumer is gone or the registry closed.
-    async fn send(&self, events: Vec<FeedEvent>) -> bool {
-        crate::metrics::watch_events(&self.inner.config.namespace, &self.service, &events);
+    async fn send(&self, events: Vec<FeedEvent>, relisted: bool) -> bool {
+        let mut counts = [0u64; 4];
+        for event in &events {
+            counts[match event {
+                FeedEvent::Snapshot(_) => 0,
+                FeedEvent::Added(_) => 1,
+                FeedEvent::Updated(_) => 2,
+                FeedEvent::Removed(_) => 3,
+            }] += 1;
+        }
+        crate::metrics::watch_events(self.core.namespace(), &self.service, counts);
         let batch = Batch {
             events,
             revision: self.revision,
+            relisted,
         };
         matches!(self.cancellable(self.tx.send(batch)).await, Some(Ok(())))
     }
 
-    /// Parses a value; name and id always come from the key.
-    fn parse(&self, kv: &KeyValue) -> Option<ServiceInstance> {
-        let mut instance = self.inner.parse_kv(kv)?;
-        let key = std::str::from_utf8(kv.key()).ok();
-        if let Some((name, id)) = key.and_then(|k| self.inner.keys.parse_instance_key(k))
-            && (instance.name != name || instance.id != id)
-        {
-            tracing::debug!(key = %String::from_utf8_lossy(kv.key()), "value names another instance; the key wins");
-            name.clone_into(&mut instance.name);
-            id.clone_into(&mut instance.id);
-        }
-        Some(instance)
-    }
-
-    /// Parses `kv`, the new value of a key last seen as `old`: an unchanged
-    /// malformed value is not parsed (nor warned about) again, and an
-    /// unchanged valid one keeps the instance already shared with the
-    /// consumer, so that a re-list or a re-registration with the same value
-    /// does not leave the watch and a cache holding two copies.
-    fn reparse(
-        &self,
-        old: Option<&Seen>,
-        kv: &KeyValue,
-    ) -> (Option<Arc<ServiceInstance>>, Option<Vec<u8>>) {
-        if let Some(bytes) = old.and_then(|o| o.malformed.as_ref())
-            && bytes.as_slice() == kv.value()
-        {
-            return (None, Some(bytes.clone()));
-        }
-        let Some(instance) = self.parse(kv) else {
-            return (None, Some(kv.value().to_vec()));
-        };
-        let instance = match old.and_then(|o| o.instance.as_ref()) {
-            Some(old) if **old == instance => old.clone(),
-            _ => Arc::new(instance),
-        };
-        (Some(instance), None)
-    }
-
-    /// Checks a response header for another cluster; records the first one.
-    fn same_cluster(&mut self, cluster_id: Option<u64>) -> bool {
-        let Some(cluster_id) = cluster_id else {
-            return true;
-        };
-        match self.cluster_id {
-            Some(known) if known != cluster_id => false,
-            _ => {
-                self.cluster_id = Some(cluster_id);
-                true
-            }
-        }
-    }
-
     /// Listing: one consistent (paged) read, sent as the snapshot or as a diff.
     async fn list(&mut self) -> Next {
-        let prefixes = [self.prefix.clone()];
-        let read = self.inner.conn.read_prefixes(
-            "watch list",
-            &prefixes,
-            false,
-            BTreeMap::new,
-            |fresh, kvs| {
-                for kv in kvs {
-                    let (instance, malformed) = self.reparse(self.seen.get(kv.key()), &kv);
-                    fresh.insert(
-                        kv.key().to_vec(),
-                        Seen {
-                            instance,
-                            malformed,
-                            mod_revision: kv.mod_revision(),
-                        },
-                    );
-                }
-            },
-        );
-        let Paged {
+        let (core, seen) = (&self.core, &self.seen);
+        let read = self.stream.list("watch list", BTreeMap::new, |fresh, kvs| {
+            for kv in kvs {
+                let (instance, malformed) = reparse(core, seen.get(kv.key()), &kv);
+                fresh.insert(
+                    kv.key().to_vec(),
+                    Seen {
+                        instance,
+                        malformed,
+                        mod_revision: kv.mod_revision(),
+                    },
+                );
+            }
+        });
+        let Listed {
             revision,
-            cluster_id,
             value: fresh,
-        } = match self.cancellable(read).await {
+            history_changed,
+        } = match crate::backoff::cancellable(&self.core.cancel, read).await {
             None => return Next::Stop,
-            Some(Err(e)) => return Next::failed(State::Listing, e, ""),
+            Some(Err(e)) => return Next::failed(State::Listing, e),
             Some(Ok(read)) => read,
         };
         self.heard.now();
-        if self.listed && (revision < self.revision || cluster_id != self.cluster_id) {
+        if self.listed && (history_changed || revision < self.revision) {
             tracing::warn!(
                 service = %self.service, revision, last_seen = self.revision,
                 "etcd's history differs from what was seen (wiped or replaced); sending the difference"
@@ -572,29 +508,45 @@ impl Watcher {
         tracing::debug!(service = %self.service, revision, changes = events.len(), "listed");
         self.seen = fresh;
         self.revision = revision;
-        self.cluster_id = cluster_id.or(self.cluster_id);
+        let relisted = self.listed;
         self.listed = true;
-        if !self.send(events).await {
+        if !self.send(events, relisted).await {
             return Next::Stop;
         }
-        Next::Go(State::Watching { from: revision + 1 })
+        Next::Go(State::Watching)
+    }
+
+    /// A re-list that found the history changed.
+    fn wiped(&self, why: &str) -> Next {
+        crate::metrics::watch_restart(
+            self.core.namespace(),
+            &self.service,
+            crate::metrics::Restart::Wiped,
+        );
+        tracing::warn!(service = %self.service, revision = self.revision, "{why}; re-listing");
+        Next::Go(State::Listing)
     }
 
     /// Resuming: decides between watching on from `revision + 1` and re-listing.
     async fn check(&mut self) -> Next {
         let floor = self.revision;
-        let prefixes = [self.prefix.clone()];
+        let prefixes = [self.core.keys.services_prefix().to_owned()];
+        let prefixes = match self.service.as_str() {
+            "*" => prefixes,
+            name => [self.core.keys.service_prefix(name)],
+        };
+        let seen = &self.seen;
         // Every key last written at or before the revision we caught up to
         // must be exactly one we saw; anything else means the history changed.
         // Counts the keys we saw that are still there, too.
-        let read = self.inner.conn.read_prefixes(
+        let read = self.core.conn.read_prefixes(
             "watch check",
             &prefixes,
             true,
             || (true, 0usize),
             |(consistent, present), kvs| {
                 for kv in &kvs {
-                    let seen = self.seen.get(kv.key());
+                    let seen = seen.get(kv.key());
                     *consistent &= kv.mod_revision() > floor
                         || seen.is_some_and(|s| s.mod_revision == kv.mod_revision());
                     *present += usize::from(seen.is_some());
@@ -607,51 +559,26 @@ impl Watcher {
             value: (consistent, present),
         } = match self.cancellable(read).await {
             None => return Next::Stop,
-            Some(Err(e)) => return Next::failed(State::Resuming, e, ""),
+            Some(Err(e)) => return Next::failed(State::Resuming, e),
             Some(Ok(read)) => read,
         };
-        if !self.same_cluster(cluster_id) {
-            crate::metrics::watch_restart(
-                &self.inner.config.namespace,
-                &self.service,
-                crate::metrics::Restart::Wiped,
-            );
-            tracing::warn!(service = %self.service, revision = self.revision, "etcd cluster id changed; re-listing");
-            return Next::Go(State::Listing);
+        if !self.stream.same_unary_cluster(cluster_id) {
+            return self.wiped("etcd cluster id changed");
         }
         if revision < self.revision {
-            crate::metrics::watch_restart(
-                &self.inner.config.namespace,
-                &self.service,
-                crate::metrics::Restart::Wiped,
-            );
-            tracing::warn!(
-                service = %self.service, revision = self.revision, current = revision,
-                "etcd's revision went back (wiped or restored from an old backup); re-listing"
-            );
-            return Next::Go(State::Listing);
+            return self.wiped("etcd's revision went back (wiped or restored from an old backup)");
         }
         if !consistent {
-            crate::metrics::watch_restart(
-                &self.inner.config.namespace,
-                &self.service,
-                crate::metrics::Restart::Wiped,
-            );
-            tracing::warn!(
-                service = %self.service, revision = self.revision,
-                "etcd no longer holds what was seen (wiped or replaced); re-listing"
-            );
-            return Next::Go(State::Listing);
+            return self.wiped("etcd no longer holds what was seen (wiped or replaced)");
         }
         if present == self.seen.len() {
-            return Next::Go(State::Watching {
-                from: self.revision + 1,
-            });
+            return Next::Go(State::Watching);
         }
         // A key we saw is gone: deleted after our revision (the watch will
         // report it) or lost with a wiped store that kept its cluster id
         // (nothing would). The store as of our revision tells which.
-        let then = self.inner.conn.read_prefixes_at(
+        let seen = &self.seen;
+        let then = self.core.conn.read_prefixes_at(
             "watch check",
             &prefixes,
             true,
@@ -660,8 +587,7 @@ impl Watcher {
             |(same, count), kvs| {
                 *count += kvs.len();
                 *same &= kvs.iter().all(|kv| {
-                    self.seen
-                        .get(kv.key())
+                    seen.get(kv.key())
                         .is_some_and(|s| s.mod_revision == kv.mod_revision())
                 });
             },
@@ -671,131 +597,31 @@ impl Watcher {
             Some(Ok(then)) => then.value,
             // History compacted past our revision: the watch reports that,
             // and the re-list that follows sends the difference.
-            Some(Err(e)) if is_compacted(&e) => {
-                return Next::Go(State::Watching {
-                    from: self.revision + 1,
-                });
-            }
-            Some(Err(e)) => return Next::failed(State::Resuming, e, ""),
+            Some(Err(e)) if is_compacted(&e) => return Next::Go(State::Watching),
+            Some(Err(e)) => return Next::failed(State::Resuming, e),
         };
         if !same || count != self.seen.len() {
-            crate::metrics::watch_restart(
-                &self.inner.config.namespace,
-                &self.service,
-                crate::metrics::Restart::Wiped,
+            return self.wiped(
+                "etcd's history at the last revision seen differs from what was seen (wiped)",
             );
-            tracing::warn!(
-                service = %self.service, revision = self.revision,
-                "etcd's history at the last revision seen differs from what was seen (wiped); re-listing"
-            );
-            return Next::Go(State::Listing);
         }
-        Next::Go(State::Watching {
-            from: self.revision + 1,
-        })
+        Next::Go(State::Watching)
     }
 
-    /// Watching: follows the etcd watch until it breaks.
-    async fn watch(&mut self, from: i64, backoff: &mut Backoff) -> Next {
-        let mut watch = match self
-            .cancellable(self.inner.conn.watch(self.prefix.as_str(), true, from))
-            .await
-        {
-            None => return Next::Stop,
-            Some(Err(end)) => {
-                crate::metrics::watch_restart(
-                    &self.inner.config.namespace,
-                    &self.service,
-                    crate::metrics::Restart::Broken,
-                );
-                return Next::failed(State::Resuming, end.into(), "opening the watch failed: ");
-            }
-            Some(Ok(watch)) => watch,
-        };
-        let mut heard = Instant::now();
-        let mut progress = tokio::time::interval_at(heard + PROGRESS_INTERVAL, PROGRESS_INTERVAL);
-        progress.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    /// Watching: follows the resumable stream until it needs a check or a re-list.
+    async fn watch(&mut self) -> Next {
         loop {
-            let message = tokio::select! {
-                _ = self.cancel.cancelled() => return Next::Stop,
-                _ = tokio::time::sleep_until(heard + STALE_AFTER) => {
-                    crate::metrics::watch_restart(&self.inner.config.namespace, &self.service, crate::metrics::Restart::Stale);
-                    return Next::Retry(State::Resuming, format!("no event or progress report for {STALE_AFTER:?} (stale stream)"));
-                }
-                _ = progress.tick() => {
-                    if let Err(e) = watch.request_progress().await {
-                        crate::metrics::watch_restart(&self.inner.config.namespace, &self.service, crate::metrics::Restart::Broken);
-                        return Next::Retry(State::Resuming, format!("progress request failed: {e}"));
+            match self.stream.next().await {
+                Err(e) => return Next::failed(State::Resuming, e),
+                Ok(Item::Interrupted) => return Next::Go(State::Resuming),
+                Ok(Item::Reset(_)) => return Next::Go(State::Listing),
+                Ok(Item::Events(events)) => {
+                    let events = self.apply(&events);
+                    if !self.send(events, false).await {
+                        return Next::Stop;
                     }
-                    continue;
                 }
-                m = watch.next() => m,
-            };
-            let resp = match message {
-                Ok(resp) => resp,
-                Err(WatchEnd::Compacted { compact_revision }) => {
-                    crate::metrics::watch_restart(
-                        &self.inner.config.namespace,
-                        &self.service,
-                        crate::metrics::Restart::Compacted,
-                    );
-                    self.errors.fetch_add(1, Ordering::Relaxed);
-                    tracing::warn!(
-                        service = %self.service, revision = self.revision, compact_revision,
-                        "the last revision seen was compacted; re-listing and sending the difference"
-                    );
-                    return Next::Go(State::Listing);
-                }
-                Err(WatchEnd::Broken(e)) => {
-                    crate::metrics::watch_restart(
-                        &self.inner.config.namespace,
-                        &self.service,
-                        crate::metrics::Restart::Broken,
-                    );
-                    return Next::failed(State::Resuming, e, "watch stream failed: ");
-                }
-            };
-            heard = Instant::now();
-            self.heard.now();
-            if !self.same_cluster(resp.header().map(ResponseHeader::cluster_id)) {
-                crate::metrics::watch_restart(
-                    &self.inner.config.namespace,
-                    &self.service,
-                    crate::metrics::Restart::Wiped,
-                );
-                self.errors.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(service = %self.service, revision = self.revision, "etcd cluster id changed; re-listing");
-                return Next::Go(State::Listing);
             }
-            // (A response may carry revision 0, hence the `> 0`.)
-            if resp
-                .header()
-                .is_some_and(|h| h.revision() > 0 && h.revision() < self.revision)
-            {
-                crate::metrics::watch_restart(
-                    &self.inner.config.namespace,
-                    &self.service,
-                    crate::metrics::Restart::Broken,
-                );
-                // A wiped store, or a member that lags behind: the check tells which.
-                return Next::Retry(
-                    State::Resuming,
-                    "etcd's revision is behind the last one seen".into(),
-                );
-            }
-            if resp.created() {
-                backoff.reset();
-                tracing::debug!(service = %self.service, from, "watching");
-            }
-            if resp.events().is_empty() {
-                continue; // created, or a progress report: proof of life
-            }
-            let events = self.apply(resp.events());
-            if !self.send(events).await {
-                return Next::Stop;
-            }
-            // Time spent waiting for a slow consumer is not staleness.
-            heard = Instant::now();
         }
     }
 
@@ -812,7 +638,7 @@ impl Watcher {
             match event.event_type() {
                 EventType::Put => {
                     let old = self.seen.get(kv.key());
-                    let (instance, malformed) = self.reparse(old, kv);
+                    let (instance, malformed) = reparse(&self.core, old, kv);
                     if let Some(e) =
                         change(old.and_then(|o| o.instance.as_ref()), instance.as_ref())
                     {
@@ -841,6 +667,45 @@ impl Watcher {
         }
         out
     }
+}
+
+/// Parses a value; name and id always come from the key.
+fn parse(core: &Core, kv: &KeyValue) -> Option<ServiceInstance> {
+    let mut instance = core.parse_kv(kv)?;
+    let key = std::str::from_utf8(kv.key()).ok();
+    if let Some((name, id)) = key.and_then(|k| core.keys.parse_instance_key(k))
+        && (instance.name != name || instance.id != id)
+    {
+        tracing::debug!(key = %String::from_utf8_lossy(kv.key()), "value names another instance; the key wins");
+        name.clone_into(&mut instance.name);
+        id.clone_into(&mut instance.id);
+    }
+    Some(instance)
+}
+
+/// Parses `kv`, the new value of a key last seen as `old`: an unchanged
+/// malformed value is not parsed (nor warned about) again, and an
+/// unchanged valid one keeps the instance already shared with the
+/// consumer, so that a re-list or a re-registration with the same value
+/// does not leave the watch and a cache holding two copies.
+fn reparse(
+    core: &Core,
+    old: Option<&Seen>,
+    kv: &KeyValue,
+) -> (Option<Arc<ServiceInstance>>, Option<Vec<u8>>) {
+    if let Some(bytes) = old.and_then(|o| o.malformed.as_ref())
+        && bytes.as_slice() == kv.value()
+    {
+        return (None, Some(bytes.clone()));
+    }
+    let Some(instance) = parse(core, kv) else {
+        return (None, Some(kv.value().to_vec()));
+    };
+    let instance = match old.and_then(|o| o.instance.as_ref()) {
+        Some(old) if **old == instance => old.clone(),
+        _ => Arc::new(instance),
+    };
+    (Some(instance), None)
 }
 
 /// The event that turns `old` into `new`, if any.

@@ -1,0 +1,315 @@
+//! Anti-entropy: watches the services this registry registers, through the
+//! one resumable watch, and makes etcd hold exactly the table.
+//!
+//! * After every read (the first, and each one after a compaction, a wiped
+//!   or restored etcd, or a newly registered service) every maintained key is
+//!   compared with the table **by value and lease**, not by revision: etcd
+//!   restored from an older snapshot holds older values at older revisions.
+//!   Service keys under this registry's lease that the table no longer
+//!   holds (deregistered while etcd was unreachable, or brought back by a
+//!   snapshot) are deleted.
+//! * Each later event of a maintained key is reconciled on its own.
+//! * One key that cannot be reconciled (refused, malformed) is logged and
+//!   retried later; it never holds up the others.
+//! * While a restore under a new lease is pending, it leaves the keys to it.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Weak;
+
+use etcd_client::{Compare, CompareOp, EventType, KeyValue, PutOptions, Txn, TxnOp};
+use tokio_util::sync::CancellationToken;
+
+use super::{Table, Written};
+use crate::backoff::Backoff;
+use crate::error::{Error, Result};
+use crate::stream::{Item, Listed};
+
+/// Past this many services, one watch covers the whole namespace instead of
+/// one per service.
+const MAX_SCOPED_SERVICES: usize = 64;
+
+/// The anti-entropy task; ends when the registry closes or is dropped.
+pub(super) async fn run(table: Weak<Table>, cancel: CancellationToken) {
+    let mut backoff = Backoff::standard();
+    loop {
+        let Some(t) = table.upgrade() else { return };
+        let outcome = tokio::select! {
+            _ = cancel.cancelled() => return,
+            r = pass(&t) => r,
+        };
+        drop(t);
+        match outcome {
+            Ok(()) => backoff.reset(),
+            Err(Error::Closed) => return,
+            Err(error) => {
+                tracing::warn!(%error, "registration watch interrupted; reading again");
+                if !backoff.wait(&cancel).await {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// One scope of services: read, reconcile, then follow events until the
+/// scope must change (a new service, a finished restore).
+async fn pass(table: &Table) -> Result<()> {
+    let core = &table.core;
+    core.session
+        .wait_lease(std::time::Duration::from_secs(3600), &core.cancel)
+        .await?;
+    let services = table.services();
+    if services.is_empty() {
+        table.resync.notified().await;
+        return Ok(());
+    }
+    let prefixes: Vec<String> = if services.len() > MAX_SCOPED_SERVICES {
+        vec![core.keys.services_prefix().to_owned()]
+    } else {
+        services
+            .iter()
+            .map(|s| core.keys.service_prefix(s))
+            .collect()
+    };
+    let mut stream = core.stream(prefixes, true, "registrations");
+    let mut retry_later = false;
+    loop {
+        let read = stream
+            .list(
+                "get",
+                HashMap::new,
+                |present: &mut HashMap<String, KeyValue>, kvs| {
+                    for kv in kvs {
+                        if let Ok(key) = std::str::from_utf8(kv.key()) {
+                            present.insert(key.to_owned(), kv);
+                        }
+                    }
+                },
+            )
+            .await?;
+        retry_later |= !reconcile_all(table, read).await;
+        loop {
+            let item = tokio::select! {
+                i = stream.next() => i?,
+                // A new service, or a restore finished: read again, wider.
+                _ = table.resync.notified() => return Ok(()),
+                _ = tokio::time::sleep(std::time::Duration::from_secs(5)), if retry_later => {
+                    retry_later = false;
+                    break;
+                }
+            };
+            match item {
+                // A broken stream may hide a wiped or restored etcd (whose
+                // revision went back): a read of our services settles it.
+                Item::Interrupted | Item::Reset(_) => break,
+                Item::Events(events) => {
+                    for event in events {
+                        let Some(kv) = event.kv() else { continue };
+                        let Ok(key) = std::str::from_utf8(kv.key()) else {
+                            continue;
+                        };
+                        let present = (event.event_type() == EventType::Put).then_some(kv);
+                        if let Err(error) =
+                            reconcile(table, key, present, Some(kv.mod_revision())).await
+                        {
+                            if matches!(error, Error::Closed) {
+                                return Err(error);
+                            }
+                            tracing::warn!(%error, key, "could not reconcile a maintained instance; retrying it later");
+                            retry_later = true;
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Reconciles every maintained key against a full read, and deletes our
+/// stray keys. False when some key failed (retried later).
+async fn reconcile_all(table: &Table, read: Listed<HashMap<String, KeyValue>>) -> bool {
+    let present = read.value;
+    if read.history_changed {
+        // etcd's revisions restarted (wiped, restored from a snapshot): our
+        // recorded revisions mean nothing in the new history.
+        for e in table.lock().values_mut() {
+            if let Some(w) = e.written.as_mut() {
+                w.revision = 0;
+            }
+        }
+    }
+    let maintained: HashSet<String> = table.lock().keys().cloned().collect();
+    let mut ok = true;
+    for key in &maintained {
+        if let Err(error) = reconcile(table, key, present.get(key), None).await {
+            if matches!(error, Error::Closed) {
+                return true;
+            }
+            tracing::warn!(%error, key, "could not reconcile a maintained instance; retrying it later");
+            ok = false;
+        }
+    }
+    // Keys under our current lease that the table does not hold.
+    let Some(lease) = table.core.session.lease() else {
+        return ok;
+    };
+    for (key, kv) in &present {
+        if kv.lease() == lease.id && !maintained.contains(key) && !table.lock().contains_key(key) {
+            tracing::warn!(
+                key,
+                "a key under this registry's lease is no registration of it (deregistered while etcd was unreachable, or restored from a snapshot); deleting it"
+            );
+            let txn = Txn::new()
+                .when([
+                    Compare::lease(key.as_str(), CompareOp::Equal, lease.id),
+                    Compare::mod_revision(key.as_str(), CompareOp::Equal, kv.mod_revision()),
+                ])
+                .and_then([TxnOp::delete(key.as_str(), None)]);
+            if let Err(error) = table
+                .core
+                .conn
+                .retry_on("delete", key, |mut c| {
+                    let txn = txn.clone();
+                    async move { c.txn(txn).await }
+                })
+                .await
+            {
+                tracing::warn!(%error, key, "could not delete a stray key; retrying it later");
+                ok = false;
+            }
+        }
+    }
+    ok
+}
+
+/// What to do with one maintained key as etcd holds it (`kv`, `None` when
+/// absent). `event_rev` is the revision of the watch event that reported it
+/// (`None` for a full read, which compares values only).
+async fn reconcile(
+    table: &Table,
+    key: &str,
+    kv: Option<&KeyValue>,
+    event_rev: Option<i64>,
+) -> Result<()> {
+    let core = &table.core;
+    if !table.restored() {
+        return Ok(()); // the restore under the new lease covers every key
+    }
+    let Some(lease) = core.session.lease() else {
+        return Ok(());
+    };
+    let (value, generation, name, id) = {
+        let mut entries = table.lock();
+        let Some(entry) = entries.get_mut(key) else {
+            return Ok(());
+        };
+        // Out of service (unhealthy, in maintenance, drained): never restored.
+        if !entry.serving {
+            return Ok(());
+        }
+        if let (Some(rev), Some(w)) = (event_rev, entry.written)
+            && rev <= w.revision
+        {
+            return Ok(()); // our own write, or older
+        }
+        let in_flight = entry
+            .written
+            .is_none_or(|w| w.generation != entry.generation);
+        if let Some(kv) = kv {
+            let holder = kv.lease();
+            if holder != 0 && !core.session.is_owned(holder) {
+                if !entry.yielded {
+                    tracing::warn!(
+                        service = %entry.instance.name, id = %entry.instance.id,
+                        other_lease = %format_args!("{holder:x}"),
+                        "another lease took over this instance; yielding it"
+                    );
+                    entry.yielded = true;
+                }
+                return Ok(());
+            }
+            if holder != 0 {
+                // Under a lease of ours. The value we hold: in step. Another
+                // one while a write of ours is in flight: that write decides.
+                if kv.value() == entry.value.as_slice() {
+                    if holder == lease.id {
+                        entry.written = Some(Written {
+                            generation: entry.generation,
+                            revision: kv.mod_revision(),
+                        });
+                    }
+                    return Ok(());
+                }
+                if in_flight {
+                    return Ok(());
+                }
+            }
+        }
+        if entry.yielded {
+            tracing::warn!(service = %entry.instance.name, id = %entry.instance.id, "the instance taken over by another lease is gone or unleased; reclaiming it");
+        } else {
+            tracing::warn!(service = %entry.instance.name, id = %entry.instance.id, "a maintained instance was deleted or altered; restoring it");
+        }
+        (
+            entry.value.clone(),
+            entry.generation,
+            entry.instance.name.clone(),
+            entry.instance.id.clone(),
+        )
+    };
+    // Written only if the key is still as observed: if its owner (or a new
+    // one) wrote it since, that write's event decides instead of this one.
+    let observed = kv.map_or(0, KeyValue::mod_revision);
+    let txn = Txn::new()
+        .when([Compare::mod_revision(key, CompareOp::Equal, observed)])
+        .and_then([TxnOp::put(
+            key,
+            value,
+            Some(PutOptions::new().with_lease(lease.id)),
+        )]);
+    let resp = core
+        .conn
+        .retry_on("restore", key, |mut c| {
+            let txn = txn.clone();
+            async move { c.txn(txn).await }
+        })
+        .await;
+    match resp {
+        Ok(resp) if resp.succeeded() => {
+            crate::metrics::restored(core.namespace(), &name);
+            let gone = match table.lock().get_mut(key) {
+                Some(e) => {
+                    e.yielded = false;
+                    if e.generation == generation {
+                        e.written = Some(Written {
+                            generation,
+                            revision: resp.header().map_or(0, |h| h.revision()),
+                        });
+                    }
+                    false
+                }
+                None => true,
+            };
+            if gone {
+                // Deregistered meanwhile: do not leave the key behind.
+                table.delete_if_ours(key, lease.id).await?;
+            }
+            tracing::debug!(service = %name, id = %id, "restored");
+            Ok(())
+        }
+        Ok(_) => {
+            tracing::debug!(
+                key,
+                "key changed before it could be restored; its next event decides"
+            );
+            Ok(())
+        }
+        Err(e) => {
+            if e.is_lease_not_found() {
+                core.session.suspect_lost();
+                return Ok(());
+            }
+            Err(e)
+        }
+    }
+}

@@ -1,0 +1,673 @@
+//! The table of instance keys a registry maintains, and everything that
+//! writes them: put, update, deregister, the serving switch, drain, restore
+//! under a new lease ([`restore`]) and anti-entropy ([`keeper`]).
+//!
+//! # Rules
+//!
+//! * The table is a plain mutex that is never held across an etcd round
+//!   trip: every write copies what it sends, releases the lock, sends, and
+//!   records the outcome under the lock again. A generation counter per
+//!   entry tells whether the entry changed while a write was in flight.
+//! * An entry leaves the table before its key is deleted: once
+//!   [`Registration::deregister`] has started, nothing puts the key again,
+//!   whatever the delete returned. A failed delete is retried in the
+//!   background until it succeeds or the registry closes (which revokes the
+//!   lease, so the key goes either way).
+//! * Only keys this registry holds are deleted or updated: deletes and
+//!   updates compare the key's lease with the current one. A key another
+//!   live lease took over is yielded, never fought for, and reclaimed once
+//!   it is gone.
+//! * One key, one owner: registering an id that this registry already
+//!   maintains replaces the entry and retires the older
+//!   [`Registration`]; from then on only the newer handle changes the key.
+//! * The registry's keys equal its table: anti-entropy restores what is
+//!   missing or altered and deletes service keys under its lease that the
+//!   table no longer holds (as after etcd was restored from an old snapshot).
+
+mod handle;
+mod keeper;
+mod restore;
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use etcd_client::{Compare, CompareOp, PutOptions, Txn, TxnOp, TxnOpResponse};
+use tokio::sync::Notify;
+
+use crate::backoff::Backoff;
+use crate::core::Core;
+use crate::error::{Error, Result};
+use crate::health::{Applier, Gate, HealthCheck, HealthPolicy, InitialState};
+use crate::instance::ServiceInstance;
+use crate::session::Lease;
+
+pub use handle::{Registration, RegistrationState};
+
+/// Bytes a key-value costs in a request beyond its key and value (field
+/// tags, lengths, the lease id), counted generously.
+pub(crate) const OP_OVERHEAD: usize = 64;
+/// Room kept in every request for the transaction's own framing.
+pub(crate) const REQUEST_MARGIN: usize = 1024;
+
+/// The registrations of one registry: a cheap handle on the shared table.
+#[derive(Clone)]
+pub(crate) struct Registrations {
+    table: Arc<Table>,
+}
+
+pub(crate) struct Table {
+    core: Core,
+    entries: Mutex<HashMap<String, Entry>>,
+    /// A service was registered that anti-entropy does not watch yet, or a
+    /// restore finished: anti-entropy starts over with a fresh read.
+    resync: Notify,
+    /// `Registry::shutdown` started: no key of a registration is put again.
+    draining: AtomicBool,
+    next_owner: AtomicU64,
+    /// The lease whose restore finished (0: the first lease, nothing to restore).
+    restored: AtomicI64,
+    /// The most operations etcd accepted in one transaction: the configured
+    /// limit, lowered when etcd refused a batch for its count.
+    max_ops: AtomicUsize,
+    /// The request size in bytes, likewise.
+    max_bytes: AtomicUsize,
+}
+
+/// A registration this registry maintains.
+pub(crate) struct Entry {
+    pub(crate) instance: ServiceInstance,
+    pub(crate) value: Vec<u8>,
+    /// The live [`Registration`] handle that owns the entry.
+    owner: u64,
+    /// Bumped by every change of `value` or `serving`.
+    pub(crate) generation: u64,
+    /// The key belongs in etcd (healthy, in service, not drained). When
+    /// false, nothing puts it: not anti-entropy, not a restore.
+    pub(crate) serving: bool,
+    /// Another live lease took the key over: yielded, not fought for.
+    pub(crate) yielded: bool,
+    /// Our last write that etcd acknowledged, if any.
+    pub(crate) written: Option<Written>,
+}
+
+/// A write of an entry etcd acknowledged.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Written {
+    /// The entry's generation the write carried.
+    pub(crate) generation: u64,
+    /// The revision of the write; older watch events are stale.
+    pub(crate) revision: i64,
+}
+
+/// How a put treats a key held by another lease.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    /// `register`: last writer wins, as in the Go library.
+    TakeOver,
+    /// Updates and the serving switch: write only a key we hold, or one that
+    /// is absent or unleased; another live lease's key is yielded.
+    OwnOnly,
+}
+
+impl Registrations {
+    pub(crate) fn new(core: &Core) -> Self {
+        let table = Arc::new(Table {
+            core: core.clone(),
+            entries: Mutex::default(),
+            resync: Notify::new(),
+            draining: AtomicBool::new(false),
+            next_owner: AtomicU64::new(1),
+            restored: AtomicI64::new(core.session.lease().map_or(0, |l| l.id)),
+            max_ops: AtomicUsize::new(core.config.max_txn_ops),
+            max_bytes: AtomicUsize::new(core.config.max_request_bytes),
+        });
+        core.spawn(restore::run(Arc::downgrade(&table), core.cancel.clone()));
+        core.spawn(keeper::run(Arc::downgrade(&table), core.cancel.clone()));
+        Self { table }
+    }
+
+    /// How many registrations are maintained.
+    pub(crate) fn len(&self) -> usize {
+        self.table.lock().len()
+    }
+
+    /// Registers `instance` (see `Registry::register`): the key is written
+    /// before this returns.
+    pub(crate) async fn register(&self, instance: ServiceInstance) -> Result<Registration> {
+        let (key, value) = self.table.encode(&instance)?;
+        let owner = self.table.insert(&key, &instance, value, true)?;
+        if let Err(error) = self.table.put(&key, Mode::TakeOver).await {
+            // Nothing half-done: the caller gets no handle, so the entry
+            // goes, and so does a write that may have landed.
+            self.table.forget(&key, owner);
+            return Err(error);
+        }
+        Ok(Registration::new(
+            self.clone(),
+            key,
+            instance,
+            owner,
+            Gate::unchecked(self.table.core.cancel.child_token()),
+        ))
+    }
+
+    /// Registers `instance` gated by `check` (see `Registry::register_checked`).
+    pub(crate) async fn register_checked(
+        &self,
+        instance: ServiceInstance,
+        check: impl HealthCheck,
+        policy: HealthPolicy,
+    ) -> Result<Registration> {
+        policy.validate()?;
+        let (key, value) = self.table.encode(&instance)?;
+        let healthy = policy.initial == InitialState::Healthy;
+        let owner = self.table.insert(&key, &instance, value, healthy)?;
+        if healthy && let Err(error) = self.table.put(&key, Mode::TakeOver).await {
+            self.table.forget(&key, owner);
+            return Err(error);
+        }
+        let (gate, task) = crate::health::start(
+            self.table.core.cancel.child_token(),
+            self.table.core.namespace().to_owned(),
+            self.applier(&key, owner),
+            instance.name.clone(),
+            instance.id.clone(),
+            check,
+            policy,
+        );
+        self.table.core.spawn(async move {
+            let _ = task.await;
+        });
+        Ok(Registration::new(self.clone(), key, instance, owner, gate))
+    }
+
+    /// The health gate's way to put the key back or take it out.
+    fn applier(&self, key: &str, owner: u64) -> Applier {
+        let table = Arc::downgrade(&self.table);
+        let key = key.to_owned();
+        Arc::new(move |serving| {
+            let (table, key) = (table.clone(), key.clone());
+            Box::pin(async move {
+                match table.upgrade() {
+                    Some(table) => table.set_serving(&key, owner, serving).await,
+                    None => Err(Error::Closed),
+                }
+            })
+        })
+    }
+
+    /// Admin: stops maintaining `key` (it was deleted by an admin call).
+    pub(crate) fn forget_key(&self, key: &str) {
+        let mut entries = self.table.lock();
+        entries.remove(key);
+        crate::metrics::registrations(self.table.core.namespace(), entries.len());
+    }
+
+    /// Admin: stops maintaining every key under `prefix`.
+    pub(crate) fn forget_prefix(&self, prefix: &str) {
+        let mut entries = self.table.lock();
+        entries.retain(|k, _| !k.starts_with(prefix));
+        crate::metrics::registrations(self.table.core.namespace(), entries.len());
+    }
+
+    /// Deletes every maintained key in etcd and keeps them out from now on
+    /// (see `Registry::shutdown`).
+    pub(crate) async fn drain_all(&self) -> Result<()> {
+        self.table.drain_all().await
+    }
+
+    /// Forgets everything (the registry closed; the lease revoke takes the keys).
+    pub(crate) fn clear(&self) {
+        self.table.lock().clear();
+        crate::metrics::registrations(self.table.core.namespace(), 0);
+    }
+}
+
+impl Table {
+    pub(crate) fn lock(&self) -> MutexGuard<'_, HashMap<String, Entry>> {
+        self.entries
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Validates and encodes `instance`; refuses one that no request etcd
+    /// accepts could hold.
+    fn encode(&self, instance: &ServiceInstance) -> Result<(String, Vec<u8>)> {
+        let key = self.core.keys.instance_key(&instance.name, &instance.id);
+        let value = instance.encode_for(&key)?;
+        let size = key.len() + value.len() + OP_OVERHEAD;
+        let limit = self.core.config.max_request_bytes;
+        if size + REQUEST_MARGIN > limit {
+            return Err(Error::invalid(
+                "instance",
+                format!(
+                    "{}/{} encodes to {size} bytes, which cannot fit etcd's request limit of \
+                     {limit} bytes (max_request_bytes, etcd's --max-request-bytes); shrink its metadata",
+                    instance.name, instance.id
+                ),
+            ));
+        }
+        Ok((key, value))
+    }
+
+    /// Records a registration (replacing and retiring any older handle of
+    /// the same key); returns the new owner id.
+    fn insert(
+        &self,
+        key: &str,
+        instance: &ServiceInstance,
+        value: Vec<u8>,
+        serving: bool,
+    ) -> Result<u64> {
+        self.core.check_open()?;
+        let owner = self.next_owner.fetch_add(1, Ordering::Relaxed);
+        let serving = serving && !self.draining.load(Ordering::SeqCst);
+        let new_service = {
+            let mut entries = self.lock();
+            let new_service = !entries.values().any(|e| e.instance.name == instance.name);
+            match entries.get_mut(key) {
+                Some(e) => {
+                    tracing::debug!(key, "registered again: the older Registration is retired");
+                    e.instance = instance.clone();
+                    e.value = value;
+                    e.owner = owner;
+                    e.generation += 1;
+                    e.serving = serving;
+                    e.yielded = false;
+                }
+                None => {
+                    entries.insert(
+                        key.to_owned(),
+                        Entry {
+                            instance: instance.clone(),
+                            value,
+                            owner,
+                            generation: 1,
+                            serving,
+                            yielded: false,
+                            written: None,
+                        },
+                    );
+                }
+            }
+            crate::metrics::registrations(self.core.namespace(), entries.len());
+            new_service
+        };
+        if new_service {
+            self.resync.notify_one();
+        }
+        Ok(owner)
+    }
+
+    /// Removes the entry of `owner` (if it still owns it) and deletes the
+    /// key if we hold it, in the background until done.
+    fn forget(self: &Arc<Self>, key: &str, owner: u64) {
+        let removed = {
+            let mut entries = self.lock();
+            let ours = entries.get(key).is_some_and(|e| e.owner == owner);
+            let removed = ours.then(|| entries.remove(key)).flatten();
+            crate::metrics::registrations(self.core.namespace(), entries.len());
+            removed
+        };
+        if removed.is_some() {
+            self.delete_in_background(key.to_owned());
+        }
+    }
+
+    /// Deletes `key` if a lease of ours holds it, retrying in the background
+    /// until that succeeds or the registry closes.
+    pub(crate) fn delete_in_background(self: &Arc<Self>, key: String) {
+        let table = Arc::downgrade(self);
+        self.core.spawn(async move {
+            let mut backoff = Backoff::standard();
+            loop {
+                let Some(t) = table.upgrade() else { return };
+                let cancel = t.core.cancel.clone();
+                let done = match crate::backoff::cancellable(&cancel, t.core.wait_lease()).await {
+                    None => return,
+                    Some(Ok(lease)) => t.delete_if_ours(&key, lease.id).await,
+                    Some(Err(e)) => Err(e),
+                };
+                drop(t);
+                match done {
+                    Ok(()) => {
+                        tracing::debug!(key, "key of an ended registration deleted");
+                        return;
+                    }
+                    Err(Error::Closed) => return,
+                    Err(error) => {
+                        tracing::warn!(key, %error, "could not delete the key of an ended registration; retrying");
+                        if !backoff.wait(&cancel).await {
+                            return;
+                        }
+                    }
+                }
+            }
+        });
+    }
+
+    /// Writes the entry of `key` under the current lease, until etcd holds
+    /// its latest value under that lease (or the entry no longer wants it).
+    async fn put(&self, key: &str, mode: Mode) -> Result<()> {
+        let mut lease_lost_once = false;
+        for _ in 0..8 {
+            let lease = self.core.live_lease().await?;
+            let (value, generation, instance) = {
+                let entries = self.lock();
+                match entries.get(key) {
+                    Some(e) if e.serving && !e.yielded => {
+                        (e.value.clone(), e.generation, e.instance.clone())
+                    }
+                    _ => return Ok(()),
+                }
+            };
+            let sent = self.write(key, &value, lease, mode).await;
+            let (revision, other) = match sent {
+                Ok(w) => w,
+                Err(e) if e.is_lease_not_found() && !lease_lost_once => {
+                    // The lease vanished under us: let the session re-grant, then retry.
+                    lease_lost_once = true;
+                    self.core.session.suspect_lost();
+                    let mut leases = self.core.session.leases();
+                    let changed = leases.wait_for(|l| l.is_none_or(|l| l.id != lease.id));
+                    let _ = tokio::time::timeout(self.core.request_timeout(), changed).await;
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
+            let again = {
+                let mut entries = self.lock();
+                self.core.check_open()?;
+                match (entries.get_mut(key), other) {
+                    // Deregistered while the write was in flight: its delete
+                    // may have gone first, so make sure the key goes.
+                    (None, _) => None,
+                    (Some(e), Some(holder)) => {
+                        if !e.yielded {
+                            tracing::warn!(service = %instance.name, id = %instance.id, other_lease = %format_args!("{holder:x}"), "another lease holds this instance; yielding it");
+                        }
+                        e.yielded = true;
+                        return Ok(());
+                    }
+                    (Some(e), None) => {
+                        e.written = Some(Written {
+                            generation,
+                            revision,
+                        });
+                        // Changed while the write was in flight: write the newer value.
+                        Some(e.generation != generation)
+                    }
+                }
+            };
+            let Some(again) = again else {
+                return self.delete_if_ours(key, lease.id).await;
+            };
+            if self.draining.load(Ordering::SeqCst) {
+                // Registry::shutdown deleted the keys while this write was in flight.
+                self.delete_if_ours(key, lease.id).await?;
+                return Err(Error::Closed);
+            }
+            // A lease replaced while we wrote is restored without us: write again.
+            if again || self.core.session.lease().is_some_and(|l| l.id != lease.id) {
+                continue;
+            }
+            tracing::debug!(service = %instance.name, id = %instance.id, lease = %format_args!("{:x}", lease.id), revision, "registered");
+            return Ok(());
+        }
+        Err(Error::SessionLost)
+    }
+
+    /// One write of `value` under `lease`. Returns the revision, and the
+    /// lease of another holder when `OwnOnly` found the key held by it.
+    async fn write(
+        &self,
+        key: &str,
+        value: &[u8],
+        lease: Lease,
+        mode: Mode,
+    ) -> Result<(i64, Option<i64>)> {
+        let put = || {
+            TxnOp::put(
+                key,
+                value.to_vec(),
+                Some(PutOptions::new().with_lease(lease.id)),
+            )
+        };
+        match mode {
+            Mode::TakeOver => {
+                let resp = self
+                    .core
+                    .conn
+                    .retry_on("put", key, |mut c| {
+                        let (key, value) = (key.to_owned(), value.to_vec());
+                        let options = PutOptions::new().with_lease(lease.id).with_prev_key();
+                        async move { c.put(key, value, Some(options)).await }
+                    })
+                    .await?;
+                if let Some(prev) = resp.prev_key()
+                    && prev.lease() != 0
+                    && !self.core.session.is_owned(prev.lease())
+                {
+                    tracing::warn!(key, other_lease = %format_args!("{:x}", prev.lease()), "took over an instance id that another live lease held (last writer wins)");
+                }
+                Ok((resp.header().map_or(0, |h| h.revision()), None))
+            }
+            Mode::OwnOnly => {
+                // Ours, or absent / unleased (a missing key compares as lease 0);
+                // else read who holds it. One round trip.
+                let txn = Txn::new()
+                    .when([Compare::lease(key, CompareOp::Equal, lease.id)])
+                    .and_then([put()])
+                    .or_else([TxnOp::txn(
+                        Txn::new()
+                            .when([Compare::lease(key, CompareOp::Equal, 0)])
+                            .and_then([put()])
+                            .or_else([TxnOp::get(key, None)]),
+                    )]);
+                let resp = self
+                    .core
+                    .conn
+                    .retry_on("put", key, |mut c| {
+                        let txn = txn.clone();
+                        async move { c.txn(txn).await }
+                    })
+                    .await?;
+                let revision = resp.header().map_or(0, |h| h.revision());
+                if resp.succeeded() {
+                    return Ok((revision, None));
+                }
+                let nested = resp.op_responses().into_iter().find_map(|op| match op {
+                    TxnOpResponse::Txn(t) => Some(t),
+                    _ => None,
+                });
+                match nested {
+                    Some(t) if t.succeeded() => Ok((revision, None)),
+                    Some(t) => {
+                        let holder = crate::conn::first_get_kv(&t).map_or(0, |kv| kv.lease());
+                        if self.core.session.is_owned(holder) {
+                            // An older lease of ours: as good as absent once it expires.
+                            return Ok((revision, None));
+                        }
+                        Ok((revision, Some(holder)))
+                    }
+                    None => Ok((revision, None)),
+                }
+            }
+        }
+    }
+
+    /// Deletes `key` if `lease` holds it: never another registry's key, nor
+    /// a value someone wrote without a lease.
+    pub(crate) async fn delete_if_ours(&self, key: &str, lease: i64) -> Result<()> {
+        self.core
+            .conn
+            .retry_on("delete", key, |mut c| {
+                let txn = Txn::new()
+                    .when([Compare::lease(key, CompareOp::Equal, lease)])
+                    .and_then([TxnOp::delete(key, None)]);
+                async move { c.txn(txn).await }
+            })
+            .await?;
+        Ok(())
+    }
+
+    /// Replaces the value of `owner`'s entry and writes it if it is in etcd.
+    async fn update(
+        &self,
+        key: &str,
+        owner: u64,
+        instance: &ServiceInstance,
+        value: Vec<u8>,
+    ) -> Result<()> {
+        let write = {
+            let mut entries = self.lock();
+            self.core.check_open()?;
+            let Some(e) = entries.get_mut(key).filter(|e| e.owner == owner) else {
+                return Err(Error::Replaced {
+                    key: key.to_owned(),
+                });
+            };
+            e.instance = instance.clone();
+            e.value = value;
+            e.generation += 1;
+            // Out of service or yielded: stored for when it is put back or reclaimed.
+            e.serving && !e.yielded
+        };
+        if write {
+            self.put(key, Mode::OwnOnly).await?;
+        }
+        Ok(())
+    }
+
+    /// Puts the key back (`true`) or deletes it and keeps it out (`false`),
+    /// for `owner`'s entry only.
+    async fn set_serving(&self, key: &str, owner: u64, serving: bool) -> Result<()> {
+        {
+            let mut entries = self.lock();
+            let Some(e) = entries.get_mut(key).filter(|e| e.owner == owner) else {
+                return Ok(());
+            };
+            if serving && self.draining.load(Ordering::SeqCst) {
+                return Ok(());
+            }
+            if e.serving != serving {
+                e.serving = serving;
+                e.generation += 1;
+            }
+            if e.yielded {
+                // Another lease holds it: anti-entropy reclaims it once that key is gone.
+                return Ok(());
+            }
+        }
+        if serving {
+            tracing::debug!(key, "putting the key back");
+            return self.put(key, Mode::OwnOnly).await;
+        }
+        // Cleared first, under the lock: from here on nothing restores the key.
+        let lease = self.core.session.lease().ok_or(Error::SessionLost)?;
+        self.delete_if_ours(key, lease.id).await?;
+        tracing::debug!(key, "key deleted; not serving");
+        Ok(())
+    }
+
+    /// Takes `owner`'s entry out of the table: from here on nothing puts
+    /// the key. `None` when a newer registration or an admin call took it.
+    fn take(&self, key: &str, owner: u64) -> Option<Entry> {
+        let mut entries = self.lock();
+        if !entries.get(key).is_some_and(|e| e.owner == owner) {
+            return None;
+        }
+        let entry = entries.remove(key);
+        crate::metrics::registrations(self.core.namespace(), entries.len());
+        entry
+    }
+
+    /// Deletes the key of an entry taken out of the table, if we hold it;
+    /// a failed delete goes on in the background.
+    async fn delete_taken(self: &Arc<Self>, key: &str, entry: Entry) -> Result<()> {
+        if entry.yielded {
+            return Ok(());
+        }
+        let Some(lease) = self.core.session.lease() else {
+            // No live lease: nothing of ours is in etcd now; a restore will not put it.
+            return Ok(());
+        };
+        let deleted = self.delete_if_ours(key, lease.id).await;
+        if let Err(error) = &deleted {
+            tracing::warn!(key, %error, "deregister: the delete failed; retrying in the background");
+            self.delete_in_background(key.to_owned());
+        }
+        deleted
+    }
+
+    /// Marks the registry draining and deletes every maintained key that is
+    /// in etcd, in batches that fit etcd's limits.
+    async fn drain_all(&self) -> Result<()> {
+        self.draining.store(true, Ordering::SeqCst);
+        let keys: Vec<String> = {
+            let mut entries = self.lock();
+            let keys = entries
+                .iter()
+                .filter(|(_, e)| e.serving && !e.yielded)
+                .map(|(k, _)| k.clone())
+                .collect();
+            for e in entries.values_mut() {
+                e.serving = false;
+                e.generation += 1;
+            }
+            keys
+        };
+        let Some(lease) = self.core.session.lease() else {
+            return Ok(());
+        };
+        let max_ops = (self.max_ops.load(Ordering::Relaxed) / 2).max(1);
+        for chunk in keys.chunks(max_ops) {
+            // Each key is a compare and a delete.
+            let (compares, deletes): (Vec<Compare>, Vec<TxnOp>) = chunk
+                .iter()
+                .map(|k| {
+                    (
+                        Compare::lease(k.as_str(), CompareOp::Equal, lease.id),
+                        TxnOp::delete(k.as_str(), None),
+                    )
+                })
+                .unzip();
+            // All or nothing would keep every key if one was taken over: delete one by one on a miss.
+            let resp = self
+                .core
+                .conn
+                .retry("drain", |mut c| {
+                    let txn = Txn::new().when(compares.clone()).and_then(deletes.clone());
+                    async move { c.txn(txn).await }
+                })
+                .await;
+            match resp {
+                Ok(r) if r.succeeded() => {}
+                _ => {
+                    for k in chunk {
+                        self.delete_if_ours(k, lease.id).await?;
+                    }
+                }
+            }
+        }
+        tracing::info!(count = keys.len(), "drained: every instance key deleted");
+        Ok(())
+    }
+
+    /// The services of the table, for anti-entropy's scope.
+    fn services(&self) -> HashSet<String> {
+        self.lock()
+            .values()
+            .map(|e| e.instance.name.clone())
+            .collect()
+    }
+
+    /// Whether the keys are known to be under the current lease (no restore pending).
+    fn restored(&self) -> bool {
+        self.core
+            .session
+            .lease()
+            .is_some_and(|l| l.id == self.restored.load(Ordering::SeqCst))
+    }
+}
