@@ -16,6 +16,8 @@ use crate::process::{self, lock};
 use crate::tls::ServerTls;
 use crate::{Error, Result, http, unique_name};
 
+mod snapshot;
+
 /// Lines of log included in start-up errors.
 const ERROR_LOG_LINES: usize = 40;
 /// How long [`EtcdServer::stop`] waits after SIGTERM before it sends SIGKILL.

@@ -514,6 +514,14 @@ impl Conn {
     }
 }
 
+/// The first key read by a transaction's first get, if any.
+pub(crate) fn first_get_kv(resp: &etcd_client::TxnResponse) -> Option<etcd_client::KeyValue> {
+    resp.op_responses().into_iter().find_map(|op| match op {
+        etcd_client::TxnOpResponse::Get(g) => g.kvs().first().cloned(),
+        _ => None,
+    })
+}
+
 #[cfg(test)]
 mod paging_tests {
     use super::*;
@@ -534,12 +542,4 @@ mod paging_tests {
         assert_eq!(next_page_keys(1, 8 << 20, MAX_PAGE_KEYS), 1);
         assert_eq!(next_page_keys(0, 0, 3), 3);
     }
-}
-
-/// The first key read by a transaction's first get, if any.
-pub(crate) fn first_get_kv(resp: &etcd_client::TxnResponse) -> Option<etcd_client::KeyValue> {
-    resp.op_responses().into_iter().find_map(|op| match op {
-        etcd_client::TxnOpResponse::Get(g) => g.kvs().first().cloned(),
-        _ => None,
-    })
 }

@@ -293,6 +293,8 @@ impl Election {
             let leadership = match self.campaign(proposal.clone()).await {
                 Ok(l) => l,
                 Err(Error::Closed) => return Err(Error::Closed),
+                // Retrying cannot cure a refusal: a configuration error, not a campaign.
+                Err(error) if error.is_final() => return Err(error),
                 Err(error) => {
                     tracing::warn!(election = %self.queue.name, %error, "campaign failed; campaigning again");
                     if !backoff.wait(&cancel).await {

@@ -5,9 +5,10 @@
 //! the stream alive on its own and tells its consumer only what the consumer
 //! must act on ([`Item`]):
 //!
-//! * a broken, ended or stale stream is reopened from the last revision seen
-//!   + 1, after the standard backoff ([`Item::Interrupted`] is reported first,
-//!   so that a consumer holding a view can check it still matches etcd);
+//! * a broken, ended or stale stream is reopened from the last revision
+//!   seen, plus one, after the standard backoff ([`Item::Interrupted`] is
+//!   reported first, so that a consumer holding a view can check it still
+//!   matches etcd);
 //! * a compacted start revision, a cluster id that changed, or a revision
 //!   that went back is a [`Item::Reset`]: read again;
 //! * liveness: a progress report is asked for every [`PROGRESS_INTERVAL`],

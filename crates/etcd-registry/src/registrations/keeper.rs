@@ -28,14 +28,50 @@ use crate::stream::{Item, Listed};
 /// one per service.
 const MAX_SCOPED_SERVICES: usize = 64;
 
+/// Keys that failed to reconcile: warned about once, then retried with a
+/// growing delay (1 s to 60 s) and logged at DEBUG until they succeed.
+struct Failing {
+    keys: HashSet<String>,
+    retry: Backoff,
+}
+
+impl Failing {
+    fn failed(&mut self, key: &str, error: &Error) {
+        if self.keys.insert(key.to_owned()) {
+            tracing::warn!(%error, key, "could not reconcile a maintained instance; retrying it in the background (further failures at DEBUG)");
+        } else {
+            tracing::debug!(%error, key, "reconciling a maintained instance failed again");
+        }
+    }
+
+    fn succeeded(&mut self, key: &str) {
+        if self.keys.remove(key) {
+            tracing::info!(
+                key,
+                "a maintained instance that could not be reconciled is in step again"
+            );
+        }
+        if self.keys.is_empty() {
+            self.retry.reset();
+        }
+    }
+}
+
 /// The anti-entropy task; ends when the registry closes or is dropped.
 pub(super) async fn run(table: Weak<Table>, cancel: CancellationToken) {
     let mut backoff = Backoff::standard();
+    let mut failing = Failing {
+        keys: HashSet::new(),
+        retry: Backoff::new(
+            std::time::Duration::from_secs(1),
+            std::time::Duration::from_secs(60),
+        ),
+    };
     loop {
         let Some(t) = table.upgrade() else { return };
         let outcome = tokio::select! {
             _ = cancel.cancelled() => return,
-            r = pass(&t) => r,
+            r = pass(&t, &mut failing) => r,
         };
         drop(t);
         match outcome {
@@ -53,7 +89,7 @@ pub(super) async fn run(table: Weak<Table>, cancel: CancellationToken) {
 
 /// One scope of services: read, reconcile, then follow events until the
 /// scope must change (a new service, a finished restore).
-async fn pass(table: &Table) -> Result<()> {
+async fn pass(table: &Table, failing: &mut Failing) -> Result<()> {
     let core = &table.core;
     core.session
         .wait_lease(std::time::Duration::from_secs(3600), &core.cancel)
@@ -72,7 +108,6 @@ async fn pass(table: &Table) -> Result<()> {
             .collect()
     };
     let mut stream = core.stream(prefixes, true, "registrations");
-    let mut retry_later = false;
     loop {
         let read = stream
             .list(
@@ -87,16 +122,16 @@ async fn pass(table: &Table) -> Result<()> {
                 },
             )
             .await?;
-        retry_later |= !reconcile_all(table, read).await;
+        reconcile_all(table, read, failing).await;
+        let retry_in = failing.retry.next_delay();
         loop {
+            let retry = !failing.keys.is_empty();
             let item = tokio::select! {
                 i = stream.next() => i?,
                 // A new service, or a restore finished: read again, wider.
                 _ = table.resync.notified() => return Ok(()),
-                _ = tokio::time::sleep(std::time::Duration::from_secs(5)), if retry_later => {
-                    retry_later = false;
-                    break;
-                }
+                // Keys that failed: a full read retries them.
+                _ = tokio::time::sleep(retry_in), if retry => break,
             };
             match item {
                 // A broken stream may hide a wiped or restored etcd (whose
@@ -109,14 +144,10 @@ async fn pass(table: &Table) -> Result<()> {
                             continue;
                         };
                         let present = (event.event_type() == EventType::Put).then_some(kv);
-                        if let Err(error) =
-                            reconcile(table, key, present, Some(kv.mod_revision())).await
-                        {
-                            if matches!(error, Error::Closed) {
-                                return Err(error);
-                            }
-                            tracing::warn!(%error, key, "could not reconcile a maintained instance; retrying it later");
-                            retry_later = true;
+                        match reconcile(table, key, present, Some(kv.mod_revision())).await {
+                            Ok(()) => failing.succeeded(key),
+                            Err(Error::Closed) => return Err(Error::Closed),
+                            Err(error) => failing.failed(key, &error),
                         }
                     }
                 }
@@ -126,8 +157,12 @@ async fn pass(table: &Table) -> Result<()> {
 }
 
 /// Reconciles every maintained key against a full read, and deletes our
-/// stray keys. False when some key failed (retried later).
-async fn reconcile_all(table: &Table, read: Listed<HashMap<String, KeyValue>>) -> bool {
+/// stray keys. Keys that fail are recorded in `failing` (retried later).
+async fn reconcile_all(
+    table: &Table,
+    read: Listed<HashMap<String, KeyValue>>,
+    failing: &mut Failing,
+) {
     let present = read.value;
     if read.history_changed {
         // etcd's revisions restarted (wiped, restored from a snapshot): our
@@ -139,47 +174,45 @@ async fn reconcile_all(table: &Table, read: Listed<HashMap<String, KeyValue>>) -
         }
     }
     let maintained: HashSet<String> = table.lock().keys().cloned().collect();
-    let mut ok = true;
     for key in &maintained {
-        if let Err(error) = reconcile(table, key, present.get(key), None).await {
-            if matches!(error, Error::Closed) {
-                return true;
-            }
-            tracing::warn!(%error, key, "could not reconcile a maintained instance; retrying it later");
-            ok = false;
+        match reconcile(table, key, present.get(key), None).await {
+            Ok(()) => failing.succeeded(key),
+            Err(Error::Closed) => return,
+            Err(error) => failing.failed(key, &error),
         }
     }
     // Keys under our current lease that the table does not hold.
     let Some(lease) = table.core.session.lease() else {
-        return ok;
+        return;
     };
     for (key, kv) in &present {
         if kv.lease() == lease.id && !maintained.contains(key) && !table.lock().contains_key(key) {
-            tracing::warn!(
-                key,
-                "a key under this registry's lease is no registration of it (deregistered while etcd was unreachable, or restored from a snapshot); deleting it"
-            );
+            if !failing.keys.contains(key) {
+                tracing::warn!(
+                    key,
+                    "a key under this registry's lease is no registration of it (deregistered while etcd was unreachable, or restored from a snapshot); deleting it"
+                );
+            }
             let txn = Txn::new()
                 .when([
                     Compare::lease(key.as_str(), CompareOp::Equal, lease.id),
                     Compare::mod_revision(key.as_str(), CompareOp::Equal, kv.mod_revision()),
                 ])
                 .and_then([TxnOp::delete(key.as_str(), None)]);
-            if let Err(error) = table
+            let deleted = table
                 .core
                 .conn
                 .retry_on("delete", key, |mut c| {
                     let txn = txn.clone();
                     async move { c.txn(txn).await }
                 })
-                .await
-            {
-                tracing::warn!(%error, key, "could not delete a stray key; retrying it later");
-                ok = false;
+                .await;
+            match deleted {
+                Ok(_) => failing.succeeded(key),
+                Err(error) => failing.failed(key, &error),
             }
         }
     }
-    ok
 }
 
 /// What to do with one maintained key as etcd holds it (`kv`, `None` when

@@ -152,6 +152,53 @@ impl Registrations {
         ))
     }
 
+    /// Registers every instance (see `Registry::register_all`): validated
+    /// first, then written in batches that fit etcd's limits. All or none:
+    /// on a failure no handle is returned and what was written is deleted.
+    pub(crate) async fn register_all(
+        &self,
+        instances: Vec<ServiceInstance>,
+    ) -> Result<Vec<Registration>> {
+        let mut encoded = Vec::with_capacity(instances.len());
+        let mut seen = HashSet::new();
+        for instance in instances {
+            let (key, value) = self.table.encode(&instance)?;
+            if !seen.insert(key.clone()) {
+                return Err(Error::invalid(
+                    "instances",
+                    format!("{}/{} is given twice", instance.name, instance.id),
+                ));
+            }
+            encoded.push((key, value, instance));
+        }
+        let lease = self.table.core.live_lease().await?;
+        let mut items = Vec::with_capacity(encoded.len());
+        let mut owned = Vec::with_capacity(encoded.len());
+        for (key, value, instance) in encoded {
+            let owner = self.table.insert(&key, &instance, value.clone(), true)?;
+            let generation = self.table.lock().get(&key).map_or(0, |e| e.generation);
+            items.push(restore::Item {
+                key: key.clone(),
+                value,
+                generation,
+            });
+            owned.push((key, instance, owner));
+        }
+        if let Err(error) = restore::put_all(&self.table, lease.id, items).await {
+            for (key, _, owner) in &owned {
+                self.table.forget(key, *owner);
+            }
+            return Err(error);
+        }
+        Ok(owned
+            .into_iter()
+            .map(|(key, instance, owner)| {
+                let gate = Gate::unchecked(self.table.core.cancel.child_token());
+                Registration::new(self.clone(), key, instance, owner, gate)
+            })
+            .collect())
+    }
+
     /// Registers `instance` gated by `check` (see `Registry::register_checked`).
     pub(crate) async fn register_checked(
         &self,
@@ -575,7 +622,7 @@ impl Table {
     /// the key. `None` when a newer registration or an admin call took it.
     fn take(&self, key: &str, owner: u64) -> Option<Entry> {
         let mut entries = self.lock();
-        if !entries.get(key).is_some_and(|e| e.owner == owner) {
+        if entries.get(key).is_none_or(|e| e.owner != owner) {
             return None;
         }
         let entry = entries.remove(key);

@@ -22,11 +22,11 @@ use crate::error::{Error, Result};
 /// Batches in flight at once.
 const CONCURRENT_BATCHES: usize = 8;
 
-/// One entry as a restore sends it.
-struct Item {
-    key: String,
-    value: Vec<u8>,
-    generation: u64,
+/// One entry as a batch sends it.
+pub(super) struct Item {
+    pub(super) key: String,
+    pub(super) value: Vec<u8>,
+    pub(super) generation: u64,
 }
 
 /// Follows the session's lease; restores every registration under each new one.
@@ -95,6 +95,14 @@ async fn restore_all(table: &Table, lease_id: i64) -> Result<usize> {
             .collect()
     };
     let count = items.len();
+    put_all(table, lease_id, items).await?;
+    Ok(count)
+}
+
+/// Puts every item under `lease_id` in batches that fit etcd's limits,
+/// several at a time, and records each write; an entry that changed while
+/// its batch was in flight is written again with its newer value.
+pub(super) async fn put_all(table: &Table, lease_id: i64, items: Vec<Item>) -> Result<()> {
     let batches = batches(
         items,
         table.max_ops.load(Ordering::Relaxed),
@@ -107,11 +115,10 @@ async fn restore_all(table: &Table, lease_id: i64) -> Result<usize> {
         changed.extend(done?);
     }
     drop(sent);
-    // Entries that changed while their batch was in flight: write the newer value.
     for key in changed {
         table.put(&key, super::Mode::TakeOver).await?;
     }
-    Ok(count)
+    Ok(())
 }
 
 /// Splits `items` into batches of at most `max_ops` operations and about

@@ -158,6 +158,30 @@ impl Registry {
         self.inner.regs.register(instance).await
     }
 
+    /// Registers every instance of `instances` at once: the batched form
+    /// of [`register`](Registry::register), for a process that serves many.
+    ///
+    /// Every instance is validated before anything is written (an invalid
+    /// one, or one given twice, fails with [`Error::InvalidInput`](crate::Error::InvalidInput)); then
+    /// the keys go out in transactions sized to etcd's limits (see
+    /// [`RegistryBuilder::etcd_limits`]), several at a time, under the
+    /// registry's lease. All or none: if a write fails, no handle is
+    /// returned, and what was written is deleted in the background.
+    /// The handles come back in the order of `instances`.
+    ///
+    /// ```no_run
+    /// # async fn demo(registry: etcd_registry::Registry) -> etcd_registry::Result<()> {
+    /// use etcd_registry::ServiceInstance;
+    /// let shards = (0..1000).map(|i| ServiceInstance::new("shard", format!("s{i}"), "10.0.0.7", 9000));
+    /// let regs = registry.register_all(shards.collect()).await?;
+    /// assert_eq!(regs.len(), 1000);
+    /// # Ok(()) }
+    /// ```
+    pub async fn register_all(&self, instances: Vec<ServiceInstance>) -> Result<Vec<Registration>> {
+        let _timer = crate::metrics::timer(self.core().namespace(), "register");
+        self.inner.regs.register_all(instances).await
+    }
+
     /// Registers `instance` while `check` passes: the key is in etcd only
     /// while the instance is healthy by `policy` (see [`crate::health`]).
     ///
