@@ -81,7 +81,9 @@ async fn register_many(
 /// granted again, in a loop. Now keep-alive runs beside the restore: 5,000
 /// registrations through a 200 ms link with a 3 s TTL come back on exactly
 /// one new lease, after a wipe that makes a new cluster and after one that
-/// keeps the cluster id.
+/// keeps the cluster id. The registry is told to send at most 32 operations
+/// a transaction, so that the restore (about 8 s) outlasts the TTL: the
+/// lease survives only if keep-alive runs beside it.
 ///
 /// Seen failing with the restore awaited before the keep-alive (the old
 /// session loop): more than one grant per wipe, and the test timed out.
@@ -90,7 +92,11 @@ async fn restore_of_5000_runs_beside_keep_alive_on_one_new_lease() {
     let mut etcd = EtcdServer::start().await.unwrap();
     let proxy = FaultProxy::start(&etcd.endpoint()).await.unwrap();
     let ns = unique_name("restore");
-    let registry = connect_with(builder(vec![proxy.endpoint()], &ns, 3)).await;
+    let registry = connect_with(
+        builder(vec![proxy.endpoint()], &ns, 3)
+            .etcd_limits(etcd_registry::DEFAULT_MAX_REQUEST_BYTES, 32),
+    )
+    .await;
     let _regs = register_many(&registry, "bulk", 5000).await;
     let prefix = format!("/etcd_registry/{ns}/services/bulk/");
     proxy.set_latency(Direction::ToServer, Duration::from_millis(200));
