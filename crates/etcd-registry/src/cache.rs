@@ -44,7 +44,7 @@ pub enum Strategy {
 /// A local, always-current view of one service (or of every service of the
 /// namespace), fed by one [`ServiceWatch`](crate::ServiceWatch).
 ///
-/// Create one with [`Registry::cache`] or [`Registry::cache_all`]. It is
+/// Create one with [`Registry::cache`](crate::Registry::cache) or [`Registry::cache_all`](crate::Registry::cache_all). It is
 /// cheap to clone (one `Arc`) and `Send + Sync`. Reads answer from memory:
 /// no round trip, and no lock is held across an await.
 ///

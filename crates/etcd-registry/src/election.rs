@@ -83,7 +83,7 @@ impl LeaderInfo {
     }
 }
 
-/// One election of a [`Registry`]; create it with [`Registry::election`].
+/// One election of a [`Registry`](crate::Registry); create it with [`Registry::election`](crate::Registry::election).
 ///
 /// An `Election` is cheap to clone and holds no state in etcd by itself:
 /// keys exist only while a [`campaign`](Election::campaign) or a
@@ -124,7 +124,7 @@ impl Election {
             etcd_name: core.keys.election_name(name),
         })
     }
-    /// The election name, as given to [`Registry::election`].
+    /// The election name, as given to [`Registry::election`](crate::Registry::election).
     pub fn name(&self) -> &str {
         &self.queue.name
     }
@@ -638,8 +638,25 @@ async fn observe_loop(inner: &Core, prefix: &str, tx: &mpsc::Sender<Option<Leade
                 tracing::error!(prefix, %error, "cannot watch the election; the observer ends");
                 return;
             }
-            // Broken, compacted or another history: read the candidates again.
-            Ok(Item::Interrupted) => state.candidates = None,
+            // Broken: resume from the last revision seen, so that every
+            // leader that came and went meanwhile is still reported, unless
+            // etcd's revision went back (wiped, restored from a snapshot).
+            Ok(Item::Interrupted) => {
+                if let Ok((revision, candidates)) = read_candidates(inner, prefix).await
+                    && revision < stream.revision()
+                {
+                    tracing::info!(
+                        prefix,
+                        revision,
+                        "etcd's revision went back; re-reading the candidates"
+                    );
+                    stream.start_at(revision + 1);
+                    state.candidates = Some(candidates);
+                    if !state.emit(tx).await {
+                        return;
+                    }
+                }
+            }
             Ok(Item::Reset(why)) => {
                 tracing::info!(
                     prefix,
@@ -649,6 +666,8 @@ async fn observe_loop(inner: &Core, prefix: &str, tx: &mpsc::Sender<Option<Leade
                 state.candidates = None;
             }
             Ok(Item::Events(events)) => {
+                // One leader a revision: a catch-up after a broken stream
+                // delivers several in one response, and each is reported.
                 for event in events {
                     let Some(kv) = event.kv() else { continue };
                     if let Some(candidates) = state.candidates.as_mut() {
@@ -658,9 +677,9 @@ async fn observe_loop(inner: &Core, prefix: &str, tx: &mpsc::Sender<Option<Leade
                             candidates.insert(kv.key().to_vec(), Candidate::from_kv(kv));
                         }
                     }
-                }
-                if !state.emit(tx).await {
-                    return;
+                    if !state.emit(tx).await {
+                        return;
+                    }
                 }
             }
         }

@@ -8,7 +8,7 @@ use crate::error::Result;
 use crate::keys::{namespaces_root, parse_namespace};
 
 /// Where one instance key stands in etcd's history, from
-/// [`Registry::instance_revisions`].
+/// [`Registry::instance_revisions`](crate::Registry::instance_revisions).
 #[derive(Clone, Debug, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct InstanceRevision {

@@ -30,7 +30,7 @@ use crate::error::{Error, Result};
 use crate::keys::validate_segment;
 use crate::queue::{Head, Kind, Queue, Slots, Turn};
 
-/// One distributed lock of a [`Registry`]; create it with [`Registry::lock`].
+/// One distributed lock of a [`Registry`](crate::Registry); create it with [`Registry::lock`](crate::Registry::lock).
 ///
 /// A `Lock` is cheap to clone and holds no state in etcd by itself: keys
 /// exist only while an acquisition or a [`LockGuard`] does.
@@ -71,7 +71,7 @@ impl Lock {
             etcd_name: core.keys.lock_name(name),
         })
     }
-    /// The lock name, as given to [`Registry::lock`].
+    /// The lock name, as given to [`Registry::lock`](crate::Registry::lock).
     pub fn name(&self) -> &str {
         &self.queue.name
     }

@@ -1,6 +1,6 @@
 //! What an operator looks at first: [`EndpointStatus`] of each etcd endpoint
 //! ([`RegistryBuilder::endpoint_status`]) and the elections of a namespace
-//! ([`Registry::elections`]) and locks ([`Registry::locks`]) of a namespace.
+//! ([`Registry::elections`](crate::Registry::elections)) and locks ([`Registry::locks`](crate::Registry::locks)) of a namespace.
 //! `etcd-registry status` prints them.
 
 use std::collections::BTreeMap;
@@ -102,11 +102,11 @@ impl RegistryBuilder {
     }
 }
 
-/// An election with at least one candidate, as returned by [`Registry::elections`].
+/// An election with at least one candidate, as returned by [`Registry::elections`](crate::Registry::elections).
 #[derive(Clone, Debug, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct ElectionSummary {
-    /// The election name, as given to [`Registry::election`].
+    /// The election name, as given to [`Registry::election`](crate::Registry::election).
     pub name: String,
     /// How many candidates it has, the leader included.
     pub candidates: usize,
@@ -114,11 +114,11 @@ pub struct ElectionSummary {
     pub leader: LeaderInfo,
 }
 
-/// A lock with at least one holder or waiter, as returned by [`Registry::locks`].
+/// A lock with at least one holder or waiter, as returned by [`Registry::locks`](crate::Registry::locks).
 #[derive(Clone, Debug, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct LockSummary {
-    /// The lock name, as given to [`Registry::lock`].
+    /// The lock name, as given to [`Registry::lock`](crate::Registry::lock).
     pub name: String,
     /// The holder's fencing token: the create revision of its key.
     pub fencing_token: i64,

@@ -306,11 +306,9 @@ impl Resumable {
         page: impl FnMut(&mut T, Vec<etcd_client::KeyValue>),
     ) -> Result<Listed<T>> {
         let read = if self.prefix {
-            self.conn
-                .read_prefixes(op, &self.keys, false, init, page)
-                .await?
+            Box::pin(self.conn.read_prefixes(op, &self.keys, false, init, page)).await?
         } else {
-            self.read_keys(op, init, page).await?
+            Box::pin(self.read_keys(op, init, page)).await?
         };
         let Paged {
             revision,
@@ -379,7 +377,9 @@ impl Resumable {
                     return Err(Error::Closed);
                 }
                 self.back_off = false;
-                let open = Watch::open(&self.conn, &self.keys, self.prefix, self.next);
+                // Boxed, as is each step below: these futures are large, and
+                // every wait of the crate nests one.
+                let open = Box::pin(Watch::open(&self.conn, &self.keys, self.prefix, self.next));
                 let opened = tokio::select! {
                     _ = self.cancel.cancelled() => return Err(Error::Closed),
                     w = open => w,
@@ -389,7 +389,7 @@ impl Resumable {
                     Err(end) => return self.ended(end, "opening the watch failed"),
                 }
             }
-            if let Some(item) = self.follow().await? {
+            if let Some(item) = Box::pin(self.follow()).await? {
                 return Ok(item);
             }
         }
@@ -408,7 +408,7 @@ impl Resumable {
             let message = tokio::select! {
                 _ = self.cancel.cancelled() => return Err(Error::Closed),
                 _ = tokio::time::sleep_until(heard + STALE_AFTER) => {
-                    if self.progress != Progress::Answered && self.proven_alive().await {
+                    if self.progress != Progress::Answered && Box::pin(self.proven_alive()).await {
                         heard = Instant::now();
                         continue;
                     }

@@ -105,7 +105,7 @@ const CHANNEL_BATCHES: usize = 16;
 
 /// A stream of changes to one service (or to every service of the namespace).
 ///
-/// Create one with [`Registry::watch`] or [`Registry::watch_all`]. It
+/// Create one with [`Registry::watch`](crate::Registry::watch) or [`Registry::watch_all`](crate::Registry::watch_all). It
 /// implements [`futures::Stream`] with `Item =` [`ServiceEvent`]; see that
 /// type for what a consumer may rely on.
 ///

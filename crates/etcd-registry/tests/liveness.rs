@@ -337,4 +337,3 @@ fn prefix_end(prefix: &str) -> Vec<u8> {
     }
     end
 }
-

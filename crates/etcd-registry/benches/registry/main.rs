@@ -22,6 +22,7 @@
 //! `/proc/self/status` after `malloc_trim`.
 
 mod basic;
+mod batch;
 mod election;
 mod measure;
 mod memory;
@@ -356,6 +357,30 @@ fn targets(rows: &[Row]) -> Vec<Target> {
         &|v| v <= 3.0,
     );
     scalar(
+        "`register_all` of 10,000 instances (batched)",
+        "≤ 3 s",
+        "register_all_10k",
+        "seconds",
+        "s",
+        &|v| v <= 3.0,
+    );
+    scalar(
+        "5,000 instances restored through 200 ms latency",
+        "≤ 3 s",
+        "restore_5k_latency",
+        "seconds",
+        "s",
+        &|v| v <= 3.0,
+    );
+    scalar(
+        "leases granted while restoring 5,000 through 200 ms",
+        "exactly 1 (no re-grant)",
+        "restore_5k_latency",
+        "grants",
+        "",
+        &|v| v == 1.0,
+    );
+    scalar(
         "1,000 instances in one registry",
         "≤ 20 MB RSS growth",
         "mem_one_registry",
@@ -493,6 +518,22 @@ async fn main() {
     run(&mut rows, &ctx, "recovery", limit, recovery::recovery).await;
     run(&mut rows, &ctx, "growth", limit, scale::growth).await;
     run(&mut rows, &ctx, "wiped_10k", limit, scale::wiped_10k).await;
+    run(
+        &mut rows,
+        &ctx,
+        "register_all_10k",
+        limit,
+        batch::register_all,
+    )
+    .await;
+    run(
+        &mut rows,
+        &ctx,
+        "restore_5k_latency",
+        limit,
+        batch::restore_slow_link,
+    )
+    .await;
     run(&mut rows, &ctx, "caches", limit, scale::caches).await;
     run(
         &mut rows,

@@ -167,13 +167,17 @@ impl Queue {
     /// Joins the queue and waits to be its head.
     pub(crate) async fn join(&self, value: Vec<u8>) -> Result<Head> {
         let lease = self.lease().await?;
-        self.on_lease(lease.id, async {
-            let Some(mut member) = self.enqueue(lease.id, value, Turn::Wait).await? else {
-                return Err(Error::Closed); // `Turn::Wait` always gets the slot
-            };
-            let checked_rev = member.wait_turn().await?;
-            member.promote(checked_rev)
-        })
+        // Boxed: the whole join is a large future, and it nests in callers'.
+        self.on_lease(
+            lease.id,
+            Box::pin(async {
+                let Some(mut member) = self.enqueue(lease.id, value, Turn::Wait).await? else {
+                    return Err(Error::Closed); // `Turn::Wait` always gets the slot
+                };
+                let checked_rev = member.wait_turn().await?;
+                member.promote(checked_rev)
+            }),
+        )
         .await
     }
 
@@ -181,7 +185,8 @@ impl Queue {
     /// when another member, of this registry or any other, is.
     pub(crate) async fn try_join(&self, value: Vec<u8>) -> Result<Option<Head>> {
         let lease = self.lease().await?;
-        self.on_lease(lease.id, async {
+        // Boxed: the whole join is a large future, and it nests in callers'.
+        self.on_lease(lease.id, Box::pin(async {
             let Some(mut member) = self.enqueue(lease.id, value, Turn::Try).await? else {
                 return Ok(None);
             };
@@ -198,7 +203,7 @@ impl Queue {
                 Place::First { rev } => member.promote(rev).map(Some),
                 Place::Lost(reason) => Err(member.lost(reason)),
             }
-        })
+        }))
         .await
     }
 
@@ -292,7 +297,7 @@ impl Member {
     pub(crate) async fn wait_turn(&mut self) -> Result<i64> {
         tracing::debug!(kind = self.queue.kind.noun(), name = %self.queue.name, key = %self.key, "waiting for the members ahead");
         let q = &self.queue;
-        match wait_deletes(&q.inner, &q.prefix, &self.key, self.token).await? {
+        match Box::pin(wait_deletes(&q.inner, &q.prefix, &self.key, self.token)).await? {
             Ok(rev) => Ok(rev),
             Err(reason) => Err(self.lost(reason)),
         }

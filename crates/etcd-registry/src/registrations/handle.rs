@@ -143,12 +143,20 @@ impl Registration {
         let _timer = crate::metrics::timer(table.core.namespace(), "deregister");
         // Out of the table before anything else: nothing puts the key again.
         let entry = table.take(&self.key, self.owner);
+        // Dropped before the delete answered: it goes on in the background.
+        let mut pending = PendingDelete {
+            table: table.clone(),
+            key: self.key.clone(),
+            armed: entry.is_some(),
+        };
         self.gate.cancel.cancel();
         // A health transition in flight finishes first (and, finding no
         // entry, leaves nothing behind).
         let _gate = self.gate.lock().await;
         if let Some(entry) = entry {
-            table.delete_taken(&self.key, entry).await?;
+            let deleted = table.delete_taken(&self.key, entry).await;
+            pending.armed = false;
+            deleted?;
         }
         tracing::debug!(service = %self.instance.name, id = %self.instance.id, "deregistered");
         Ok(())
@@ -187,6 +195,23 @@ impl Registration {
         tracing::info!(service, id, grace = ?grace, "drained; waiting for clients to drop the instance");
         tokio::time::sleep(grace).await;
         Ok(())
+    }
+}
+
+/// Deletes the key of a deregistration whose future was dropped before its
+/// delete answered.
+struct PendingDelete {
+    table: Arc<Table>,
+    key: String,
+    armed: bool,
+}
+
+impl Drop for PendingDelete {
+    fn drop(&mut self) {
+        if self.armed && tokio::runtime::Handle::try_current().is_ok() {
+            self.table
+                .delete_in_background(std::mem::take(&mut self.key));
+        }
     }
 }
 

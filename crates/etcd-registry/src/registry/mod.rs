@@ -53,7 +53,7 @@ impl RegistryBuilder {
     /// Validates the settings, reaches etcd and grants the registry's lease.
     ///
     /// Succeeds when any endpoint answers within the dial timeout; otherwise
-    /// fails with [`Error::Connect`] naming every endpoint tried.
+    /// fails with [`Error::Connect`](crate::Error::Connect) naming every endpoint tried.
     pub async fn connect(self) -> Result<Registry> {
         let config = self.build_config()?;
         Registry::connect_with(config).await
@@ -135,8 +135,8 @@ impl Registry {
     /// that another live lease holds is taken over (last writer wins) with a
     /// warning. An instance too large for any request etcd accepts (see
     /// [`RegistryBuilder::etcd_limits`]) is refused with
-    /// [`Error::InvalidInput`] naming its size and the limit. Invalid input fails with
-    /// [`Error::InvalidInput`] before anything is written.
+    /// [`Error::InvalidInput`](crate::Error::InvalidInput) naming its size and the limit. Invalid input fails with
+    /// [`Error::InvalidInput`](crate::Error::InvalidInput) before anything is written.
     ///
     /// If the write fails, nothing stays behind: the entry is dropped and a
     /// write that may have landed is deleted in the background.
@@ -201,7 +201,7 @@ impl Registry {
     /// registration maintained.
     ///
     /// Invalid input (the instance, or the policy: field `interval`,
-    /// `timeout`, `rise` or `fall`) fails with [`Error::InvalidInput`] before
+    /// `timeout`, `rise` or `fall`) fails with [`Error::InvalidInput`](crate::Error::InvalidInput) before
     /// anything is written.
     ///
     /// ```no_run
