@@ -82,6 +82,7 @@ mod lock;
 pub mod metrics;
 #[cfg(not(feature = "metrics"))]
 mod metrics;
+pub mod naming;
 mod queue;
 mod registrations;
 mod registry;
