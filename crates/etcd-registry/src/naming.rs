@@ -454,6 +454,10 @@ mod tests {
         ("0.000001", "0.000001"),
         ("-0", "-0"),
         ("100", "100"),
+        (
+            r#"{"weight":10,"tags":["x"]}"#,
+            r#"{"tags":["x"],"weight":10}"#,
+        ),
     ];
 
     fn golden_instance(addr: &str, md: Option<&str>) -> ServiceInstance {
@@ -544,6 +548,7 @@ mod tests {
             ("null", "value"),
             (r#""1.2.3.4:5""#, "value"),
             (r#"{"Op":1,"Addr":"1.2.3.4:5"}"#, "Op"),
+            (r#"{"op":1,"Addr":"1.2.3.4:5"}"#, "Op"),
             (r#"{"Op":"0","Addr":"1.2.3.4:5"}"#, "Op"),
             (r#"{"Op":256,"Addr":"1.2.3.4:5"}"#, "Op"),
             (r#"{"Op":-1,"Addr":"1.2.3.4:5"}"#, "Op"),
