@@ -264,6 +264,64 @@ pub fn decode(target: &str, value: &[u8]) -> Result<ServiceInstance, NamingValue
     Ok(inst)
 }
 
+/// Decodes an etcd key-value of `target`; a value we cannot read is logged
+/// with a warning and skipped, as Go's resolver skips what it cannot decode.
+pub(crate) fn from_kv(target: &str, key: &[u8], value: &[u8]) -> Option<ServiceInstance> {
+    match decode(target, value) {
+        Ok(inst) => Some(inst),
+        Err(error) => {
+            tracing::warn!(
+                grpc_target = target,
+                key = %String::from_utf8_lossy(key),
+                %error,
+                "skipping a gRPC naming value that is not an endpoint"
+            );
+            None
+        }
+    }
+}
+
+/// [`from_kv`] of an etcd key-value when `target` is a gRPC naming target;
+/// `otherwise` (our own layout's parse) when it is `None`.
+pub(crate) fn parse_kv_or(
+    target: &Option<String>,
+    kv: &etcd_client::KeyValue,
+    otherwise: impl FnOnce() -> Option<ServiceInstance>,
+) -> Option<ServiceInstance> {
+    match target {
+        Some(target) => from_kv(target, kv.key(), kv.value()),
+        None => otherwise(),
+    }
+}
+
+/// Where else a registration is published, beside its own key
+/// (see `Registry::register_with`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Publish {
+    /// Also at `{target}/{host:port}` in gRPC's etcd naming layout, holding
+    /// [`encode`]'s bytes: under the registration's lease, written in the
+    /// same transaction as its own key, deleted, restored and reclaimed
+    /// with it, so that a gRPC client dialing `etcd:///{target}` finds it.
+    GrpcNaming {
+        /// The naming target (see [`validate_target`]).
+        target: String,
+    },
+}
+
+/// The target of a registry-wide template (`RegistryBuilder::publish_grpc_naming`)
+/// for service `name`: every `{name}` in it replaced by the service name.
+pub(crate) fn target_for(template: &str, name: &str) -> String {
+    template.replace("{name}", name)
+}
+
+/// The key and value that publish `instance` under `target`, checked.
+pub(crate) fn entry_for(target: &str, instance: &ServiceInstance) -> Result<(String, Vec<u8>)> {
+    validate_target(target)?;
+    let addr = endpoint_addr(instance)?;
+    Ok((naming_key(target, &addr), encode(instance)?))
+}
+
 /// Splits `Addr` as Go's `net.SplitHostPort` does (`host:port`,
 /// `[ipv6]:port`), also refusing an empty host or port, which gRPC cannot dial.
 pub fn split_host_port(addr: &str) -> Result<(&str, &str), &'static str> {
@@ -567,6 +625,23 @@ mod tests {
             let err = decode("svc", value.as_bytes()).expect_err(value);
             assert_eq!(err.field, field, "{value}: {err}");
         }
+    }
+
+    #[test]
+    fn templates_name_the_service_and_entries_are_checked() {
+        assert_eq!(target_for("grpc/{name}", "web"), "grpc/web");
+        assert_eq!(target_for("fixed", "web"), "fixed");
+        let inst = ServiceInstance::new("web", "w-1", "::1", 8080);
+        let (key, value) = entry_for("grpc/web", &inst).unwrap();
+        assert_eq!(key, "grpc/web/[::1]:8080");
+        assert_eq!(value, encode(&inst).unwrap());
+        assert!(matches!(
+            entry_for("grpc/web/", &inst),
+            Err(Error::InvalidInput {
+                field: "target",
+                ..
+            })
+        ));
     }
 
     #[test]
