@@ -381,3 +381,274 @@ async fn gos_resolver_dials_an_endpoint_we_wrote_and_its_health_check_passes() {
     assert!(!out.status.success(), "resolved with no endpoint: {out:?}");
     grpc.abort();
 }
+
+/// The value and lease of `key`, if any.
+async fn stored_with_lease(client: &Client, key: &str) -> Option<(Vec<u8>, i64)> {
+    let mut c = client.clone();
+    let resp = within("get", T, c.get(key, None)).await.unwrap();
+    resp.kvs()
+        .first()
+        .map(|kv| (kv.value().to_vec(), kv.lease()))
+}
+
+fn ids(cache: &etcd_registry::ServiceCache) -> Vec<String> {
+    cache.instances().iter().map(|i| i.id.clone()).collect()
+}
+
+#[tokio::test]
+async fn our_cache_and_watch_follow_the_go_managers_adds_and_deletes() {
+    let server = shared_server().await;
+    let mut client = server.client().await.unwrap();
+    let target = format!("{}/grpc/svc", unique_name("naming-cache"));
+    let registry =
+        common::connect_with(common::builder(server.endpoints(), &unique_name("ns"), 10)).await;
+
+    go(
+        server,
+        &["add", &target, "10.1.0.1:50051", r#"{"zone":"eu-1"}"#],
+    )
+    .await;
+    let cache = within("cache", T, registry.cache_grpc_naming(&target))
+        .await
+        .unwrap();
+    assert_eq!(ids(&cache), ["10.1.0.1:50051"]);
+    let first = cache.get("10.1.0.1:50051").unwrap();
+    assert_eq!(
+        *first,
+        ServiceInstance::new(target.as_str(), "10.1.0.1:50051", "10.1.0.1", 50051)
+            .with_metadata("zone", "eu-1")
+    );
+    let mut watch = registry.watch_grpc_naming(&target).unwrap();
+    use futures::StreamExt;
+    let snapshot = within("snapshot", T, watch.next()).await.unwrap();
+    assert!(
+        matches!(&snapshot, etcd_registry::ServiceEvent::Snapshot(all) if all.len() == 1),
+        "{snapshot:?}"
+    );
+
+    // Go adds one (IPv6) and one under a lease; a value that is no endpoint is skipped.
+    go(server, &["add", &target, "[::1]:7000"]).await;
+    let key = naming::naming_key(&target, "broken");
+    within("put", T, client.put(key, "not json", None))
+        .await
+        .unwrap();
+    let mut leased = tokio::process::Command::new(go_naming().await)
+        .args(["add-lease", "3", &target, "10.1.0.2:50051"])
+        .env("ETCD_ENDPOINTS", server.endpoints().join(","))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    eventually("the cache to hold Go's three endpoints", T, || async {
+        ids(&cache) == ["10.1.0.1:50051", "10.1.0.2:50051", "[::1]:7000"]
+    })
+    .await;
+    let v6 = cache.get("[::1]:7000").unwrap();
+    assert_eq!((v6.address.as_str(), v6.port.number()), ("::1", Some(7000)));
+    match within("added", T, watch.next()).await.unwrap() {
+        etcd_registry::ServiceEvent::Added(i) => assert_eq!(i.id, "[::1]:7000"),
+        other => panic!("{other:?}"),
+    }
+
+    // Go's delete, and a Go process whose lease expires (stdin closed, then killed).
+    go(server, &["del", &target, "10.1.0.1:50051"]).await;
+    drop(leased.stdin.take());
+    let _ = leased.kill().await;
+    eventually(
+        "the cache to drop the deleted and the expired endpoint",
+        T,
+        || async { ids(&cache) == ["[::1]:7000"] },
+    )
+    .await;
+    assert!(
+        registry
+            .grpc_naming_instances(&target)
+            .await
+            .unwrap()
+            .iter()
+            .map(|i| i.id.as_str())
+            .eq(["[::1]:7000"])
+    );
+    registry.close().await.unwrap();
+}
+
+#[tokio::test]
+async fn we_publish_and_gos_resolver_dials_us_until_we_deregister() {
+    let server = shared_server().await;
+    let client = server.client().await.unwrap();
+    let (addr, grpc) = health_server("echo").await;
+    let registry =
+        common::connect_with(common::builder(server.endpoints(), &unique_name("ns"), 10)).await;
+    let target = unique_name("naming-pub");
+    let inst = ServiceInstance::new("echo", "echo-1", "127.0.0.1", addr.port())
+        .with_metadata("zone", "eu-1");
+    let key = naming::naming_key(&target, &addr.to_string());
+
+    let reg = within(
+        "register_with",
+        T,
+        registry.register_with(
+            inst.clone(),
+            etcd_registry::Publish::GrpcNaming {
+                target: target.clone(),
+            },
+        ),
+    )
+    .await
+    .unwrap();
+    let (value, lease) = stored_with_lease(&client, &key).await.expect("published");
+    assert_eq!(value, naming::encode(&inst).unwrap());
+    assert_eq!(Some(lease), registry.lease_id());
+    let (_, own_lease) = stored_with_lease(&client, reg.key()).await.unwrap();
+    assert_eq!(own_lease, lease, "one lease for both keys");
+
+    let out = resolve(server, &target, None, 30).await;
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        format!("SERVING {addr}\n"),
+        "{out:?}"
+    );
+
+    within("deregister", T, reg.deregister()).await.unwrap();
+    assert_eq!(stored_with_lease(&client, &key).await, None);
+    let out = resolve(server, &target, None, 2).await;
+    assert!(!out.status.success(), "resolved after deregister: {out:?}");
+    registry.close().await.unwrap();
+    grpc.abort();
+}
+
+#[tokio::test]
+async fn a_published_endpoint_is_restored_reclaimed_and_drained_with_its_instance() {
+    let server = shared_server().await;
+    let mut client = server.client().await.unwrap();
+    let target = unique_name("naming-life");
+    let registry = common::connect_with(
+        common::builder(server.endpoints(), &unique_name("ns"), 10)
+            .publish_grpc_naming(format!("{target}/{{name}}")),
+    )
+    .await;
+    let inst = ServiceInstance::new("web", "web-1", "10.2.0.1", 8080);
+    let reg = within("register", T, registry.register(inst.clone()))
+        .await
+        .unwrap();
+    let key = naming::naming_key(&format!("{target}/web"), "10.2.0.1:8080");
+    let (value, first_lease) = stored_with_lease(&client, &key).await.expect("published");
+    assert_eq!(value, naming::encode(&inst).unwrap());
+
+    // Lost lease: both keys come back under the new one.
+    within("revoke", T, client.lease_revoke(first_lease))
+        .await
+        .unwrap();
+    eventually("the naming key restored under a new lease", T, || async {
+        stored_with_lease(&client, &key)
+            .await
+            .is_some_and(|(_, l)| l != first_lease && Some(l) == registry.lease_id())
+    })
+    .await;
+
+    // Taken over by another lease (and the naming key deleted meanwhile):
+    // once the other owner's key is gone, both are reclaimed.
+    let other = within("grant", T, client.lease_grant(60, None))
+        .await
+        .unwrap()
+        .id();
+    let value = String::from_utf8(inst.to_json()).unwrap();
+    within(
+        "take over",
+        T,
+        client.put(reg.key(), value, Some(PutOptions::new().with_lease(other))),
+    )
+    .await
+    .unwrap();
+    eventually("the registration to yield", T, || async {
+        stored_with_lease(&client, reg.key())
+            .await
+            .is_some_and(|(_, l)| l == other)
+    })
+    .await;
+    within("delete naming key", T, client.delete(key.as_str(), None))
+        .await
+        .unwrap();
+    within("revoke other", T, client.lease_revoke(other))
+        .await
+        .unwrap();
+    eventually("both keys reclaimed", T, || async {
+        let ours = registry.lease_id();
+        stored_with_lease(&client, reg.key())
+            .await
+            .is_some_and(|(_, l)| Some(l) == ours)
+            && stored_with_lease(&client, &key)
+                .await
+                .is_some_and(|(_, l)| Some(l) == ours)
+    })
+    .await;
+
+    // Drained with the instance: both keys go at once, while the lease
+    // still lives (the close after the grace would take them anyway).
+    let draining = tokio::spawn({
+        let registry = registry.clone();
+        async move { registry.shutdown(Duration::from_secs(10)).await }
+    });
+    eventually("both keys deleted by the drain", T, || async {
+        stored_with_lease(&client, reg.key()).await.is_none()
+            && stored_with_lease(&client, &key).await.is_none()
+    })
+    .await;
+    assert!(!draining.is_finished(), "the drain's grace ended first");
+    let lease = registry.lease_id().unwrap();
+    let leases = within("leases", T, client.leases()).await.unwrap();
+    assert!(
+        leases.leases().iter().any(|l| l.id() == lease),
+        "lease still alive"
+    );
+    within("shutdown", T, draining).await.unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn bad_targets_and_ports_fail_before_anything_is_written() {
+    let server = shared_server().await;
+    let client = server.client().await.unwrap();
+    let ns = unique_name("ns");
+    let err = common::builder(server.endpoints(), &ns, 10)
+        .publish_grpc_naming("grpc/")
+        .connect()
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            etcd_registry::Error::InvalidInput {
+                field: "grpc_naming",
+                ..
+            }
+        ),
+        "{err}"
+    );
+    let registry = common::connect_with(common::builder(server.endpoints(), &ns, 10)).await;
+    for (target, port, field) in [
+        ("", "80", "target"),
+        ("t/", "80", "target"),
+        ("t", "http", "port"),
+    ] {
+        let inst = ServiceInstance::new("web", "w-1", "10.0.0.1", 0).with_port(port);
+        let err = registry
+            .register_with(
+                inst,
+                etcd_registry::Publish::GrpcNaming {
+                    target: target.to_owned(),
+                },
+            )
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&err, etcd_registry::Error::InvalidInput { field: f, .. } if *f == field),
+            "{target:?} {port:?}: {err}"
+        );
+    }
+    assert_eq!(
+        count_under(&client, &format!("/etcd_registry/{ns}/")).await,
+        0
+    );
+    registry.close().await.unwrap();
+}
