@@ -652,3 +652,43 @@ async fn bad_targets_and_ports_fail_before_anything_is_written() {
     );
     registry.close().await.unwrap();
 }
+
+#[tokio::test]
+async fn an_update_and_the_serving_switch_move_and_remove_the_endpoint_key() {
+    let server = shared_server().await;
+    let client = server.client().await.unwrap();
+    let registry =
+        common::connect_with(common::builder(server.endpoints(), &unique_name("ns"), 10)).await;
+    let target = unique_name("naming-update");
+    let publish = etcd_registry::Publish::GrpcNaming {
+        target: target.clone(),
+    };
+    let inst = ServiceInstance::new("web", "web-1", "10.3.0.1", 8080);
+    let mut reg = within("register_with", T, registry.register_with(inst, publish))
+        .await
+        .unwrap();
+    let old_key = naming::naming_key(&target, "10.3.0.1:8080");
+    assert!(stored_with_lease(&client, &old_key).await.is_some());
+
+    // A new port: the endpoint key moves, in step with the instance.
+    let moved = ServiceInstance::new("web", "web-1", "10.3.0.1", 9090).with_metadata("v", "2");
+    within("update", T, reg.update(moved.clone()))
+        .await
+        .unwrap();
+    let new_key = naming::naming_key(&target, "10.3.0.1:9090");
+    let (value, _) = stored_with_lease(&client, &new_key).await.expect("moved");
+    assert_eq!(value, naming::encode(&moved).unwrap());
+    assert_eq!(stored_with_lease(&client, &old_key).await, None);
+
+    // Out of service and back: the endpoint key goes and comes back with it.
+    within("set_serving false", T, reg.set_serving(false))
+        .await
+        .unwrap();
+    assert_eq!(stored_with_lease(&client, &new_key).await, None);
+    assert_eq!(stored_with_lease(&client, reg.key()).await, None);
+    within("set_serving true", T, reg.set_serving(true))
+        .await
+        .unwrap();
+    assert!(stored_with_lease(&client, &new_key).await.is_some());
+    registry.close().await.unwrap();
+}
