@@ -154,6 +154,11 @@ pub enum Command {
         /// can: whatever a client wrote, unknown fields and spelling included.
         #[arg(long, conflicts_with = "json")]
         raw: bool,
+        /// List the endpoints under gRPC's etcd naming target TARGET
+        /// (`{TARGET}/{addr}`, as etcd's Go `naming/endpoints` writes them)
+        /// instead of a service: id = address, metadata as read.
+        #[arg(long, value_name = "TARGET", conflicts_with_all = ["service", "raw"])]
+        grpc_naming: Option<String>,
     },
 
     /// Print the instances of SERVICE (or of every service), then every change.
@@ -214,6 +219,11 @@ pub enum Command {
         /// Metadata entry; repeat for more.
         #[arg(long = "meta", value_name = "KEY=VALUE", value_parser = parse_key_value)]
         meta: Vec<(String, String)>,
+        /// Also publish the instance for gRPC clients that use etcd's naming
+        /// resolver (`etcd:///TARGET`): `{TARGET}/{address}:{port}`, under
+        /// the same lease, written and removed with the instance.
+        #[arg(long, value_name = "TARGET")]
+        grpc_naming: Option<String>,
         /// Deregister and exit after this long (`30s`, `1h`); not with CMD.
         #[arg(long = "for", value_name = "DURATION", value_parser = duration, conflicts_with = "cmd")]
         for_secs: Option<Duration>,

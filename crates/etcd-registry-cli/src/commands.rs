@@ -30,6 +30,14 @@ pub async fn run(cli: Cli) -> CliResult {
             all_namespaces,
         } => crate::ui::run(g, listen, all_namespaces).await,
         Command::List {
+            grpc_naming: Some(target),
+            json,
+            ..
+        } => {
+            etcd_registry::naming::validate_target(&target)?;
+            with_registry(g, async |r| list_grpc_naming(r, &target, json).await).await
+        }
+        Command::List {
             service, raw: true, ..
         } => with_registry(g, async |r| list_raw(r, service.as_deref()).await).await,
         Command::List { service, json, .. } => {
@@ -69,6 +77,7 @@ pub async fn run(cli: Cli) -> CliResult {
             drain,
             grace,
             cmd,
+            grpc_naming,
             ..
         } => {
             let shutdown = Shutdown::listen()?;
@@ -78,6 +87,12 @@ pub async fn run(cli: Cli) -> CliResult {
             instance.metadata.extend(meta);
             // Reject bad input before reaching etcd: no connection, no lease, no write.
             instance.validate()?;
+            let mut settings = builder(g)?;
+            if let Some(target) = grpc_naming {
+                etcd_registry::naming::validate_target(&target)?;
+                etcd_registry::naming::endpoint_addr(&instance)?;
+                settings = settings.publish_grpc_naming(target);
+            }
             let checks =
                 crate::register::Checks::parse(check_http, check_tcp, check_grpc, check_cmd)?;
             if !checks.is_empty() || !cmd.is_empty() || drain.is_some() {
@@ -92,9 +107,12 @@ pub async fn run(cli: Cli) -> CliResult {
                         false => Some(Supervisor::new(cmd, grace)?),
                     },
                 };
-                return with_registry(g, async |r| run.run(r, shutdown).await).await;
+                return with_builder(settings, async |r| run.run(r, shutdown).await).await;
             }
-            with_registry(g, async |r| register(r, instance, for_secs, shutdown).await).await?;
+            with_builder(settings, async |r| {
+                register(r, instance, for_secs, shutdown).await
+            })
+            .await?;
             line("closed: lease revoked, the instance is gone")
         }
         Command::Deregister { name, id } => {
@@ -207,6 +225,17 @@ pub async fn with_registry<T>(
     body: impl AsyncFnOnce(&Registry) -> CliResult<T>,
 ) -> CliResult<T> {
     let registry = connect(g).await?;
+    let result = body(&registry).await;
+    finish(registry, result).await
+}
+
+/// [`with_registry`] with settings beyond the global options.
+async fn with_builder<T>(
+    settings: RegistryBuilder,
+    body: impl AsyncFnOnce(&Registry) -> CliResult<T>,
+) -> CliResult<T> {
+    let registry = settings.connect().await?;
+    tracing::debug!(?registry, "connected");
     let result = body(&registry).await;
     finish(registry, result).await
 }
@@ -355,6 +384,20 @@ async fn list(registry: &Registry, service: Option<&str>, json: bool) -> CliResu
             Some(name) => eprintln!("no instances of {name} in namespace {ns}"),
             None => eprintln!("no instances in namespace {ns}"),
         }
+    } else {
+        for row in output::table(&instances) {
+            line(&row)?;
+        }
+    }
+    Ok(())
+}
+
+async fn list_grpc_naming(registry: &Registry, target: &str, json: bool) -> CliResult {
+    let instances = registry.grpc_naming_instances(target).await?;
+    if json {
+        line(&output::instances_json(&instances))?;
+    } else if instances.is_empty() {
+        eprintln!("no endpoints under gRPC naming target {target}");
     } else {
         for row in output::table(&instances) {
             line(&row)?;

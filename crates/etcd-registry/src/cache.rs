@@ -409,6 +409,18 @@ impl ServiceCache {
                 }
             }
         };
+        Self::ready(core, shared).await
+    }
+
+    /// A cache fed by `feed` alone (not shared), labelled `label`;
+    /// resolved once the first snapshot is applied.
+    pub(crate) async fn open_feed(core: &Core, feed: Feed, label: String) -> Result<Self> {
+        let _timer = crate::metrics::timer(core.namespace(), "cache");
+        Self::ready(core, Shared::with_feed(core, feed, Some(label))).await
+    }
+
+    /// Resolves once `shared` applied its first snapshot.
+    async fn ready(core: &Core, shared: Arc<Shared>) -> Result<Self> {
         let mut version = shared.version.subscribe();
         let ready = tokio::select! {
             _ = core.cancel.cancelled() => return Err(Error::Closed),
@@ -556,6 +568,11 @@ impl std::fmt::Debug for ServiceCache {
 impl Shared {
     fn start(core: &Core, service: Option<String>) -> Result<Arc<Self>> {
         let feed = Feed::start(core, service.as_deref())?;
+        Ok(Self::with_feed(core, feed, service))
+    }
+
+    /// A cache fed by `feed`; `service` names it in metrics and logs.
+    fn with_feed(core: &Core, feed: Feed, service: Option<String>) -> Arc<Self> {
         let stop = CancellationToken::new();
         crate::metrics::track_cache_staleness(
             core.namespace(),
@@ -575,7 +592,7 @@ impl Shared {
             _stop: stop.clone().drop_guard(),
         });
         tokio::spawn(feed_cache(Arc::downgrade(&shared), feed, stop));
-        Ok(shared)
+        shared
     }
 
     /// Applies one batch under the write lock; true when the instances

@@ -70,6 +70,8 @@ pub struct Config {
     pub(crate) keep_alive: Option<(Duration, Duration)>,
     pub(crate) max_request_bytes: usize,
     pub(crate) max_txn_ops: usize,
+    /// The gRPC naming target template every registration is also published under.
+    pub(crate) grpc_naming: Option<String>,
     #[cfg(feature = "tls")]
     pub(crate) tls: Option<TlsConfig>,
 }
@@ -131,6 +133,7 @@ pub struct RegistryBuilder {
     keep_alive: Option<(Duration, Duration)>,
     max_request_bytes: usize,
     max_txn_ops: usize,
+    grpc_naming: Option<String>,
     #[cfg(feature = "tls")]
     tls: Option<TlsConfig>,
 }
@@ -148,6 +151,7 @@ impl Default for RegistryBuilder {
             keep_alive: Some((DEFAULT_KEEP_ALIVE_INTERVAL, DEFAULT_KEEP_ALIVE_TIMEOUT)),
             max_request_bytes: DEFAULT_MAX_REQUEST_BYTES,
             max_txn_ops: DEFAULT_MAX_TXN_OPS,
+            grpc_naming: None,
             #[cfg(feature = "tls")]
             tls: None,
         }
@@ -344,6 +348,13 @@ impl RegistryBuilder {
                 "must be at least 2 (a compare and a write)",
             ));
         }
+        if let Some(template) = &self.grpc_naming {
+            crate::naming::validate_target(&crate::naming::target_for(template, "service"))
+                .map_err(|e| match e {
+                    Error::InvalidInput { reason, .. } => Error::invalid("grpc_naming", reason),
+                    e => e,
+                })?;
+        }
         self.validate_tls()?;
         Ok(Config {
             endpoints: self.endpoints.clone(),
@@ -356,9 +367,28 @@ impl RegistryBuilder {
             keep_alive: self.keep_alive,
             max_request_bytes: self.max_request_bytes,
             max_txn_ops: self.max_txn_ops,
+            grpc_naming: self.grpc_naming.clone(),
             #[cfg(feature = "tls")]
             tls: self.tls.clone(),
         })
+    }
+
+    /// Also publishes every registration for gRPC clients that use etcd's
+    /// naming resolver (`etcd:///{target}`): at `{target}/{host:port}` in
+    /// the layout of etcd's Go `naming/endpoints`, under the registry's
+    /// lease, written, deleted, restored and reclaimed in the same
+    /// transactions as the instance's own key (see [`crate::naming`]).
+    /// Every `{name}` in `target` is replaced by the instance's service name,
+    /// so `"grpc/{name}"` publishes service `web` under `grpc/web`. Default:
+    /// none. For one registration only, see
+    /// [`Registry::register_with`](crate::Registry::register_with).
+    ///
+    /// `connect` fails with [`Error::InvalidInput`] for `grpc_naming` when
+    /// the target is empty, ends with `/` or holds a control character;
+    /// `register` fails for `port` when the port is not a number.
+    pub fn publish_grpc_naming(mut self, target: impl Into<String>) -> Self {
+        self.grpc_naming = Some(target.into());
+        self
     }
 
     /// The request limits of the etcd cluster: `--max-request-bytes`

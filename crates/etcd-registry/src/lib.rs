@@ -82,6 +82,7 @@ mod lock;
 pub mod metrics;
 #[cfg(not(feature = "metrics"))]
 mod metrics;
+pub mod naming;
 mod queue;
 mod registrations;
 mod registry;
@@ -106,6 +107,7 @@ pub use health::{Health, HealthCheck, HealthPolicy, HealthState, InitialState};
 pub use instance::{MAX_ENTRY_BYTES, Port, ServiceInstance};
 pub use inventory::InstanceRevision;
 pub use lock::{Lock, LockGuard};
+pub use naming::Publish;
 pub use registrations::{Registration, RegistrationState};
 pub use registry::Registry;
 pub use session::RegistryState;

@@ -245,6 +245,11 @@ impl Resumable {
         self.heard = Some(heard);
     }
 
+    /// The keys (or prefixes) the stream watches.
+    pub(crate) fn keys(&self) -> &[String] {
+        &self.keys
+    }
+
     /// A stream of `keys` (each a prefix when `prefix`), not yet positioned:
     /// call [`list`](Self::list) or [`start_at`](Self::start_at) first.
     pub(crate) fn new(

@@ -239,7 +239,7 @@ impl ServiceWatch {
         Feed::start(core, name).map(Self::new)
     }
 
-    fn new(feed: Feed) -> Self {
+    pub(crate) fn new(feed: Feed) -> Self {
         Self {
             feed,
             buffer: VecDeque::new(),
@@ -285,17 +285,22 @@ impl Feed {
             None => core.keys.services_prefix().to_owned(),
         };
         let service = name.unwrap_or("*").to_owned();
+        Ok(Self::spawn(core, prefix, service, None))
+    }
+
+    pub(crate) fn spawn(core: &Core, prefix: String, label: String, grpc: Option<String>) -> Self {
         let (tx, rx) = mpsc::channel(CHANNEL_BATCHES);
         let denied = Arc::new(OnceLock::new());
         let heard = crate::metrics::Heard::default();
-        let mut stream = core.stream(vec![prefix], true, &service);
+        let mut stream = core.stream(vec![prefix], true, &label);
         stream.on_heard(heard.clone());
         let errors = stream.errors();
         let watcher = Watcher {
             heard: heard.clone(),
             denied: denied.clone(),
             core: core.clone(),
-            service: service.clone(),
+            service: label.clone(),
+            naming: grpc,
             tx,
             errors: errors.clone(),
             seen: BTreeMap::new(),
@@ -304,14 +309,14 @@ impl Feed {
             stream,
         };
         let task = tokio::spawn(watcher.run());
-        Ok(Self {
+        Self {
             rx,
             errors,
             denied,
             heard,
-            service,
+            service: label,
             task,
-        })
+        }
     }
 
     /// The RBAC refusal that ended the watch, if any.
@@ -385,6 +390,8 @@ struct Watcher {
     core: Core,
     /// The service name for logs, `*` for the whole namespace.
     service: String,
+    /// The gRPC naming target whose endpoints are watched, if any.
+    naming: Option<String>,
     tx: mpsc::Sender<Batch>,
     errors: Arc<AtomicU64>,
     denied: Arc<OnceLock<(&'static str, String)>>,
@@ -469,10 +476,10 @@ impl Watcher {
 
     /// Listing: one consistent (paged) read, sent as the snapshot or as a diff.
     async fn list(&mut self) -> Next {
-        let (core, seen) = (&self.core, &self.seen);
+        let (core, seen, naming) = (&self.core, &self.seen, &self.naming);
         let read = self.stream.list("watch list", BTreeMap::new, |fresh, kvs| {
             for kv in kvs {
-                let (instance, malformed) = reparse(core, seen.get(kv.key()), &kv);
+                let (instance, malformed) = reparse(core, naming, seen.get(kv.key()), &kv);
                 fresh.insert(
                     kv.key().to_vec(),
                     Seen {
@@ -530,11 +537,7 @@ impl Watcher {
     /// Resuming: decides between watching on from `revision + 1` and re-listing.
     async fn check(&mut self) -> Next {
         let floor = self.revision;
-        let prefixes = [self.core.keys.services_prefix().to_owned()];
-        let prefixes = match self.service.as_str() {
-            "*" => prefixes,
-            name => [self.core.keys.service_prefix(name)],
-        };
+        let prefixes = self.stream.keys().to_vec();
         let seen = &self.seen;
         // Every key last written at or before the revision we caught up to
         // must be exactly one we saw; anything else means the history changed.
@@ -638,7 +641,7 @@ impl Watcher {
             match event.event_type() {
                 EventType::Put => {
                     let old = self.seen.get(kv.key());
-                    let (instance, malformed) = reparse(&self.core, old, kv);
+                    let (instance, malformed) = reparse(&self.core, &self.naming, old, kv);
                     if let Some(e) =
                         change(old.and_then(|o| o.instance.as_ref()), instance.as_ref())
                     {
@@ -690,6 +693,7 @@ fn parse(core: &Core, kv: &KeyValue) -> Option<ServiceInstance> {
 /// does not leave the watch and a cache holding two copies.
 fn reparse(
     core: &Core,
+    grpc: &Option<String>,
     old: Option<&Seen>,
     kv: &KeyValue,
 ) -> (Option<Arc<ServiceInstance>>, Option<Vec<u8>>) {
@@ -698,7 +702,7 @@ fn reparse(
     {
         return (None, Some(bytes.clone()));
     }
-    let Some(instance) = parse(core, kv) else {
+    let Some(instance) = crate::naming::parse_kv_or(grpc, kv, || parse(core, kv)) else {
         return (None, Some(kv.value().to_vec()));
     };
     let instance = match old.and_then(|o| o.instance.as_ref()) {

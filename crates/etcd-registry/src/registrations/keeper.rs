@@ -231,7 +231,7 @@ async fn reconcile(
     let Some(lease) = core.session.lease() else {
         return Ok(());
     };
-    let (value, generation, name, id) = {
+    let (value, mirror, generation, name, id) = {
         let mut entries = table.lock();
         let Some(entry) = entries.get_mut(key) else {
             return Ok(());
@@ -285,6 +285,7 @@ async fn reconcile(
         }
         (
             entry.value.clone(),
+            entry.mirror.clone(),
             entry.generation,
             entry.instance.name.clone(),
             entry.instance.id.clone(),
@@ -295,11 +296,15 @@ async fn reconcile(
     let observed = kv.map_or(0, KeyValue::mod_revision);
     let txn = Txn::new()
         .when([Compare::mod_revision(key, CompareOp::Equal, observed)])
-        .and_then([TxnOp::put(
-            key,
-            value,
-            Some(PutOptions::new().with_lease(lease.id)),
-        )]);
+        .and_then(
+            std::iter::once(TxnOp::put(
+                key,
+                value,
+                Some(PutOptions::new().with_lease(lease.id)),
+            ))
+            .chain(mirror.map(|m| m.put(lease.id)))
+            .collect::<Vec<_>>(),
+        );
     let resp = core
         .conn
         .retry_on("restore", key, |mut c| {

@@ -26,6 +26,7 @@
 
 mod handle;
 mod keeper;
+mod mirror;
 mod restore;
 
 use std::collections::{HashMap, HashSet};
@@ -43,6 +44,7 @@ use crate::instance::ServiceInstance;
 use crate::session::Lease;
 
 pub use handle::{Registration, RegistrationState};
+pub(crate) use mirror::Mirror;
 
 /// Bytes a key-value costs in a request beyond its key and value (field
 /// tags, lengths, the lease id), counted generously.
@@ -72,12 +74,17 @@ pub(crate) struct Table {
     max_ops: AtomicUsize,
     /// The request size in bytes, likewise.
     max_bytes: AtomicUsize,
+    /// The mirror key (gRPC naming) of each key that has one, kept past the
+    /// entry until a delete of the key has also deleted it.
+    mirrors: Mutex<HashMap<String, String>>,
 }
 
 /// A registration this registry maintains.
 pub(crate) struct Entry {
     pub(crate) instance: ServiceInstance,
     pub(crate) value: Vec<u8>,
+    /// Where else the entry is published, if anywhere.
+    pub(crate) mirror: Option<Mirror>,
     /// The live [`Registration`] handle that owns the entry.
     owner: u64,
     /// Bumped by every change of `value` or `serving`.
@@ -121,6 +128,7 @@ impl Registrations {
             restored: AtomicI64::new(core.session.lease().map_or(0, |l| l.id)),
             max_ops: AtomicUsize::new(core.config.max_txn_ops),
             max_bytes: AtomicUsize::new(core.config.max_request_bytes),
+            mirrors: Mutex::default(),
         });
         core.spawn(restore::run(Arc::downgrade(&table), core.cancel.clone()));
         core.spawn(keeper::run(Arc::downgrade(&table), core.cancel.clone()));
@@ -135,8 +143,19 @@ impl Registrations {
     /// Registers `instance` (see `Registry::register`): the key is written
     /// before this returns.
     pub(crate) async fn register(&self, instance: ServiceInstance) -> Result<Registration> {
+        self.register_with(instance, None).await
+    }
+
+    /// Registers `instance`, also published as `publish` says (`None`: as
+    /// the registry's settings say; see `Registry::register_with`).
+    pub(crate) async fn register_with(
+        &self,
+        instance: ServiceInstance,
+        publish: Option<crate::naming::Publish>,
+    ) -> Result<Registration> {
         let (key, value) = self.table.encode(&instance)?;
-        let owner = self.table.insert(&key, &instance, value, true)?;
+        let mirror = self.table.mirror_for(&instance, publish.as_ref())?;
+        let owner = self.table.insert(&key, &instance, value, mirror, true)?;
         if let Err(error) = self.table.put(&key, Mode::TakeOver).await {
             // Nothing half-done: the caller gets no handle, so the entry
             // goes, and so does a write that may have landed.
@@ -169,17 +188,21 @@ impl Registrations {
                     format!("{}/{} is given twice", instance.name, instance.id),
                 ));
             }
-            encoded.push((key, value, instance));
+            let mirror = self.table.mirror_for(&instance, None)?;
+            encoded.push((key, value, mirror, instance));
         }
         let lease = self.table.core.live_lease().await?;
         let mut items = Vec::with_capacity(encoded.len());
         let mut owned = Vec::with_capacity(encoded.len());
-        for (key, value, instance) in encoded {
-            let owner = self.table.insert(&key, &instance, value.clone(), true)?;
+        for (key, value, mirror, instance) in encoded {
+            let owner = self
+                .table
+                .insert(&key, &instance, value.clone(), mirror.clone(), true)?;
             let generation = self.table.lock().get(&key).map_or(0, |e| e.generation);
             items.push(restore::Item {
                 key: key.clone(),
                 value,
+                mirror,
                 generation,
             });
             owned.push((key, instance, owner));
@@ -208,8 +231,9 @@ impl Registrations {
     ) -> Result<Registration> {
         policy.validate()?;
         let (key, value) = self.table.encode(&instance)?;
+        let mirror = self.table.mirror_for(&instance, None)?;
         let healthy = policy.initial == InitialState::Healthy;
-        let owner = self.table.insert(&key, &instance, value, healthy)?;
+        let owner = self.table.insert(&key, &instance, value, mirror, healthy)?;
         if healthy && let Err(error) = self.table.put(&key, Mode::TakeOver).await {
             self.table.forget(&key, owner);
             return Err(error);
@@ -305,11 +329,15 @@ impl Table {
         key: &str,
         instance: &ServiceInstance,
         value: Vec<u8>,
+        mirror: Option<Mirror>,
         serving: bool,
     ) -> Result<u64> {
         self.core.check_open()?;
         let owner = self.next_owner.fetch_add(1, Ordering::Relaxed);
         let serving = serving && !self.draining.load(Ordering::SeqCst);
+        if let Some(m) = &mirror {
+            self.mirrors().insert(key.to_owned(), m.key.clone());
+        }
         let new_service = {
             let mut entries = self.lock();
             let new_service = !entries.values().any(|e| e.instance.name == instance.name);
@@ -318,6 +346,7 @@ impl Table {
                     tracing::debug!(key, "registered again: the older Registration is retired");
                     e.instance = instance.clone();
                     e.value = value;
+                    e.mirror = mirror;
                     e.owner = owner;
                     e.generation += 1;
                     e.serving = serving;
@@ -329,6 +358,7 @@ impl Table {
                         Entry {
                             instance: instance.clone(),
                             value,
+                            mirror,
                             owner,
                             generation: 1,
                             serving,
@@ -400,16 +430,19 @@ impl Table {
         let mut lease_lost_once = false;
         for _ in 0..8 {
             let lease = self.core.live_lease().await?;
-            let (value, generation, instance) = {
+            let (value, mirror, generation, instance) = {
                 let entries = self.lock();
                 match entries.get(key) {
-                    Some(e) if e.serving && !e.yielded => {
-                        (e.value.clone(), e.generation, e.instance.clone())
-                    }
+                    Some(e) if e.serving && !e.yielded => (
+                        e.value.clone(),
+                        e.mirror.clone(),
+                        e.generation,
+                        e.instance.clone(),
+                    ),
                     _ => return Ok(()),
                 }
             };
-            let sent = self.write(key, &value, lease, mode).await;
+            let sent = self.write(key, &value, mirror.as_ref(), lease, mode).await;
             let (revision, other) = match sent {
                 Ok(w) => w,
                 Err(e) if e.is_lease_not_found() && !lease_lost_once => {
@@ -467,49 +500,63 @@ impl Table {
 
     /// One write of `value` under `lease`. Returns the revision, and the
     /// lease of another holder when `OwnOnly` found the key held by it.
+    /// A mirror, if any, is written in the same transaction.
     async fn write(
         &self,
         key: &str,
         value: &[u8],
+        mirror: Option<&Mirror>,
         lease: Lease,
         mode: Mode,
     ) -> Result<(i64, Option<i64>)> {
-        let put = || {
-            TxnOp::put(
+        let puts = || {
+            let mut ops = vec![TxnOp::put(
                 key,
                 value.to_vec(),
                 Some(PutOptions::new().with_lease(lease.id)),
-            )
+            )];
+            ops.extend(mirror.map(|m| m.put(lease.id)));
+            ops
         };
         match mode {
             Mode::TakeOver => {
-                let resp = self
-                    .core
-                    .conn
-                    .retry_on("put", key, |mut c| {
-                        let (key, value) = (key.to_owned(), value.to_vec());
-                        let options = PutOptions::new().with_lease(lease.id).with_prev_key();
-                        async move { c.put(key, value, Some(options)).await }
-                    })
-                    .await?;
-                if let Some(prev) = resp.prev_key()
-                    && prev.lease() != 0
-                    && !self.core.session.is_owned(prev.lease())
+                let (revision, prev_lease) = match mirror {
+                    None => {
+                        let resp = self
+                            .core
+                            .conn
+                            .retry_on("put", key, |mut c| {
+                                let (key, value) = (key.to_owned(), value.to_vec());
+                                let options =
+                                    PutOptions::new().with_lease(lease.id).with_prev_key();
+                                async move { c.put(key, value, Some(options)).await }
+                            })
+                            .await?;
+                        (
+                            resp.header().map_or(0, |h| h.revision()),
+                            resp.prev_key().map(|p| p.lease()),
+                        )
+                    }
+                    Some(m) => self.put_with_mirror(key, value, m, lease.id).await?,
+                };
+                if let Some(prev) = prev_lease
+                    && prev != 0
+                    && !self.core.session.is_owned(prev)
                 {
-                    tracing::warn!(key, other_lease = %format_args!("{:x}", prev.lease()), "took over an instance id that another live lease held (last writer wins)");
+                    tracing::warn!(key, other_lease = %format_args!("{prev:x}"), "took over an instance id that another live lease held (last writer wins)");
                 }
-                Ok((resp.header().map_or(0, |h| h.revision()), None))
+                Ok((revision, None))
             }
             Mode::OwnOnly => {
                 // Ours, or absent / unleased (a missing key compares as lease 0);
                 // else read who holds it. One round trip.
                 let txn = Txn::new()
                     .when([Compare::lease(key, CompareOp::Equal, lease.id)])
-                    .and_then([put()])
+                    .and_then(puts())
                     .or_else([TxnOp::txn(
                         Txn::new()
                             .when([Compare::lease(key, CompareOp::Equal, 0)])
-                            .and_then([put()])
+                            .and_then(puts())
                             .or_else([TxnOp::get(key, None)]),
                     )]);
                 let resp = self
@@ -546,16 +593,20 @@ impl Table {
 
     /// Deletes `key` if `lease` holds it: never another registry's key, nor
     /// a value someone wrote without a lease.
+    /// The key's mirror, if it has one, goes in the same transaction, on
+    /// the same condition for itself.
     pub(crate) async fn delete_if_ours(&self, key: &str, lease: i64) -> Result<()> {
+        let (txn, mirror) = self.delete_txn(key, lease);
         self.core
             .conn
             .retry_on("delete", key, |mut c| {
-                let txn = Txn::new()
-                    .when([Compare::lease(key, CompareOp::Equal, lease)])
-                    .and_then([TxnOp::delete(key, None)]);
+                let txn = txn.clone();
                 async move { c.txn(txn).await }
             })
             .await?;
+        if mirror.is_some() && self.lock().get(key).is_none_or(|e| e.mirror.is_none()) {
+            self.mirrors().remove(key);
+        }
         Ok(())
     }
 
@@ -567,6 +618,8 @@ impl Table {
         instance: &ServiceInstance,
         value: Vec<u8>,
     ) -> Result<()> {
+        // The address changed: the old mirror key goes once the new one is written.
+        let mut stale_mirror = None;
         let write = {
             let mut entries = self.lock();
             self.core.check_open()?;
@@ -575,6 +628,14 @@ impl Table {
                     key: key.to_owned(),
                 });
             };
+            if let Some(m) = &e.mirror {
+                let mirror = Mirror::new(&m.target, instance)?;
+                if mirror.key != m.key {
+                    stale_mirror = Some(m.key.clone());
+                    self.mirrors().insert(key.to_owned(), mirror.key.clone());
+                }
+                e.mirror = Some(mirror);
+            }
             e.instance = instance.clone();
             e.value = value;
             e.generation += 1;
@@ -583,6 +644,9 @@ impl Table {
         };
         if write {
             self.put(key, Mode::OwnOnly).await?;
+        }
+        if let (Some(stale), Some(lease)) = (stale_mirror, self.core.session.lease()) {
+            self.delete_if_ours(&stale, lease.id).await?;
         }
         Ok(())
     }
@@ -654,10 +718,13 @@ impl Table {
         self.draining.store(true, Ordering::SeqCst);
         let keys: Vec<String> = {
             let mut entries = self.lock();
+            // Mirrors are deleted as keys of their own, on the same condition.
             let keys = entries
                 .iter()
                 .filter(|(_, e)| e.serving && !e.yielded)
-                .map(|(k, _)| k.clone())
+                .flat_map(|(k, e)| {
+                    std::iter::once(k.clone()).chain(e.mirror.as_ref().map(|m| m.key.clone()))
+                })
                 .collect();
             for e in entries.values_mut() {
                 e.serving = false;

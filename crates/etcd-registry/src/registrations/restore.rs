@@ -15,7 +15,7 @@ use etcd_client::{PutOptions, Txn, TxnOp};
 use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
 
-use super::{OP_OVERHEAD, REQUEST_MARGIN, Table, Written};
+use super::{Mirror, OP_OVERHEAD, REQUEST_MARGIN, Table, Written};
 use crate::backoff::Backoff;
 use crate::error::{Error, Result};
 
@@ -26,7 +26,25 @@ const CONCURRENT_BATCHES: usize = 8;
 pub(super) struct Item {
     pub(super) key: String,
     pub(super) value: Vec<u8>,
+    /// Put in the same batch as the key.
+    pub(super) mirror: Option<Mirror>,
     pub(super) generation: u64,
+}
+
+impl Item {
+    /// Operations the item takes in a transaction.
+    fn ops(&self) -> usize {
+        1 + usize::from(self.mirror.is_some())
+    }
+
+    /// Bytes the item takes in a request.
+    fn size(&self) -> usize {
+        let mirror = self
+            .mirror
+            .as_ref()
+            .map_or(0, |m| m.key.len() + m.value.len() + OP_OVERHEAD);
+        self.key.len() + self.value.len() + OP_OVERHEAD + mirror
+    }
 }
 
 /// Follows the session's lease; restores every registration under each new one.
@@ -90,6 +108,7 @@ async fn restore_all(table: &Table, lease_id: i64) -> Result<usize> {
             .map(|(k, e)| Item {
                 key: k.clone(),
                 value: e.value.clone(),
+                mirror: e.mirror.clone(),
                 generation: e.generation,
             })
             .collect()
@@ -127,14 +146,15 @@ fn batches(items: Vec<Item>, max_ops: usize, max_bytes: usize) -> Vec<Vec<Item>>
     let budget = max_bytes.saturating_sub(REQUEST_MARGIN).max(1);
     let mut out = Vec::new();
     let mut batch: Vec<Item> = Vec::new();
-    let mut bytes = 0;
+    let (mut bytes, mut ops) = (0, 0);
     for item in items {
-        let size = item.key.len() + item.value.len() + OP_OVERHEAD;
-        if !batch.is_empty() && (batch.len() >= max_ops.max(1) || bytes + size > budget) {
+        let size = item.size();
+        if !batch.is_empty() && (ops + item.ops() > max_ops.max(1) || bytes + size > budget) {
             out.push(std::mem::take(&mut batch));
-            bytes = 0;
+            (bytes, ops) = (0, 0);
         }
         bytes += size;
+        ops += item.ops();
         batch.push(item);
     }
     if !batch.is_empty() {
@@ -181,12 +201,13 @@ fn send(
     Box::pin(async move {
         let ops: Vec<TxnOp> = batch
             .iter()
-            .map(|i| {
-                TxnOp::put(
+            .flat_map(|i| {
+                std::iter::once(TxnOp::put(
                     i.key.as_str(),
                     i.value.clone(),
                     Some(PutOptions::new().with_lease(lease_id)),
-                )
+                ))
+                .chain(i.mirror.as_ref().map(|m| m.put(lease_id)))
             })
             .collect();
         let resp = table
@@ -209,10 +230,7 @@ fn send(
                     let now = match limit {
                         Limit::Ops => half.max(1),
                         Limit::Bytes => {
-                            let bytes: usize = batch
-                                .iter()
-                                .map(|i| i.key.len() + i.value.len() + OP_OVERHEAD)
-                                .sum();
+                            let bytes: usize = batch.iter().map(Item::size).sum();
                             (bytes / 2 + REQUEST_MARGIN).max(REQUEST_MARGIN + 1)
                         }
                     };
@@ -263,6 +281,7 @@ mod tests {
         Item {
             key: format!("k{n}"),
             value: vec![b'x'; bytes],
+            mirror: None,
             generation: 1,
         }
     }

@@ -182,6 +182,38 @@ impl Registry {
         self.inner.regs.register_all(instances).await
     }
 
+    /// Registers `instance` like [`register`](Registry::register), also
+    /// published as `publish` says. With [`Publish::GrpcNaming`](crate::Publish::GrpcNaming) the
+    /// instance is also written at `{target}/{host:port}` in gRPC's etcd
+    /// naming layout ([`crate::naming`]), so that a gRPC client dialing
+    /// `etcd:///{target}` finds it: under the same lease, in the same
+    /// transaction as the instance's own key, deleted with it (deregister,
+    /// drain, a failing health check), restored with it under a new lease and
+    /// reclaimed with it after a take-over. This replaces the registry-wide
+    /// [`RegistryBuilder::publish_grpc_naming`] for this registration.
+    ///
+    /// Fails with [`Error::InvalidInput`](crate::Error::InvalidInput) for
+    /// `target` (empty, ending with `/`, a control character) or `port` (not
+    /// a number) before anything is written.
+    ///
+    /// ```no_run
+    /// # async fn demo(registry: etcd_registry::Registry) -> etcd_registry::Result<()> {
+    /// use etcd_registry::{Publish, ServiceInstance};
+    /// let target = "foo/bar/my-service".to_owned();
+    /// let instance = ServiceInstance::new("my-service", "a-1", "10.0.0.1", 50051);
+    /// let _reg = registry.register_with(instance, Publish::GrpcNaming { target }).await?;
+    /// // A Go client: grpc.Dial("etcd:///foo/bar/my-service", grpc.WithResolvers(r), ...)
+    /// # Ok(()) }
+    /// ```
+    pub async fn register_with(
+        &self,
+        instance: ServiceInstance,
+        publish: crate::naming::Publish,
+    ) -> Result<Registration> {
+        let _timer = crate::metrics::timer(self.core().namespace(), "register");
+        self.inner.regs.register_with(instance, Some(publish)).await
+    }
+
     /// Registers `instance` while `check` passes: the key is in etcd only
     /// while the instance is healthy by `policy` (see [`crate::health`]).
     ///
