@@ -310,6 +310,11 @@ fn tls_hint(detail: &str, tls: bool) -> Option<&'static str> {
         Some(
             "the server's certificate is for another name; check the endpoint's host or the TLS domain name",
         )
+    } else if d.contains("tls handshake eof") {
+        // etcd serving plain text hangs up on a ClientHello.
+        Some(
+            "the server hung up during the handshake; is it serving plain text (then use http:// without TLS settings)?",
+        )
     } else if closed_after_handshake
         || d.contains("certificaterequired")
         || d.contains("certificate required")

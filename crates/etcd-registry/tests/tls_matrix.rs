@@ -750,3 +750,36 @@ async fn a_v1_server_certificate_is_named_in_the_handshake_error() {
         other => panic!("expected a handshake failure, got {other:?}"),
     }
 }
+
+/// A plain-text etcd dialled with TLS settings: TCP connects, etcd hangs up
+/// on the ClientHello, and the error says so and suggests http://.
+// Checked against the mutant: without the "tls handshake eof" branch of
+// conn.rs `tls_hint`, the hint is the generic one and this fails.
+#[tokio::test]
+async fn a_plain_text_etcd_dialled_with_tls_says_so() {
+    common::init_tracing();
+    let etcd = EtcdServer::builder()
+        .name("tls-plain")
+        .start()
+        .await
+        .unwrap();
+    let ca = TestCa::new("unused CA").unwrap();
+    let bare = etcd.endpoint().replace("http://", "");
+    let ns = unique_name("tlsm");
+    match common::builder(vec![bare], &ns, 10)
+        .tls(TlsConfig::new().ca_certificate(ca.cert_pem()))
+        .connect()
+        .await
+    {
+        Err(Error::Connect { reason, .. }) => {
+            for w in [
+                "TCP connected, TLS handshake failed",
+                "plain text",
+                "http://",
+            ] {
+                assert!(reason.contains(w), "{w:?} missing from: {reason}");
+            }
+        }
+        other => panic!("expected a handshake failure, got {other:?}"),
+    }
+}

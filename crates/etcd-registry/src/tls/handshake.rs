@@ -51,11 +51,13 @@ fn find(e: &(dyn StdError + 'static)) -> Option<Found> {
     None
 }
 
-/// rustls's own words in the text of an error whose typed rustls error was
+/// rustls's (or tokio-rustls's) own words in the text of an error whose typed rustls error was
 /// lost on the way (h2 and hyper pass a received alert on as text), e.g.
 /// "received fatal alert: BadCertificate".
 pub(crate) fn reason_in_text(detail: &str) -> Option<&str> {
-    const RUSTLS_SAYS: [&str; 5] = [
+    const RUSTLS_SAYS: [&str; 6] = [
+        // tokio-rustls, when the server hangs up mid-handshake.
+        "tls handshake eof",
         "received fatal alert: ",
         "invalid peer certificate: ",
         "received corrupt message",
@@ -166,6 +168,8 @@ mod tests {
             reason_in_text("tcp connect error: Connection refused"),
             None
         );
+        let d = r#"message: "tls handshake eof", source: tonic::transport::Error(Transport, ConnectError(Custom { kind: UnexpectedEof, error: "tls handshake eof" }))"#;
+        assert_eq!(reason_in_text(d), Some("tls handshake eof"));
     }
 
     #[test]
