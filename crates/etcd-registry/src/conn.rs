@@ -304,7 +304,28 @@ fn tls_hint(detail: &str, tls: bool) -> Option<&'static str> {
     ]
     .iter()
     .any(|m| d.contains(m));
-    if d.contains("unknownissuer") || d.contains("unknown issuer") || d.contains("unknown ca") {
+    // An alert received is the server refusing us: UnknownCA there means our
+    // client certificate's CA, not the server's.
+    const REFUSED_CLIENT_CERT: [&str; 8] = [
+        "badcertificate",
+        "unknownca",
+        "certificaterequired",
+        "certificateexpired",
+        "certificateunknown",
+        "certificaterevoked",
+        "unsupportedcertificate",
+        "accessdenied",
+    ];
+    let alert_refusing_client_cert =
+        d.contains("received fatal alert") && REFUSED_CLIENT_CERT.iter().any(|a| d.contains(a));
+    if alert_refusing_client_cert {
+        Some(
+            "the server refused the client certificate or none was given; check the client certificate and key, and that etcd's --trusted-ca-file holds its CA",
+        )
+    } else if d.contains("unknownissuer")
+        || d.contains("unknown issuer")
+        || d.contains("unknown ca")
+    {
         Some("the server's certificate is not signed by a trusted CA; check the CA certificate")
     } else if d.contains("notvalidforname") || d.contains("not valid for name") {
         Some(
