@@ -121,13 +121,16 @@ impl From<etcd_registry::Error> for CliError {
                     Some("give both --user and --password (or ETCD_USER/ETCD_PASSWORD)".into())
                 }
                 "tls" => Some(
-                    "give readable PEM files to --cacert, --cert and --key \
-                     (or ETCD_CACERT/ETCD_CERT/ETCD_KEY)"
+                    "--cacert, --cert and --key (or ETCD_CACERT/ETCD_CERT/ETCD_KEY) take \
+                     readable PEM files; the error names the file and how to fix it (README: \
+                     \"TLS with openssl and real PKIs\")"
                         .into(),
                 ),
                 _ => None,
             },
-            E::Connect { reason, .. } if reason.contains("TLS") => Some(
+            // TCP connected, so something listens there: never ask whether
+            // etcd is running.
+            E::Connect { reason, .. } if is_tls_failure(reason) => Some(
                 "the TLS handshake failed: check the CA certificate (--cacert), the client \
                  certificate and key (--cert, --key) and that the server's certificate \
                  names the host in --endpoints"
@@ -160,6 +163,12 @@ impl From<etcd_registry::Error> for CliError {
             hint,
         }
     }
+}
+
+/// Whether a connect failure's reason is a TLS failure (the library says
+/// so in these words) rather than a refused or timed-out connect.
+fn is_tls_failure(reason: &str) -> bool {
+    reason.contains("TLS handshake failed") || reason.contains("TLS settings")
 }
 
 impl From<etcd_registry_testkit::Error> for CliError {
@@ -196,6 +205,34 @@ mod tests {
             }
             other => panic!("unexpected {other:?}"),
         }
+    }
+
+    fn hint_of(reason: &str) -> String {
+        let e = etcd_registry::Error::Connect {
+            endpoints: vec!["https://127.0.0.1:2379".into()],
+            timeout: std::time::Duration::from_secs(3),
+            reason: reason.into(),
+        };
+        match CliError::from(e) {
+            CliError::Failed {
+                hint: Some(hint), ..
+            } => hint,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_tls_failure_never_asks_whether_etcd_runs() {
+        let tls = hint_of(
+            "https://127.0.0.1:2379: TCP connected, TLS handshake failed: invalid peer \
+             certificate: UnknownIssuer (check the CA certificate)",
+        );
+        assert!(tls.contains("TLS handshake failed"), "{tls}");
+        assert!(!tls.contains("running"), "{tls}");
+        let refused = hint_of("https://127.0.0.1:2379: tcp connect error: Connection refused");
+        assert!(refused.contains("is etcd running there?"), "{refused}");
+        let slow = hint_of("https://127.0.0.1:2379: no answer within 3s");
+        assert!(slow.contains("is etcd running there?"), "{slow}");
     }
 
     #[test]

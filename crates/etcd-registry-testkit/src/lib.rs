@@ -49,7 +49,7 @@ pub use health_endpoint::HealthEndpoint;
 pub use http::get as http_get;
 pub use proxy::{Direction, FaultProxy, ProxyMode};
 pub use server::{EtcdServer, EtcdServerBuilder};
-pub use tls::{CertifiedKey, ServerTls, TestCa};
+pub use tls::{CertSpec, CertifiedKey, KeyType, Openssl, ServerTls, TestCa};
 pub use wait::{eventually, within};
 
 /// The etcd server shared by all tests of one test binary.

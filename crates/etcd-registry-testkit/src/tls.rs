@@ -65,17 +65,7 @@ impl TestCa {
     ///
     /// [`Error::Tls`] if key generation or signing fails.
     pub fn new(common_name: &str) -> Result<Self> {
-        let mut params =
-            CertificateParams::new(Vec::<String>::new()).map_err(|e| tls_error("CA", e))?;
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-        params.distinguished_name = name(common_name);
-        let key = KeyPair::generate().map_err(|e| tls_error("CA key", e))?;
-        let cert = params.self_signed(&key).map_err(|e| tls_error("CA", e))?;
-        Ok(Self {
-            cert_pem: cert.pem(),
-            issuer: Issuer::new(params, key),
-        })
+        Self::with_key(common_name, KeyType::EcdsaP256)
     }
 
     /// The CA certificate, PEM: what clients (or servers) trust.
@@ -113,6 +103,66 @@ impl TestCa {
         })
     }
 
+    /// A CA of the given key type, like [`new`](Self::new).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Tls`] if key generation or signing fails.
+    pub fn with_key(common_name: &str, key: KeyType) -> Result<Self> {
+        let (params, key) = ca_params(common_name, key)?;
+        let cert = params.self_signed(&key).map_err(|e| tls_error("CA", e))?;
+        Ok(Self {
+            cert_pem: cert.pem(),
+            issuer: Issuer::new(params, key),
+        })
+    }
+
+    /// An intermediate CA signed by this one. Its [`cert_pem`](Self::cert_pem)
+    /// is its own certificate only; a chain is `leaf + intermediate`.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Tls`] if key generation or signing fails.
+    pub fn intermediate(&self, common_name: &str) -> Result<Self> {
+        let (params, key) = ca_params(common_name, KeyType::EcdsaP256)?;
+        let cert = params
+            .signed_by(&key, &self.issuer)
+            .map_err(|e| tls_error(common_name, e))?;
+        Ok(Self {
+            cert_pem: cert.pem(),
+            issuer: Issuer::new(params, key),
+        })
+    }
+
+    /// Issues a certificate as `spec` describes.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Tls`] if a name is invalid or signing fails.
+    pub fn issue_with(&self, spec: &CertSpec) -> Result<CertifiedKey> {
+        let cn = spec.common_name.as_str();
+        let mut params =
+            CertificateParams::new(spec.alt_names.clone()).map_err(|e| tls_error(cn, e))?;
+        params.distinguished_name = name(cn);
+        params.key_usages = vec![
+            KeyUsagePurpose::DigitalSignature,
+            KeyUsagePurpose::KeyEncipherment,
+        ];
+        params.extended_key_usages = spec.purposes.clone();
+        if spec.expired {
+            params.not_before = rcgen::date_time_ymd(2020, 1, 1);
+            params.not_after = rcgen::date_time_ymd(2021, 1, 1);
+        }
+        let key = KeyPair::generate_for(spec.key.algorithm()).map_err(|e| tls_error(cn, e))?;
+        let cert = params
+            .signed_by(&key, &self.issuer)
+            .map_err(|e| tls_error(cn, e))?;
+        Ok(CertifiedKey {
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+        })
+    }
+
     /// Server TLS for a loopback etcd: a certificate for `localhost` and
     /// `127.0.0.1` from this CA; clients need not present a certificate.
     ///
@@ -124,6 +174,223 @@ impl TestCa {
             self.cert_pem.clone(),
             self.issue("etcd-server", &["localhost", "127.0.0.1"])?,
         ))
+    }
+}
+
+fn ca_params(common_name: &str, key: KeyType) -> Result<(CertificateParams, KeyPair)> {
+    let mut params =
+        CertificateParams::new(Vec::<String>::new()).map_err(|e| tls_error(common_name, e))?;
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    params.distinguished_name = name(common_name);
+    let key = KeyPair::generate_for(key.algorithm()).map_err(|e| tls_error(common_name, e))?;
+    Ok((params, key))
+}
+
+/// The key algorithm of a certificate made by [`TestCa`]. (RSA keys come
+/// from [`Openssl`]: rcgen on ring cannot generate them.)
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum KeyType {
+    /// ECDSA on P-256 with SHA-256 (the default).
+    #[default]
+    EcdsaP256,
+    /// ECDSA on P-384 with SHA-384.
+    EcdsaP384,
+    /// Ed25519.
+    Ed25519,
+}
+
+impl KeyType {
+    fn algorithm(self) -> &'static rcgen::SignatureAlgorithm {
+        match self {
+            KeyType::EcdsaP256 => &rcgen::PKCS_ECDSA_P256_SHA256,
+            KeyType::EcdsaP384 => &rcgen::PKCS_ECDSA_P384_SHA384,
+            KeyType::Ed25519 => &rcgen::PKCS_ED25519,
+        }
+    }
+}
+
+/// What [`TestCa::issue_with`] issues. Default: common name `client`, no
+/// alternative names, ECDSA P-256, valid now, for server and client
+/// authentication.
+#[derive(Clone, Debug)]
+#[non_exhaustive]
+pub struct CertSpec {
+    /// The subject's common name.
+    pub common_name: String,
+    /// Subject alternative names: DNS names or IP addresses.
+    pub alt_names: Vec<String>,
+    /// The key algorithm.
+    pub key: KeyType,
+    /// Valid only in 2020: expired now.
+    pub expired: bool,
+    /// The extendedKeyUsage purposes.
+    pub purposes: Vec<ExtendedKeyUsagePurpose>,
+}
+
+impl Default for CertSpec {
+    fn default() -> Self {
+        Self {
+            common_name: "client".to_owned(),
+            alt_names: Vec::new(),
+            key: KeyType::EcdsaP256,
+            expired: false,
+            purposes: vec![
+                ExtendedKeyUsagePurpose::ServerAuth,
+                ExtendedKeyUsagePurpose::ClientAuth,
+            ],
+        }
+    }
+}
+
+impl CertSpec {
+    /// A certificate for `common_name` with these alternative names.
+    pub fn new(common_name: &str, alt_names: &[&str]) -> Self {
+        Self {
+            common_name: common_name.to_owned(),
+            alt_names: alt_names.iter().map(|s| (*s).to_owned()).collect(),
+            ..Self::default()
+        }
+    }
+
+    /// With this key algorithm.
+    #[must_use]
+    pub fn key(mut self, key: KeyType) -> Self {
+        self.key = key;
+        self
+    }
+
+    /// Expired (valid only in 2020).
+    #[must_use]
+    pub fn expired(mut self) -> Self {
+        self.expired = true;
+        self
+    }
+
+    /// For server authentication only (no clientAuth purpose).
+    #[must_use]
+    pub fn server_only(mut self) -> Self {
+        self.purposes = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        self
+    }
+}
+
+/// The `openssl` command line, run in a temporary directory of its own, to
+/// make certificates as people and PKIs make them. The directory (and every
+/// key in it) is removed on drop.
+///
+/// ```no_run
+/// # fn demo() -> etcd_registry_testkit::Result<()> {
+/// use etcd_registry_testkit::Openssl;
+///
+/// let ssl = Openssl::new()?;
+/// ssl.run(&["genpkey", "-algorithm", "ed25519", "-out", "client.key"])?;
+/// let key_path = ssl.path("client.key");
+/// # Ok(()) }
+/// ```
+#[derive(Debug)]
+pub struct Openssl {
+    dir: tempfile::TempDir,
+}
+
+impl Openssl {
+    /// A fresh directory, after checking that `openssl` runs.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Tls`] naming `scripts/setup` if `openssl` is not on `PATH`;
+    /// [`Error::Io`] if the directory cannot be made.
+    pub fn new() -> Result<Self> {
+        match std::process::Command::new("openssl")
+            .arg("version")
+            .output()
+        {
+            Ok(out) if out.status.success() => {}
+            Ok(out) => {
+                return Err(Error::Tls(format!(
+                    "`openssl version` failed ({}); run scripts/setup to install openssl",
+                    out.status
+                )));
+            }
+            Err(e) => {
+                return Err(Error::Tls(format!(
+                    "the openssl command line is not installed ({e}); run scripts/setup \
+                     to install it (Debian package openssl)"
+                )));
+            }
+        }
+        Ok(Self {
+            dir: tempfile::Builder::new()
+                .prefix("etcd-registry-openssl-")
+                .tempdir()?,
+        })
+    }
+
+    /// The directory the commands run in.
+    pub fn dir(&self) -> &std::path::Path {
+        self.dir.path()
+    }
+
+    /// The path of `file` in that directory.
+    pub fn path(&self, file: &str) -> std::path::PathBuf {
+        self.dir.path().join(file)
+    }
+
+    /// Runs `openssl ARGS...` in the directory; file names are relative to it.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Tls`] with the command and what openssl printed, if it fails.
+    pub fn run(&self, args: &[&str]) -> Result<()> {
+        let out = std::process::Command::new("openssl")
+            .args(args)
+            .current_dir(self.dir.path())
+            .stdin(std::process::Stdio::null())
+            .output()?;
+        if out.status.success() {
+            return Ok(());
+        }
+        Err(Error::Tls(format!(
+            "`openssl {}` failed ({}): {}",
+            args.join(" "),
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        )))
+    }
+
+    /// Writes `text` to `file` in the directory and returns its path.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Io`] if it cannot be written.
+    pub fn write(&self, file: &str, text: &str) -> Result<std::path::PathBuf> {
+        let path = self.path(file);
+        std::fs::write(&path, text)?;
+        Ok(path)
+    }
+
+    /// Reads `file` in the directory.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Io`] if it cannot be read.
+    pub fn read(&self, file: &str) -> Result<String> {
+        Ok(std::fs::read_to_string(self.path(file))?)
+    }
+
+    /// Writes the files `parts`, in order, into `file` (a chain or a bundle)
+    /// and returns its path.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Io`] if one cannot be read or the result written.
+    pub fn concat(&self, file: &str, parts: &[&str]) -> Result<std::path::PathBuf> {
+        let mut text = String::new();
+        for part in parts {
+            text.push_str(&self.read(part)?);
+        }
+        self.write(file, &text)
     }
 }
 

@@ -235,9 +235,23 @@ fn auth_error(config: &Config, reason: String) -> Error {
 
 /// The whole chain of a connect failure: tonic's transport error says only
 /// "transport error", and the cause (a refused TLS handshake, a refused
-/// connection) is several sources down. A TLS failure is labelled as such,
-/// with a hint at what to check.
+/// connection) is several sources down. A TLS failure says that TCP
+/// connected and the handshake failed, with rustls's reason and what to
+/// check; a refused or timed-out connect never reads as one.
 fn describe_connect_error(e: &etcd_client::Error, tls: bool) -> String {
+    #[cfg(feature = "tls")]
+    match crate::tls::handshake::find_in(e) {
+        Some(crate::tls::handshake::Found::Handshake { reason, check }) => {
+            return format!("TCP connected, TLS handshake failed: {reason} ({check})");
+        }
+        Some(crate::tls::handshake::Found::Settings(reason)) => {
+            return format!(
+                "the TLS settings were refused before connecting: {reason} (check the client \
+                 certificate and key)"
+            );
+        }
+        None => {}
+    }
     let mut parts = vec![e.to_string()];
     let mut source = std::error::Error::source(e);
     while let Some(s) = source {
@@ -249,7 +263,13 @@ fn describe_connect_error(e: &etcd_client::Error, tls: bool) -> String {
     }
     let detail = parts.join(": ");
     match tls_hint(&detail, tls) {
-        Some(hint) => format!("TLS handshake failed ({hint}): {detail}"),
+        #[cfg(feature = "tls")]
+        Some(hint) => {
+            let reason = crate::tls::handshake::reason_in_text(&detail).unwrap_or(&detail);
+            format!("TCP connected, TLS handshake failed: {reason} ({hint})")
+        }
+        #[cfg(not(feature = "tls"))]
+        Some(hint) => format!("TCP connected, TLS handshake failed: {detail} ({hint})"),
         None => detail,
     }
 }
@@ -264,28 +284,57 @@ fn uses_tls(config: &Config, endpoint: &str) -> bool {
     endpoint.starts_with("https://")
 }
 
-/// What to check for a TLS failure described by `detail`, or `None` when it
-/// is no TLS failure.
+/// What to check for a TLS failure described by `detail` (when no rustls
+/// error was found in it), or `None` when it is no TLS failure: a refused or
+/// timed-out TCP connect is not one.
 fn tls_hint(detail: &str, tls: bool) -> Option<&'static str> {
     let d = detail.to_ascii_lowercase();
+    if !tls || d.contains("connection refused") || d.contains("tcp connect") {
+        return None;
+    }
     // etcd refuses a missing or untrusted client certificate after the
     // client has finished its side of a TLS 1.3 handshake: the client then
     // sees the alert, or, when its first request raced the alert, only a
-    // closed connection. A refused TCP connection reads differently.
-    let closed_after_handshake = tls
-        && [
-            "broken pipe",
-            "connection closed",
-            "connection reset",
-            "operation was canceled",
-        ]
-        .iter()
-        .any(|m| d.contains(m));
-    if d.contains("unknownissuer") || d.contains("unknown issuer") || d.contains("unknown ca") {
+    // closed connection.
+    let closed_after_handshake = [
+        "broken pipe",
+        "connection closed",
+        "connection reset",
+        "operation was canceled",
+    ]
+    .iter()
+    .any(|m| d.contains(m));
+    // An alert received is the server refusing us: UnknownCA there means our
+    // client certificate's CA, not the server's.
+    const REFUSED_CLIENT_CERT: [&str; 8] = [
+        "badcertificate",
+        "unknownca",
+        "certificaterequired",
+        "certificateexpired",
+        "certificateunknown",
+        "certificaterevoked",
+        "unsupportedcertificate",
+        "accessdenied",
+    ];
+    let alert_refusing_client_cert =
+        d.contains("received fatal alert") && REFUSED_CLIENT_CERT.iter().any(|a| d.contains(a));
+    if alert_refusing_client_cert {
+        Some(
+            "the server refused the client certificate or none was given; check the client certificate and key, and that etcd's --trusted-ca-file holds its CA",
+        )
+    } else if d.contains("unknownissuer")
+        || d.contains("unknown issuer")
+        || d.contains("unknown ca")
+    {
         Some("the server's certificate is not signed by a trusted CA; check the CA certificate")
     } else if d.contains("notvalidforname") || d.contains("not valid for name") {
         Some(
             "the server's certificate is for another name; check the endpoint's host or the TLS domain name",
+        )
+    } else if d.contains("tls handshake eof") {
+        // etcd serving plain text hangs up on a ClientHello.
+        Some(
+            "the server hung up during the handshake; is it serving plain text (then use http:// without TLS settings)?",
         )
     } else if closed_after_handshake
         || d.contains("certificaterequired")

@@ -2,7 +2,11 @@
 //! by default).
 
 use std::fmt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+
+mod check;
+pub(crate) mod handshake;
+mod x509;
 
 use crate::error::{Error, Result};
 
@@ -41,6 +45,8 @@ pub struct TlsConfig {
     ca_pem: Option<String>,
     identity: Option<(String, String)>,
     domain_name: Option<String>,
+    /// The files the identity came from, to name them in errors.
+    identity_files: Option<(PathBuf, PathBuf)>,
 }
 
 impl fmt::Debug for TlsConfig {
@@ -67,16 +73,22 @@ impl TlsConfig {
     }
 
     /// Trusts only this CA certificate (PEM) for the server's certificate,
-    /// instead of the system roots.
+    /// instead of the system roots. The PEM may hold several certificates
+    /// (a bundle of CAs, or a root and its intermediates); each is trusted.
+    /// Only its PEM form is checked (at connect);
+    /// [`ca_certificate_file`](Self::ca_certificate_file) checks more.
     pub fn ca_certificate(mut self, pem: impl Into<String>) -> Self {
         self.ca_pem = Some(pem.into());
         self
     }
 
     /// Presents this client certificate and private key (both PEM) for mutual
-    /// TLS. Default: none.
+    /// TLS. Default: none. The certificate PEM may go on with the
+    /// intermediate CAs that issued it (leaf first). Both are checked when the
+    /// registry connects, as [`identity_files`](Self::identity_files) describes.
     pub fn identity(mut self, cert_pem: impl Into<String>, key_pem: impl Into<String>) -> Self {
         self.identity = Some((cert_pem.into(), key_pem.into()));
+        self.identity_files = None;
         self
     }
 
@@ -94,8 +106,10 @@ impl TlsConfig {
     ///
     /// # Errors
     ///
-    /// [`Error::InvalidInput`] with field `tls` naming the file that cannot
-    /// be read or holds no PEM block.
+    /// [`Error::InvalidInput`] with field `tls`, naming the file, when a file
+    /// cannot be read or holds nothing usable; see
+    /// [`ca_certificate_file`](Self::ca_certificate_file) and
+    /// [`identity_files`](Self::identity_files).
     pub fn from_files(
         ca: impl AsRef<Path>,
         cert: impl AsRef<Path>,
@@ -106,44 +120,73 @@ impl TlsConfig {
             .identity_files(cert, key)
     }
 
-    /// Like [`ca_certificate`](Self::ca_certificate), read from a PEM file.
+    /// Like [`ca_certificate`](Self::ca_certificate), read from a PEM file
+    /// and checked now.
     ///
     /// # Errors
     ///
-    /// [`Error::InvalidInput`] with field `tls` naming the file that cannot
-    /// be read or holds no PEM block.
+    /// [`Error::InvalidInput`] with field `tls`, naming the file, when it
+    /// cannot be read, holds no certificate, or none of its certificates can
+    /// be a trust anchor. A bundle in which only some certificates are
+    /// unusable is accepted, with a warning naming them.
     pub fn ca_certificate_file(self, ca: impl AsRef<Path>) -> Result<Self> {
-        Ok(self.ca_certificate(read_pem(ca.as_ref(), "CA certificate")?))
+        let path = ca.as_ref();
+        let pem = read_pem(path, "CA certificate")?;
+        check::ca(&pem, &format!("CA certificate {}", path.display()))?;
+        Ok(self.ca_certificate(pem))
     }
 
-    /// Like [`identity`](Self::identity), read from PEM files.
+    /// Like [`identity`](Self::identity), read from PEM files and checked
+    /// now, as rustls (the TLS stack) and etcd would at connect.
+    ///
+    /// The certificate must be X.509 v3 (an `openssl x509 -req` run without
+    /// `-extfile` makes a v1 certificate, which rustls refuses), valid now,
+    /// and, if it lists extended key usages, allowed `clientAuth` (etcd
+    /// checks it). The key may be PKCS#8 (`BEGIN PRIVATE KEY`), PKCS#1
+    /// (`BEGIN RSA PRIVATE KEY`) or SEC1 (`BEGIN EC PRIVATE KEY`): RSA,
+    /// ECDSA P-256 or P-384, or Ed25519, unencrypted, and the certificate's.
     ///
     /// # Errors
     ///
-    /// [`Error::InvalidInput`] with field `tls` naming the file that cannot
-    /// be read or holds no PEM block.
+    /// [`Error::InvalidInput`] with field `tls` when a file cannot be read or
+    /// breaks a rule above. The message names the file (both files for a
+    /// certificate and key that do not match), says why, and how to re-issue
+    /// or convert it.
     pub fn identity_files(self, cert: impl AsRef<Path>, key: impl AsRef<Path>) -> Result<Self> {
-        Ok(self.identity(
-            read_pem(cert.as_ref(), "client certificate")?,
-            read_pem(key.as_ref(), "client key")?,
-        ))
+        let (cert, key) = (cert.as_ref(), key.as_ref());
+        let cert_pem = read_pem(cert, "client certificate")?;
+        let key_pem = read_pem(key, "client key")?;
+        check::identity(
+            &cert_pem,
+            &key_pem,
+            &format!("client certificate {}", cert.display()),
+            &format!("client key {}", key.display()),
+        )?;
+        let mut tls = self.identity(cert_pem, key_pem);
+        tls.identity_files = Some((cert.to_owned(), key.to_owned()));
+        Ok(tls)
     }
 
-    /// Checks what can be checked without connecting: every PEM holds a PEM block.
+    /// Checks what can be checked without connecting: the client
+    /// certificate and its key as [`identity_files`](Self::identity_files)
+    /// does, that the CA is PEM (a CA file was checked in full when loaded;
+    /// a CA given as text that cannot be used shows as an unknown issuer at
+    /// the handshake), and the name.
     pub(crate) fn validate(&self) -> Result<()> {
-        let pem = |what: &str, text: &str| {
-            if text.contains("-----BEGIN ") {
-                Ok(())
-            } else {
-                Err(Error::invalid("tls", format!("the {what} is not PEM")))
-            }
-        };
-        if let Some(ca) = &self.ca_pem {
-            pem("CA certificate", ca)?;
+        if let Some(ca) = &self.ca_pem
+            && !ca.contains("-----BEGIN ")
+        {
+            return Err(Error::invalid("tls", "the CA certificate is not PEM"));
         }
         if let Some((cert, key)) = &self.identity {
-            pem("client certificate", cert)?;
-            pem("client key", key)?;
+            let (cert_label, key_label) = match &self.identity_files {
+                Some((c, k)) => (
+                    format!("client certificate {}", c.display()),
+                    format!("client key {}", k.display()),
+                ),
+                None => ("client certificate".to_owned(), "client key".to_owned()),
+            };
+            check::identity(cert, key, &cert_label, &key_label)?;
         }
         if let Some(name) = &self.domain_name
             && (name.is_empty() || name.chars().any(|c| c.is_control() || c == '/'))
@@ -180,7 +223,11 @@ fn read_pem(path: &Path, what: &str) -> Result<String> {
     if !text.contains("-----BEGIN ") {
         return Err(Error::invalid(
             "tls",
-            format!("the {what} {} holds no PEM block", path.display()),
+            format!(
+                "the {what} {} holds no PEM block (DER files can be converted with \
+                 `openssl x509 -inform der` or `openssl pkey -inform der`)",
+                path.display()
+            ),
         ));
     }
     Ok(text)
