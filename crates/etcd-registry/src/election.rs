@@ -706,7 +706,7 @@ impl Leadership {
     /// # fn demo(leadership: etcd_registry::Leadership) {
     /// if let Some(deadline) = leadership.lease_deadline() {
     ///     let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-    ///     println!("leading for at least {left:?} more, unless the key is deleted");
+    ///     println!("leadership ends within {left:?} unless a keep-alive is acknowledged");
     /// }
     /// # }
     /// ```

@@ -415,7 +415,7 @@ impl LockGuard {
     /// # fn demo(guard: etcd_registry::LockGuard) {
     /// if let Some(deadline) = guard.lease_deadline() {
     ///     let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-    ///     println!("holding for at least {left:?} more, unless the key is deleted");
+    ///     println!("the hold ends within {left:?} unless a keep-alive is acknowledged");
     /// }
     /// # }
     /// ```
