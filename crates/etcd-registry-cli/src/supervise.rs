@@ -245,6 +245,7 @@ impl Supervisor {
                     .lease_deadline()
                     .map(|d| d.saturating_duration_since(Instant::now()))
                     .unwrap_or_default();
+                tracing::info!(pid, deadline_in = ?left, "lease deadline within the grace period");
                 format!(
                     "keep-alives are failing and the lease deadline is {} away: stopping the command (pid {pid}): SIGTERM, SIGKILL at the deadline at the latest",
                     humantime::format_duration(round_ms(left))
@@ -318,6 +319,7 @@ impl Supervisor {
                     Some(why) => kill_now(&mut child, group, why).await?,
                     None => {
                         say(announce(&reason, pid));
+                        tracing::info!(pid, "stopping the command: SIGTERM");
                         signal_group(group, Signal::SIGTERM);
                         self.wait_grace(&mut child, group, shutdown, hard).await?
                     }
@@ -406,6 +408,7 @@ impl Supervisor {
 /// SIGKILL to the command's group, saying `why`; waits for the command.
 async fn kill_now(child: &mut Child, group: Pid, why: &str) -> CliResult<Status> {
     say(format!("{why}: SIGKILL"));
+    tracing::info!(pgid = group.as_raw(), why, "SIGKILL");
     signal_group(group, Signal::SIGKILL);
     Ok(Status(child.wait().await?))
 }
