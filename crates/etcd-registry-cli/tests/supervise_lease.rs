@@ -289,10 +289,11 @@ fn kill_lateness(stderr: &str) -> Vec<f64> {
         if line.contains("lease deadline within the grace period") {
             let left = line.split("deadline_in=").nth(1).and_then(secs);
             deadline = at(line).zip(left).map(|(t, left)| t + left);
-        } else if line.contains("SIGKILL pgid=") && line.contains("lease deadline passed") {
-            if let (Some(d), Some(t)) = (deadline.take(), at(line)) {
-                late.push(t - d);
-            }
+        } else if line.contains("SIGKILL pgid=")
+            && line.contains("lease deadline passed")
+            && let (Some(d), Some(t)) = (deadline.take(), at(line))
+        {
+            late.push(t - d);
         }
     }
     late
