@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use common::*;
 use etcd_registry_testkit::FaultProxy;
-use tokio::process::{Child, Command};
+use tokio::process::Child;
 use tokio::time::{Instant, timeout};
 
 /// Ticks every 50 ms; SIGTERM is logged and ignored (the `sleep` it cuts
@@ -549,34 +549,6 @@ async fn a_second_sigterm_after_a_second_forces_the_stop() {
     assert!(
         stderr.contains("etcd-registry: second signal: SIGKILL"),
         "{stderr}"
-    );
-}
-
-/// The real thing: `timeout` ending a `campaign -- CMD`. However the two
-/// SIGTERMs arrive (apart, or merged into one by the kernel), the CLI ends
-/// cleanly with CMD's status.
-#[tokio::test]
-async fn gnu_timeout_ends_a_campaign_cleanly() {
-    let ctx = Ctx::new("cli-lease-timeout").await;
-    let dir = Dir::new();
-    let mut cmd = Command::new("timeout");
-    cmd.args(["--preserve-status", "3", BIN])
-        .args(["--endpoints", &ctx.etcd.endpoint(), "--namespace", &ctx.ns])
-        .args(["campaign", "job", "me", "--grace", "4s", "--"])
-        .args(["bash", "-c", SLOW_STOP])
-        .env("LOG", &dir.log)
-        .env("STOP_SECS", "1")
-        .stdin(Stdio::null())
-        .kill_on_drop(true);
-    let out = run(cmd, &["timeout 3 etcd-registry campaign"]).await;
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(0), "{stderr}");
-    assert!(!stderr.contains("second signal"), "{stderr}");
-    let lines = dir.lines();
-    assert_eq!(
-        lines.iter().filter(|l| l.starts_with("term ")).count(),
-        1,
-        "{lines:?}"
     );
 }
 
