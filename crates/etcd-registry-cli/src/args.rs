@@ -298,9 +298,12 @@ pub enum Command {
     ///
     /// With `-- CMD [ARGS...]`, runs CMD only while leading, with
     /// ETCD_REGISTRY_FENCING_TOKEN, ETCD_REGISTRY_ELECTION and
-    /// ETCD_REGISTRY_LEASE_ID (hex) in its environment. When leadership is
-    /// lost, CMD gets SIGTERM at once and SIGKILL after --grace; then the
-    /// campaign starts again and CMD is restarted on the next win (with
+    /// ETCD_REGISTRY_LEASE_ID (hex) in its environment. CMD never outlives
+    /// the lease: once keep-alives have failed so long that the lease
+    /// deadline is less than --grace away, CMD gets SIGTERM, and SIGKILL at
+    /// the deadline at the latest. When leadership is lost otherwise (its
+    /// key deleted), CMD gets SIGTERM at once and SIGKILL after --grace. Then
+    /// the campaign starts again and CMD is restarted on the next win (with
     /// --once: exit 1 instead). When CMD exits, the CLI resigns and exits
     /// with CMD's status (128+N if killed by signal N). SIGINT/SIGTERM are
     /// forwarded to CMD; once it ended (or --grace passed), the CLI resigns
@@ -317,11 +320,16 @@ pub enum Command {
         /// With CMD: exit 1 when leadership is lost, instead of campaigning again.
         #[arg(long, requires = "cmd")]
         once: bool,
-        /// With CMD: how long CMD may take to exit after SIGTERM before SIGKILL.
+        /// With CMD: how long CMD gets between SIGTERM and SIGKILL. SIGTERM
+        /// comes once keep-alives have failed so long that the lease deadline
+        /// is this close (or at once on a loss or signal); SIGKILL comes at the
+        /// deadline at the latest. At most TTL/2 − (250ms + 2% of TTL): 4.55s
+        /// with --ttl 10s [default: 10s, or that maximum if less].
         #[arg(
             long,
             value_name = "DURATION",
             default_value = "10s",
+            hide_default_value = true,
             value_parser = duration,
             requires = "cmd"
         )]
@@ -343,8 +351,12 @@ pub enum Command {
     /// ETCD_REGISTRY_FENCING_TOKEN, ETCD_REGISTRY_LOCK and
     /// ETCD_REGISTRY_LEASE_ID (hex) in its environment, and releases the lock
     /// when CMD exits, exiting with CMD's status (128+N if killed by signal
-    /// N). When the lock is lost, CMD gets SIGTERM at once and SIGKILL after
-    /// --grace, and the CLI exits 1: a lost lock is not acquired again.
+    /// N). CMD never outlives the lease: once keep-alives have failed so long
+    /// that the lease deadline is less than --grace away, CMD gets SIGTERM,
+    /// and SIGKILL at the deadline at the latest. When the lock is lost
+    /// otherwise (its key deleted), CMD gets SIGTERM at once and SIGKILL
+    /// after --grace. Either way the CLI exits 1: a lost lock is not
+    /// acquired again.
     /// SIGINT/SIGTERM are forwarded to CMD; once it ended (or --grace
     /// passed), the CLI releases and exits with CMD's status. A signal while
     /// waiting exits 128+N without running CMD.
@@ -354,11 +366,16 @@ pub enum Command {
         /// Exit 1 if the lock is not acquired within this long (`30s`, `2m`).
         #[arg(long, value_name = "DURATION", value_parser = duration)]
         timeout: Option<Duration>,
-        /// With CMD: how long CMD may take to exit after SIGTERM before SIGKILL.
+        /// With CMD: how long CMD gets between SIGTERM and SIGKILL. SIGTERM
+        /// comes once keep-alives have failed so long that the lease deadline
+        /// is this close (or at once on a loss or signal); SIGKILL comes at the
+        /// deadline at the latest. At most TTL/2 − (250ms + 2% of TTL): 4.55s
+        /// with --ttl 10s [default: 10s, or that maximum if less].
         #[arg(
             long,
             value_name = "DURATION",
             default_value = "10s",
+            hide_default_value = true,
             value_parser = duration,
             requires = "cmd"
         )]
@@ -416,12 +433,15 @@ impl Cli {
     /// `--namespace` is global, so clap cannot tell `ui --all-namespaces`
     /// that it conflicts; this does, for a `--namespace` typed on the command
     /// line (not for ETCD_REGISTRY_NAMESPACE from the environment).
+    ///
+    /// `--ttl` is global too: this checks that the `--grace` of `campaign`
+    /// and `lock -- CMD` fits it, and lowers the default grace to fit.
     pub fn parse_checked() -> Cli {
         use clap::parser::ValueSource;
         use clap::{CommandFactory, FromArgMatches};
         let mut command = Cli::command();
         let matches = command.get_matches_mut();
-        let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+        let mut cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
         let typed =
             |m: &clap::ArgMatches| m.value_source("namespace") == Some(ValueSource::CommandLine);
         if let Command::Ui {
@@ -437,7 +457,43 @@ impl Cli {
                 )
                 .exit();
         }
+        // `campaign`/`lock -- CMD`: the grace period must fit the lease.
+        let ttl = cli.global.ttl;
+        if let Command::Campaign { grace, cmd, .. } | Command::Lock { grace, cmd, .. } =
+            &mut cli.command
+            && !cmd.is_empty()
+        {
+            let typed = matches
+                .subcommand()
+                .is_some_and(|(_, m)| m.value_source("grace") == Some(ValueSource::CommandLine));
+            match lease_grace(typed.then_some(*grace), ttl) {
+                Ok(fits) => *grace = fits,
+                Err(message) => command
+                    .error(clap::error::ErrorKind::ArgumentConflict, message)
+                    .exit(),
+            }
+        }
         cli
+    }
+}
+
+/// The `--grace` of `campaign`/`lock -- CMD` under a lease of `ttl`: the
+/// one given, if the lease can honour it, else an error naming both flags;
+/// when none was given, the default that fits (see `supervise::max_grace`).
+fn lease_grace(given: Option<Duration>, ttl: Duration) -> Result<Duration, String> {
+    let max = crate::supervise::max_grace(ttl);
+    match given {
+        None => Ok(crate::supervise::default_grace(ttl)),
+        Some(grace) if grace <= max => Ok(grace),
+        Some(grace) => Err(format!(
+            "--grace {} is more than --ttl {} can honour: at most {} (TTL/2 minus the \
+             safety margin of 250ms + 2% of TTL), so that SIGTERM comes only once \
+             keep-alives have failed and CMD still stops by the lease deadline; \
+             lower --grace or raise --ttl",
+            humantime::format_duration(grace),
+            humantime::format_duration(ttl),
+            humantime::format_duration(max),
+        )),
     }
 }
 
@@ -501,6 +557,25 @@ mod tests {
         assert_eq!(ttl("1m"), Ok(Duration::from_secs(60)));
         assert!(ttl("1s").is_err());
         assert!(ttl("2500ms").is_err());
+    }
+
+    #[test]
+    fn grace_must_fit_the_lease() {
+        let s = Duration::from_secs;
+        let ms = Duration::from_millis;
+        // Not given: 10s, or the most the TTL allows.
+        assert_eq!(lease_grace(None, s(10)), Ok(ms(4550)));
+        assert_eq!(lease_grace(None, s(3)), Ok(ms(1190)));
+        assert_eq!(lease_grace(None, s(60)), Ok(s(10)));
+        // Given: kept when it fits, refused naming both flags when not.
+        assert_eq!(lease_grace(Some(ms(4550)), s(10)), Ok(ms(4550)));
+        assert_eq!(lease_grace(Some(s(0)), s(2)), Ok(s(0)));
+        let refused = lease_grace(Some(s(5)), s(10)).unwrap_err();
+        assert!(
+            refused.starts_with("--grace 5s is more than --ttl 10s can honour: at most 4s 550ms"),
+            "{refused}"
+        );
+        assert!(lease_grace(Some(ms(720)), s(2)).is_err());
     }
 
     #[test]

@@ -1,8 +1,10 @@
 //! `campaign ELECTION PROPOSAL -- CMD`: run CMD only while leading.
 //!
-//! The safety of it rests on `Leadership::lost()`, which resolves locally
-//! before etcd could expire the lease: CMD gets SIGTERM then, so a CMD that
-//! stops on SIGTERM stops before a rival can win and start its own.
+//! The safety of it rests on the lease deadline, which the library tracks
+//! locally and which comes before etcd could expire the lease: the
+//! supervisor sends SIGTERM once the deadline is less than `--grace` away
+//! and SIGKILL at the deadline at the latest (see `supervise.rs`), so no CMD
+//! runs beside a rival's.
 
 use std::time::Duration;
 
@@ -12,7 +14,7 @@ use etcd_registry::{Election, Error, Leadership};
 use crate::error::{CliError, CliResult};
 use crate::output::lease_hex;
 use crate::shutdown::Shutdown;
-use crate::supervise::{Ended, Supervisor, say};
+use crate::supervise::{Ended, Stop, Supervisor, say};
 
 /// One `campaign -- CMD` invocation.
 pub struct Run {
@@ -93,7 +95,7 @@ impl Run {
             ("ETCD_REGISTRY_ELECTION", self.election.name().to_owned()),
             ("ETCD_REGISTRY_LEASE_ID", lease),
         ];
-        let ended = self.supervisor.run(&env, leadership.lost(), shutdown).await;
+        let ended = self.supervisor.run_held(&env, leadership, shutdown).await;
         let ended = match ended {
             Ok(ended) => ended,
             Err(e) => {
@@ -116,13 +118,22 @@ impl Run {
                 Ok(Some(status.into_result()))
             }
             Ended::Stopped { reason, status } => {
-                say(format!("leadership lost ({reason}); the command {status}"));
+                let why = match (reason, leadership.lost_reason()) {
+                    (Stop::Lost(reason), _) | (Stop::Expiring, Some(reason)) => {
+                        say(format!("leadership lost ({reason}); the command {status}"));
+                        format!("leadership lost: {reason}")
+                    }
+                    (Stop::Expiring, None) => {
+                        say(format!(
+                            "leadership about to expire (keep-alives failing); the command {status}; resigning"
+                        ));
+                        "leadership about to expire: keep-alives failing".to_owned()
+                    }
+                };
                 // Harmless after a loss; deletes the key if it is still ours.
                 resign(leadership).await;
                 if self.once {
-                    return Ok(Some(Err(CliError::msg(format!(
-                        "leadership lost: {reason}"
-                    )))));
+                    return Ok(Some(Err(CliError::msg(why))));
                 }
                 Ok(None)
             }

@@ -7,8 +7,10 @@
 //! (through the supervisor, as `campaign -- CMD` does) and exits 1, like
 //! `campaign --once`; a caller that wants another attempt runs the CLI again.
 //!
-//! The safety of it rests on `LockGuard::lost()`, which resolves locally
-//! before etcd could expire the lease: CMD gets SIGTERM then.
+//! The safety of it rests on the lease deadline, which the library tracks
+//! locally and which comes before etcd could expire the lease: the
+//! supervisor sends SIGTERM once the deadline is less than `--grace` away
+//! and SIGKILL at the deadline at the latest (see `supervise.rs`).
 
 use std::time::Duration;
 
@@ -17,7 +19,7 @@ use etcd_registry::{Error, Lock, LockGuard, LostReason, Registry};
 use crate::error::{CliError, CliResult};
 use crate::output::{lease_hex, line};
 use crate::shutdown::{Received, Shutdown};
-use crate::supervise::{Ended, Supervisor, say};
+use crate::supervise::{Ended, Stop, Supervisor, say};
 
 /// One `lock` invocation.
 pub struct Run {
@@ -139,7 +141,7 @@ async fn supervise(
         say("the lock was lost before the command started");
         return Err(lost(reason));
     }
-    match supervisor.run(env, guard.lost(), shutdown).await? {
+    match supervisor.run_held(env, guard, shutdown).await? {
         Ended::Exited(status) => {
             say(format!("the command {status}; releasing"));
             status.into_result()
@@ -151,10 +153,20 @@ async fn supervise(
             ));
             status.into_result()
         }
-        Ended::Stopped { reason, status } => {
-            say(format!("{}; the command {status}", Error::LockLost(reason)));
-            Err(lost(reason))
-        }
+        Ended::Stopped { reason, status } => match (reason, guard.lost_reason()) {
+            (Stop::Lost(reason), _) | (Stop::Expiring, Some(reason)) => {
+                say(format!("{}; the command {status}", Error::LockLost(reason)));
+                Err(lost(reason))
+            }
+            (Stop::Expiring, None) => {
+                say(format!(
+                    "the lock is about to expire (keep-alives failing); the command {status}"
+                ));
+                Err(CliError::msg(
+                    "the lock was about to expire: keep-alives failing",
+                ))
+            }
+        },
     }
 }
 

@@ -1,6 +1,6 @@
 //! The one child-process supervisor, behind every `... -- CMD`: it runs a
-//! command until it exits, until a "stop now" future resolves (such as
-//! `Leadership::lost()`), or until the CLI gets SIGINT/SIGTERM.
+//! command until it exits, until its leadership or lock must end, or until
+//! the CLI gets SIGINT/SIGTERM.
 //!
 //! - CMD inherits stdin, stdout and stderr, so its output passes through
 //!   untouched; the CLI's own lines go to stderr behind [`PREFIX`] ([`say`]).
@@ -9,6 +9,11 @@
 //!   does not get it twice and its own children get it too.
 //! - Stopping sends SIGTERM to the group at once and SIGKILL after the
 //!   grace period (or at once on a second signal to the CLI).
+//! - Under a leadership or a lock ([`Supervisor::run_held`]), CMD never
+//!   outlives the lease: SIGTERM once the lease deadline is less than the
+//!   grace period away (keep-alives have been failing), SIGKILL at the
+//!   deadline at the latest, whatever phase the stop is in. The grace period
+//!   must fit the TTL: see [`max_grace`].
 //! - CMD is killed if the CLI dies without stopping it (`PR_SET_PDEATHSIG`):
 //!   a CLI killed with SIGKILL must not leave a CMD running after its
 //!   leadership or lock has expired.
@@ -19,12 +24,16 @@ use std::ffi::OsString;
 use std::fmt;
 use std::future::Future;
 use std::os::unix::process::ExitStatusExt as _;
+use std::pin::Pin;
 use std::process::{ExitStatus, Stdio};
 use std::time::Duration;
 
+use etcd_registry::{Leadership, LockGuard, LostReason};
+use futures::FutureExt as _;
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
 use tokio::process::{Child, Command};
+use tokio::time::Instant;
 
 use crate::error::{CliError, CliResult};
 use crate::shutdown::{Received, Shutdown};
@@ -91,12 +100,82 @@ pub enum Ended<R> {
     Signalled { signal: Received, status: Status },
 }
 
+/// What a command supervised by [`Supervisor::run_held`] runs under: a
+/// leadership or a held lock, and the lease it lives on.
+pub trait Held {
+    /// Resolves when the leadership or lock ended, no later than the lease deadline.
+    fn lost(&self) -> impl Future<Output = LostReason>;
+    /// Resolves once the lease deadline is less than `within` away, or passed.
+    fn lease_expiring_within(&self, within: Duration) -> impl Future<Output = ()>;
+    /// The local lease deadline; `None` once it passed or the lease is gone.
+    fn lease_deadline(&self) -> Option<Instant>;
+}
+
+impl Held for Leadership {
+    fn lost(&self) -> impl Future<Output = LostReason> {
+        Leadership::lost(self)
+    }
+    fn lease_expiring_within(&self, within: Duration) -> impl Future<Output = ()> {
+        Leadership::lease_expiring_within(self, within)
+    }
+    fn lease_deadline(&self) -> Option<Instant> {
+        Leadership::lease_deadline(self)
+    }
+}
+
+impl Held for LockGuard {
+    fn lost(&self) -> impl Future<Output = LostReason> {
+        LockGuard::lost(self)
+    }
+    fn lease_expiring_within(&self, within: Duration) -> impl Future<Output = ()> {
+        LockGuard::lease_expiring_within(self, within)
+    }
+    fn lease_deadline(&self) -> Option<Instant> {
+        LockGuard::lease_deadline(self)
+    }
+}
+
+/// Why [`Supervisor::run_held`] stopped a command.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stop {
+    /// The leadership or lock ended (its key was deleted or replaced, the
+    /// lease deadline passed, the lease was lost).
+    Lost(LostReason),
+    /// Keep-alives failed for so long that the lease deadline came within
+    /// the grace period: the command was stopped while there was still time
+    /// for a graceful stop.
+    Expiring,
+}
+
+/// The largest `--grace` that a lease of `ttl` can honour: TTL/2 minus the
+/// library's safety margin (250 ms + 2% of the TTL).
+///
+/// With healthy keep-alives (one every TTL/3, each pushing the local
+/// deadline to its send time + TTL − margin), the deadline is never less
+/// than 2/3·TTL − margin away, so a grace of at most TTL/2 − margin starts
+/// a stop only once a keep-alive is at least TTL/6 overdue: a failure, not
+/// a routine round trip. A longer grace would stop CMD in normal operation,
+/// or could not be given before the deadline. TTL 10 s: 4.55 s; 3 s: 1.19 s;
+/// 2 s: 0.71 s.
+pub fn max_grace(ttl: Duration) -> Duration {
+    let margin = Duration::from_millis(250) + ttl / 50;
+    (ttl / 2).saturating_sub(margin)
+}
+
+/// The default `--grace` under a lease of `ttl`: 10 s, or [`max_grace`] if less.
+pub fn default_grace(ttl: Duration) -> Duration {
+    max_grace(ttl).min(Duration::from_secs(10))
+}
+
 /// A command line to run under supervision, and how long it may take to stop.
 #[derive(Debug, Clone)]
 pub struct Supervisor {
     argv: Vec<OsString>,
     grace: Duration,
 }
+
+/// What ends a stop early with SIGKILL: resolves with the reason to print.
+type Hard<'a> = Pin<&'a mut dyn Future<Output = &'static str>>;
 
 impl Supervisor {
     /// `argv[0]` is the program, looked up in `PATH`; `grace` is how long
@@ -120,33 +199,103 @@ impl Supervisor {
             .join(" ")
     }
 
-    /// Runs the command with `env` added to the CLI's environment, until it
-    /// exits, `stop` resolves, or a signal arrives through `shutdown`.
+    /// Runs the command with `env` added to the CLI's environment while
+    /// `held` lasts, until it exits, must stop, or a signal arrives through
+    /// `shutdown`.
+    ///
+    /// - Once the lease deadline is less than the grace period away
+    ///   (keep-alives failing), or `held` is lost: SIGTERM ([`Ended::Stopped`]).
+    /// - At the lease deadline, or when the lease is gone: SIGKILL, whatever
+    ///   the command is doing and whether or not it was asked to stop
+    ///   already, so it never outlives the lease.
+    /// - SIGINT/SIGTERM to the CLI are forwarded; SIGKILL follows after the
+    ///   grace period, on a second signal, or at the lease deadline.
+    ///
+    /// Always waits for the command to end, so no command outlives this call.
+    ///
+    /// # Errors
+    ///
+    /// When the command cannot be started: exit status 127 if it was not
+    /// found, 126 otherwise (as shells do), after saying why on stderr.
+    pub async fn run_held(
+        &self,
+        env: &[(&str, String)],
+        held: &(impl Held + Sync),
+        shutdown: &mut Shutdown,
+    ) -> CliResult<Ended<Stop>> {
+        let grace = self.grace;
+        let soft = async move {
+            tokio::select! {
+                biased;
+                reason = held.lost() => Stop::Lost(reason),
+                _ = held.lease_expiring_within(grace) => Stop::Expiring,
+            }
+        };
+        let hard = async move {
+            held.lease_expiring_within(Duration::ZERO).await;
+            "the lease deadline passed"
+        };
+        let kill = format!(
+            "SIGKILL after {} or at the lease deadline, whichever comes first",
+            humantime::format_duration(grace)
+        );
+        let announce = |stop: &Stop, pid: i32| match stop {
+            Stop::Expiring => {
+                let left = held
+                    .lease_deadline()
+                    .map(|d| d.saturating_duration_since(Instant::now()))
+                    .unwrap_or_default();
+                tracing::info!(pid, deadline_in = ?left, "lease deadline within the grace period");
+                format!(
+                    "keep-alives are failing and the lease deadline is {} away: stopping the command (pid {pid}): SIGTERM, SIGKILL at the deadline at the latest",
+                    humantime::format_duration(round_ms(left))
+                )
+            }
+            Stop::Lost(_) => format!("stopping the command (pid {pid}): SIGTERM, {kill}"),
+        };
+        let hard: Hard<'_> = std::pin::pin!(hard);
+        self.supervise(env, soft, announce, hard, &kill, shutdown, async |_| {})
+            .await
+    }
+
+    /// Runs the command until it exits, `stop` resolves, or a signal arrives
+    /// through `shutdown`. On SIGINT/SIGTERM it awaits `drain` (such as
+    /// deregistering, then waiting for clients to notice) while CMD keeps
+    /// running, and forwards the signal only then. A second signal cuts the
+    /// drain short; a CMD that exits meanwhile ends it too.
     ///
     /// Always waits for the command to end (SIGKILL ends it at the latest
     /// after the grace period), so no command outlives this call.
     ///
     /// # Errors
     ///
-    /// When the command cannot be started: exit status 127 if it was not
-    /// found, 126 otherwise (as shells do), after saying why on stderr.
-    pub async fn run<R>(
-        &self,
-        env: &[(&str, String)],
-        stop: impl Future<Output = R>,
-        shutdown: &mut Shutdown,
-    ) -> CliResult<Ended<R>> {
-        self.run_draining(env, stop, shutdown, async |_| {}).await
-    }
-
-    /// As [`run`](Self::run), but on SIGINT/SIGTERM awaits `drain` (such as
-    /// deregistering, then waiting for clients to notice) while CMD keeps
-    /// running, and forwards the signal only then. A second signal cuts the
-    /// drain short; a CMD that exits meanwhile ends it too.
+    /// As [`run_held`](Self::run_held).
     pub async fn run_draining<R>(
         &self,
         env: &[(&str, String)],
         stop: impl Future<Output = R>,
+        shutdown: &mut Shutdown,
+        drain: impl AsyncFnOnce(Received),
+    ) -> CliResult<Ended<R>> {
+        let kill = format!("SIGKILL after {}", humantime::format_duration(self.grace));
+        let announce =
+            |_: &R, pid: i32| format!("stopping the command (pid {pid}): SIGTERM, {kill}");
+        let hard: Hard<'_> = std::pin::pin!(std::future::pending::<&'static str>());
+        self.supervise(env, stop, announce, hard, &kill, shutdown, drain)
+            .await
+    }
+
+    /// The one loop behind both: `soft` resolving starts a stop (SIGTERM,
+    /// announced by `announce`); `hard` resolving kills the command at once,
+    /// in any phase; `kill` says when SIGKILL follows a forwarded signal.
+    #[allow(clippy::too_many_arguments)]
+    async fn supervise<R>(
+        &self,
+        env: &[(&str, String)],
+        soft: impl Future<Output = R>,
+        announce: impl FnOnce(&R, i32) -> String,
+        mut hard: Hard<'_>,
+        kill: &str,
         shutdown: &mut Shutdown,
         drain: impl AsyncFnOnce(Received),
     ) -> CliResult<Ended<R>> {
@@ -158,30 +307,42 @@ impl Supervisor {
         };
         let group = Pid::from_raw(pid);
         tracing::info!(pid, command = %self.display(), "command started");
-        tokio::pin!(stop);
+        tokio::pin!(soft);
         tokio::select! {
+            biased;
             status = child.wait() => Ok(Ended::Exited(Status(status?))),
-            reason = &mut stop => {
-                say(format!("stopping the command (pid {pid}): SIGTERM, SIGKILL after {}", humantime::format_duration(self.grace)));
-                signal_group(group, Signal::SIGTERM);
-                let status = self.wait_grace(&mut child, group, shutdown).await?;
+            // `soft` resolves no later than `hard` (the lease deadline is
+            // within any grace before it passes), so this branch starts every
+            // stop; a `hard` already due kills at once, without SIGTERM.
+            reason = &mut soft => {
+                let status = match (&mut hard).now_or_never() {
+                    Some(why) => kill_now(&mut child, group, why).await?,
+                    None => {
+                        say(announce(&reason, pid));
+                        tracing::info!(pid, "stopping the command: SIGTERM");
+                        signal_group(group, Signal::SIGTERM);
+                        self.wait_grace(&mut child, group, shutdown, hard).await?
+                    }
+                };
                 Ok(Ended::Stopped { reason, status })
             }
             signal = shutdown.recv() => {
                 let drained = tokio::select! {
+                    biased;
+                    status = child.wait() => Some(Status(status?)),
+                    why = &mut hard => Some(kill_now(&mut child, group, why).await?),
                     _ = drain(signal) => None,
-                    status = child.wait() => Some(status?),
                     _ = shutdown.recv() => {
                         say("second signal: forwarding it now");
                         None
                     }
                 };
                 if let Some(status) = drained {
-                    return Ok(Ended::Signalled { signal, status: Status(status) });
+                    return Ok(Ended::Signalled { signal, status });
                 }
-                say(format!("received {}; forwarding it to the command (pid {pid}), SIGKILL after {}", signal.name(), humantime::format_duration(self.grace)));
+                say(format!("received {}; forwarding it to the command (pid {pid}), {kill}", signal.name()));
                 signal_group(group, signal.0);
-                let status = self.wait_grace(&mut child, group, shutdown).await?;
+                let status = self.wait_grace(&mut child, group, shutdown, hard).await?;
                 Ok(Ended::Signalled { signal, status })
             }
         }
@@ -223,24 +384,37 @@ impl Supervisor {
     }
 
     /// Waits for a command that was asked to stop: SIGKILL after the grace
-    /// period, or at once on another signal to the CLI.
+    /// period, when `hard` resolves, or at once on another signal to the CLI.
     async fn wait_grace(
         &self,
         child: &mut Child,
         group: Pid,
         shutdown: &mut Shutdown,
+        hard: Hard<'_>,
     ) -> CliResult<Status> {
         let grace = tokio::time::sleep(self.grace);
         tokio::pin!(grace);
         let killed = tokio::select! {
+            biased;
             status = child.wait() => return Ok(Status(status?)),
+            why = hard => why,
             _ = &mut grace => "still running after the grace period",
             _ = shutdown.recv() => "second signal",
         };
-        say(format!("{killed}: SIGKILL"));
-        signal_group(group, Signal::SIGKILL);
-        Ok(Status(child.wait().await?))
+        kill_now(child, group, killed).await
     }
+}
+
+/// SIGKILL to the command's group, saying `why`; waits for the command.
+async fn kill_now(child: &mut Child, group: Pid, why: &str) -> CliResult<Status> {
+    say(format!("{why}: SIGKILL"));
+    tracing::info!(pgid = group.as_raw(), why, "SIGKILL");
+    signal_group(group, Signal::SIGKILL);
+    Ok(Status(child.wait().await?))
+}
+
+fn round_ms(d: Duration) -> Duration {
+    Duration::from_millis(d.as_millis().try_into().unwrap_or(u64::MAX))
 }
 
 /// Signals every process of the command's group. A group that is already

@@ -685,3 +685,76 @@ async fn observe_loop(inner: &Core, prefix: &str, tx: &mpsc::Sender<Option<Leade
         }
     }
 }
+
+// ---------------------------------------------------------------------------
+// The lease deadline, for stopping work gracefully before it
+
+impl Leadership {
+    /// The local deadline of the lease this leadership lives under: the
+    /// instant at which [`lost`](Leadership::lost) resolves with
+    /// [`LostReason::LeaseDeadline`] unless a keep-alive is acknowledged
+    /// before it (see the type docs). Each acknowledged keep-alive moves it
+    /// later; while keep-alives fail it stays put and comes closer.
+    ///
+    /// `None` once that lease can no longer be relied on: its deadline
+    /// passed, or the registry moved to another lease or closed. It
+    /// describes the lease only; whether the key is still ours is
+    /// [`is_leader`](Leadership::is_leader). No round trip.
+    ///
+    /// ```no_run
+    /// # fn demo(leadership: etcd_registry::Leadership) {
+    /// if let Some(deadline) = leadership.lease_deadline() {
+    ///     let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+    ///     println!("leadership ends within {left:?} unless a keep-alive is acknowledged");
+    /// }
+    /// # }
+    /// ```
+    pub fn lease_deadline(&self) -> Option<tokio::time::Instant> {
+        match *self.head.leases().borrow() {
+            Some(l) if l.id == self.head.lease_id() && l.expires > tokio::time::Instant::now() => {
+                Some(l.expires)
+            }
+            _ => None,
+        }
+    }
+
+    /// Resolves once the [`lease_deadline`](Leadership::lease_deadline) is
+    /// less than `within` away, or the lease can no longer be relied on;
+    /// at once if that is already so.
+    ///
+    /// With healthy keep-alives the deadline stays between TTL − TTL/3 and
+    /// TTL away (minus the safety margin), so a `within` below that resolves
+    /// only once keep-alives have failed for a while: the moment to start a
+    /// graceful stop that must end by the deadline. `within` of zero resolves
+    /// at the deadline itself. It does not watch the key: combine it with
+    /// [`lost`](Leadership::lost) for that.
+    ///
+    /// Cancel safe: it only waits on local state, and can be called again.
+    ///
+    /// ```no_run
+    /// # async fn demo(leadership: etcd_registry::Leadership) {
+    /// # async fn stop_gracefully() {}
+    /// use std::time::Duration;
+    /// tokio::select! {
+    ///     _ = leadership.lease_expiring_within(Duration::from_secs(2)) => stop_gracefully().await,
+    ///     reason = leadership.lost() => eprintln!("stopped leading: {reason}"),
+    /// }
+    /// # }
+    /// ```
+    pub async fn lease_expiring_within(&self, within: std::time::Duration) {
+        // Subscribed before the first read, so no later keep-alive is missed.
+        let mut leases = self.head.leases();
+        loop {
+            let Some(at) = self.lease_deadline().and_then(|d| d.checked_sub(within)) else {
+                return;
+            };
+            if at <= tokio::time::Instant::now() {
+                return;
+            }
+            tokio::select! {
+                changed = leases.changed() => if changed.is_err() { return },
+                _ = tokio::time::sleep_until(at) => {}
+            }
+        }
+    }
+}

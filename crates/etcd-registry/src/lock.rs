@@ -382,3 +382,76 @@ impl LockGuard {
         self.head.leave().await
     }
 }
+
+// ---------------------------------------------------------------------------
+// The lease deadline, for stopping work gracefully before it
+
+impl LockGuard {
+    /// The local deadline of the lease this hold lives under: the instant at
+    /// which [`lost`](LockGuard::lost) resolves with
+    /// [`LostReason::LeaseDeadline`] unless a keep-alive is acknowledged
+    /// before it. Each acknowledged keep-alive moves it later; while
+    /// keep-alives fail it stays put and comes closer.
+    ///
+    /// `None` once that lease can no longer be relied on: its deadline
+    /// passed, or the registry moved to another lease or closed. It
+    /// describes the lease only; whether the key is still ours is
+    /// [`is_held`](LockGuard::is_held). No round trip.
+    ///
+    /// ```no_run
+    /// # fn demo(guard: etcd_registry::LockGuard) {
+    /// if let Some(deadline) = guard.lease_deadline() {
+    ///     let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+    ///     println!("the hold ends within {left:?} unless a keep-alive is acknowledged");
+    /// }
+    /// # }
+    /// ```
+    pub fn lease_deadline(&self) -> Option<tokio::time::Instant> {
+        match *self.head.leases().borrow() {
+            Some(l) if l.id == self.head.lease_id() && l.expires > tokio::time::Instant::now() => {
+                Some(l.expires)
+            }
+            _ => None,
+        }
+    }
+
+    /// Resolves once the [`lease_deadline`](LockGuard::lease_deadline) is
+    /// less than `within` away, or the lease can no longer be relied on;
+    /// at once if that is already so.
+    ///
+    /// With healthy keep-alives the deadline stays between TTL − TTL/3 and
+    /// TTL away (minus the safety margin), so a `within` below that resolves
+    /// only once keep-alives have failed for a while: the moment to start a
+    /// graceful stop that must end by the deadline. `within` of zero resolves
+    /// at the deadline itself. It does not watch the key: combine it with
+    /// [`lost`](LockGuard::lost) for that.
+    ///
+    /// Cancel safe: it only waits on local state, and can be called again.
+    ///
+    /// ```no_run
+    /// # async fn demo(guard: etcd_registry::LockGuard) {
+    /// # async fn stop_gracefully() {}
+    /// use std::time::Duration;
+    /// tokio::select! {
+    ///     _ = guard.lease_expiring_within(Duration::from_secs(2)) => stop_gracefully().await,
+    ///     reason = guard.lost() => eprintln!("lock lost: {reason}"),
+    /// }
+    /// # }
+    /// ```
+    pub async fn lease_expiring_within(&self, within: std::time::Duration) {
+        // Subscribed before the first read, so no later keep-alive is missed.
+        let mut leases = self.head.leases();
+        loop {
+            let Some(at) = self.lease_deadline().and_then(|d| d.checked_sub(within)) else {
+                return;
+            };
+            if at <= tokio::time::Instant::now() {
+                return;
+            }
+            tokio::select! {
+                changed = leases.changed() => if changed.is_err() { return },
+                _ = tokio::time::sleep_until(at) => {}
+            }
+        }
+    }
+}

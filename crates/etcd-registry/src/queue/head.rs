@@ -100,6 +100,12 @@ impl Head {
         *self.shared.lost.borrow()
     }
 
+    /// The session's published leases, to follow this head's lease deadline
+    /// (`Leadership::lease_deadline`, `LockGuard::lease_expiring_within`).
+    pub(crate) fn leases(&self) -> watch::Receiver<Option<Lease>> {
+        self.shared.inner.session.leases()
+    }
+
     /// Why the head is not held: the recorded reason, or what `is_held` saw.
     pub(crate) fn not_held_reason(&self) -> LostReason {
         self.lost_reason()
