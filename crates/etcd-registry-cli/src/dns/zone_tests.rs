@@ -1,0 +1,1 @@
+//! The zone's answers, built from instances without a server or etcd.
