@@ -201,6 +201,9 @@ impl Builder<'_> {
             // Cannot happen for a domain that parse_domain accepted.
             return;
         };
+        // Both names exist, with or without records.
+        self.node(&service_name);
+        self.node(&srv_name);
         let mut srv = Vec::new();
         let mut addresses = BTreeSet::new();
         let mut ids = HashSet::new();
