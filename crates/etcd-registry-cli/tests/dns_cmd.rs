@@ -91,6 +91,8 @@ async fn register(
         .expect("register")
 }
 
+// Mutation check by hand: sending the raw instance weight as the SRV weight
+// (0 for an unweighted instance) made this test fail on the SRV data.
 #[tokio::test]
 async fn dig_gets_srv_a_aaaa_cname_nxdomain_and_nodata() {
     let ctx = Ctx::new("dns-types").await;
@@ -220,6 +222,8 @@ async fn seen_after(
     }
 }
 
+// Mutation check by hand: a feed that never rebuilt after the start made
+// this test fail: a query 1.09 s after the first change still got NXDOMAIN.
 #[tokio::test]
 async fn a_change_in_etcd_shows_in_answers_within_a_second() {
     let ctx = Ctx::new("dns-follow").await;
@@ -278,6 +282,8 @@ async fn a_change_in_etcd_shows_in_answers_within_a_second() {
     registry.close().await.expect("close");
 }
 
+// Mutation check by hand: a handler that cut answers to 20 records (to
+// "fit" UDP without TC) made this test fail: no TC over UDP.
 #[tokio::test]
 async fn three_hundred_instances_truncate_over_udp_and_come_whole_over_tcp() {
     let ctx = Ctx::new("dns-large").await;
@@ -404,6 +410,9 @@ fn fuzz_packet(rng: &mut XorShift, i: usize, valid: &[u8]) -> Vec<u8> {
 const FUZZ_PACKETS: usize = 10_000;
 const FUZZ_SEED: u64 = 0x05ee_dd15_c0dd_ba11;
 
+// Mutation checks by hand: a handler that panicked on class CH left that
+// query unanswered (test failed at "a reply"); one that aborted the process
+// on an unusual query type failed the loop (the server was gone).
 #[tokio::test]
 async fn malformed_queries_get_formerr_or_nothing_and_the_server_stays_up() {
     let ctx = Ctx::new("dns-fuzz").await;
@@ -472,7 +481,10 @@ async fn malformed_queries_get_formerr_or_nothing_and_the_server_stays_up() {
         let mut buf = vec![0u8; 65_535];
         for i in 0..FUZZ_PACKETS {
             let packet = fuzz_packet(&mut rng, i, &valid);
-            fuzzer.send(&packet).await.expect("send");
+            fuzzer
+                .send(&packet)
+                .await
+                .unwrap_or_else(|e| panic!("packet {i}: send failed ({e}): is the server gone?"));
             // Drain what came back so far, without waiting for it.
             while let Ok(n) = fuzzer.try_recv(&mut buf) {
                 let reply = Message::from_vec(&buf[..n])
@@ -526,6 +538,8 @@ async fn malformed_queries_get_formerr_or_nothing_and_the_server_stays_up() {
     registry.close().await.expect("close");
 }
 
+// Mutation check by hand: counting answers as NXDOMAINs made this test fail
+// (the expected counter lines never appeared).
 #[tokio::test]
 async fn metrics_count_queries_answers_and_nxdomains_by_type() {
     let ctx = Ctx::new("dns-metrics").await;
@@ -573,6 +587,8 @@ async fn metrics_count_queries_answers_and_nxdomains_by_type() {
     registry.close().await.expect("close");
 }
 
+// Mutation check by hand: accepting a --record-ttl with a fraction of a
+// second made this test fail (the command started serving instead).
 #[tokio::test]
 async fn bad_options_are_usage_errors_and_a_taken_port_fails() {
     let ctx = Ctx::new("dns-usage").await;
