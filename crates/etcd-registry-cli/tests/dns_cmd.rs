@@ -469,6 +469,17 @@ async fn malformed_queries_get_formerr_or_nothing_and_the_server_stays_up() {
         ResponseCode::Refused,
         "class CH"
     );
+    let mut future = Message::from_vec(&valid).expect("parse");
+    future.edns.as_mut().expect("EDNS").set_version(1);
+    let reply = udp_exchange(&client, &future.to_vec().expect("encode"), wait)
+        .await
+        .expect("a reply");
+    // 16 is BADVERS in an answer to EDNS (hickory reads it as BADSIG, its twin).
+    assert_eq!(
+        u16::from(reply.metadata.response_code),
+        16,
+        "EDNS version 1"
+    );
 
     // The loop: every reply that comes back is a well-formed response that
     // says FORMERR, or answers what the mangled bytes still asked.
