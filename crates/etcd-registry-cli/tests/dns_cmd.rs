@@ -91,8 +91,10 @@ async fn register(
         .expect("register")
 }
 
-// Mutation check by hand: sending the raw instance weight as the SRV weight
-// (0 for an unweighted instance) made this test fail on the SRV data.
+// Mutation checks by hand: sending the raw instance weight as the SRV weight
+// (0 for an unweighted instance) made this test fail on the SRV data;
+// logging every problem on every rebuild (not only new ones) made it fail
+// on the count of host-name warnings (2).
 #[tokio::test]
 async fn dig_gets_srv_a_aaaa_cname_nxdomain_and_nodata() {
     let ctx = Ctx::new("dns-types").await;
