@@ -16,8 +16,10 @@ pub const NXDOMAIN_TOTAL: &str = "etcd_registry_dns_nxdomain_total";
 /// Responses cut to fit a UDP datagram, with TC set (the client retries
 /// over TCP).
 pub const TRUNCATED_TOTAL: &str = "etcd_registry_dns_truncated_total";
-/// Messages answered with an error code: FORMERR, NOTIMP, REFUSED, BADVERS
-/// or SERVFAIL; the `rcode` label says which.
+/// Queries answered with an error code: FORMERR (not one question), NOTIMP,
+/// REFUSED or BADVERS; the `rcode` label says which. A message that
+/// hickory-server cannot parse gets its FORMERR before the handler sees
+/// it, and is not counted.
 pub const ERRORS_TOTAL: &str = "etcd_registry_dns_errors_total";
 
 /// The `type` label of a query type, from a fixed set so that a client
