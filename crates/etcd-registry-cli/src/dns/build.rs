@@ -14,10 +14,10 @@ use std::sync::Arc;
 
 use etcd_registry::ServiceInstance;
 use hickory_proto::rr::rdata::{A, AAAA, CNAME, SOA, SRV};
-use hickory_proto::rr::{LowerName, Name, RData, Record};
+use hickory_proto::rr::{Name, RData, Record};
 
 use super::names::{Host, MAX_ID_LABEL, MAX_SERVICE_LABEL, is_label};
-use super::zone::{Node, Zone};
+use super::zone::{Node, ServiceZone, Zone};
 
 /// What the zone is built with.
 #[derive(Clone, Debug)]
@@ -115,31 +115,44 @@ pub struct Built {
     pub problems: BTreeSet<Problem>,
 }
 
+/// What one build leaves for the next.
+#[derive(Default)]
+pub struct State {
+    /// The (lowercase) names of the services seen so far: a known service
+    /// whose instances all went gets NODATA rather than NXDOMAIN, as Consul
+    /// answers, so that a resolver does not cache the service as
+    /// nonexistent while it is only empty.
+    known: HashSet<String>,
+    /// Each served service's names, with the instances they were built
+    /// from: reused while the cache hands out the same instances.
+    services: HashMap<String, Built1>,
+}
+
+/// One service, built.
+struct Built1 {
+    instances: Vec<Arc<ServiceInstance>>,
+    zone: Arc<ServiceZone>,
+    problems: Vec<Problem>,
+}
+
 /// Builds the zone of `instances`, which must be sorted by service name
-/// then id (as a cache lists them).
-///
-/// `known` holds the (lowercase) names of the services seen so far, and
-/// gains the ones seen now: a known service whose instances all went gets
-/// NODATA rather than NXDOMAIN, as Consul answers, so that a resolver does
-/// not cache the service as nonexistent while it is only empty.
+/// then id (as a cache lists them). A service whose instances are the very
+/// ones of the previous build (the cache shares unchanged instances) is not
+/// built again: a change costs the changed service, not the namespace.
 pub fn build(
     settings: &Settings,
     instances: &[Arc<ServiceInstance>],
-    known: &mut HashSet<String>,
+    state: &mut State,
     revision: i64,
 ) -> Built {
-    let mut b = Builder {
-        settings,
-        nodes: HashMap::new(),
-        problems: BTreeSet::new(),
-    };
     let domain = &settings.domain;
-    let apex = b.node(domain);
-    let soa = soa_record(settings, revision);
-    apex.soa = Some(soa.clone());
-    if let Some(tcp) = child(domain, "_tcp") {
-        b.node(&tcp);
-    }
+    let apex = Node {
+        soa: Some(soa_record(settings, revision)),
+        ..Node::default()
+    };
+    let mut problems = BTreeSet::new();
+    let mut services = HashMap::new();
+    let mut reused = HashMap::new();
 
     // Original spelling of each served (lowercase) service name.
     let mut served: HashMap<String, &str> = HashMap::new();
@@ -151,127 +164,128 @@ pub fn build(
             issue,
         };
         if !is_label(name, MAX_SERVICE_LABEL) {
-            b.problems.insert(problem(Issue::ServiceNotLabel));
+            problems.insert(problem(Issue::ServiceNotLabel));
             continue;
         }
         let lower = name.to_ascii_lowercase();
         if served.get(&lower).is_some_and(|first| *first != name) {
-            b.problems.insert(problem(Issue::ServiceCaseClash));
+            problems.insert(problem(Issue::ServiceCaseClash));
             continue;
         }
         served.insert(lower.clone(), name);
-        known.insert(lower.clone());
-        b.service(&lower, group);
+        state.known.insert(lower.clone());
+        let built = match state.services.remove(name) {
+            Some(last) if same_instances(&last.instances, group) => last,
+            _ => {
+                let (zone, service_problems) = service_zone(settings, &lower, group);
+                Built1 {
+                    instances: group.to_vec(),
+                    zone: Arc::new(zone),
+                    problems: service_problems,
+                }
+            }
+        };
+        problems.extend(built.problems.iter().cloned());
+        services.insert(lower.into_bytes(), built.zone.clone());
+        reused.insert(name.to_owned(), built);
     }
+    state.services = reused;
     // Known services without an instance now: their names still exist.
-    for lower in known.iter() {
+    for lower in &state.known {
         if !served.contains_key(lower) {
-            b.service(lower, &[]);
+            let (zone, _) = service_zone(settings, lower, &[]);
+            services.insert(lower.clone().into_bytes(), Arc::new(zone));
         }
     }
     Built {
-        zone: Zone::new(domain, soa, b.nodes),
-        problems: b.problems,
+        zone: Zone::new(domain, apex, services),
+        problems,
     }
 }
 
-struct Builder<'s> {
-    settings: &'s Settings,
-    nodes: HashMap<LowerName, Node>,
-    problems: BTreeSet<Problem>,
+fn same_instances(a: &[Arc<ServiceInstance>], b: &[Arc<ServiceInstance>]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).all(|(x, y)| Arc::ptr_eq(x, y))
 }
 
-impl Builder<'_> {
-    fn node(&mut self, name: &Name) -> &mut Node {
-        self.nodes.entry(LowerName::new(name)).or_default()
-    }
-
-    fn record(&self, name: &Name, rdata: RData) -> Record {
-        Record::from_rdata(name.clone(), self.settings.ttl, rdata)
-    }
-
-    /// The names of one service (`lower`: its lowercase name) and of its
-    /// instances, sorted by id.
-    fn service(&mut self, lower: &str, instances: &[Arc<ServiceInstance>]) {
-        let domain = self.settings.domain.clone();
-        let (Some(service_name), Some(srv_name)) = (
-            child(&domain, lower),
-            child(&domain, "_tcp").and_then(|tcp| child(&tcp, &format!("_{lower}"))),
-        ) else {
-            // Cannot happen for a domain that parse_domain accepted.
-            return;
+/// The names of one service (`lower`: its lowercase name) and of its
+/// instances, sorted by id, and what of them cannot be served.
+fn service_zone(
+    settings: &Settings,
+    lower: &str,
+    instances: &[Arc<ServiceInstance>],
+) -> (ServiceZone, Vec<Problem>) {
+    let mut zone = ServiceZone::default();
+    let mut problems = Vec::new();
+    let domain = &settings.domain;
+    let record = |name: &Name, rdata| Record::from_rdata(name.clone(), settings.ttl, rdata);
+    let (Some(service_name), Some(srv_name)) = (
+        child(domain, lower),
+        child(domain, "_tcp").and_then(|tcp| child(&tcp, &format!("_{lower}"))),
+    ) else {
+        // Cannot happen for a domain that parse_domain accepted.
+        return (zone, problems);
+    };
+    let mut addresses = BTreeSet::new();
+    for instance in instances {
+        let problem = |issue| Problem {
+            service: instance.name.clone(),
+            id: Some(instance.id.clone()),
+            issue,
         };
-        // Both names exist, with or without records.
-        self.node(&service_name);
-        self.node(&srv_name);
-        let mut srv = Vec::new();
-        let mut addresses = BTreeSet::new();
-        let mut ids = HashSet::new();
-        for instance in instances {
-            let problem = |issue| Problem {
-                service: instance.name.clone(),
-                id: Some(instance.id.clone()),
-                issue,
-            };
-            if !is_label(&instance.id, MAX_ID_LABEL) {
-                self.problems.insert(problem(Issue::IdNotLabel));
-                continue;
-            }
-            if !ids.insert(instance.id.to_ascii_lowercase()) {
-                self.problems.insert(problem(Issue::IdCaseClash));
-                continue;
-            }
-            let Some(own_name) = child(&service_name, &instance.id.to_ascii_lowercase()) else {
-                self.problems.insert(problem(Issue::NameTooLong));
-                continue;
-            };
-            let target = match Host::parse(&instance.address) {
-                Host::Ip(ip) => {
-                    addresses.insert(ip);
-                    let record = self.record(&own_name, address_rdata(ip));
-                    let node = self.node(&own_name);
-                    match ip {
-                        IpAddr::V4(_) => node.a.push(record),
-                        IpAddr::V6(_) => node.aaaa.push(record),
-                    }
-                    own_name
-                }
-                Host::Name(host) => {
-                    self.problems
-                        .insert(problem(Issue::HostIsName(instance.address.clone())));
-                    let record = self.record(&own_name, RData::CNAME(CNAME(host.clone())));
-                    self.node(&own_name).cname = Some(record);
-                    // An SRV target must not be an alias (RFC 2782): the host itself.
-                    host
-                }
-                Host::Invalid => {
-                    self.problems
-                        .insert(problem(Issue::HostInvalid(instance.address.clone())));
-                    continue;
-                }
-            };
-            match instance.port.number() {
-                Some(port) => srv.push(self.record(
-                    &srv_name,
-                    RData::SRV(SRV::new(0, srv_weight(instance.weight), port, target)),
-                )),
-                None => {
-                    self.problems.insert(problem(Issue::PortNotNumber(
-                        instance.port.as_str().to_owned(),
-                    )));
-                }
-            }
+        if !is_label(&instance.id, MAX_ID_LABEL) {
+            problems.push(problem(Issue::IdNotLabel));
+            continue;
         }
-        for ip in addresses {
-            let record = self.record(&service_name, address_rdata(ip));
-            let node = self.node(&service_name);
-            match ip {
-                IpAddr::V4(_) => node.a.push(record),
-                IpAddr::V6(_) => node.aaaa.push(record),
-            }
+        let id = instance.id.to_ascii_lowercase();
+        if zone.instances.contains_key(id.as_bytes()) {
+            problems.push(problem(Issue::IdCaseClash));
+            continue;
         }
-        self.node(&srv_name).srv = srv;
+        let Some(own_name) = child(&service_name, &id) else {
+            problems.push(problem(Issue::NameTooLong));
+            continue;
+        };
+        let mut node = Node::default();
+        let target = match Host::parse(&instance.address) {
+            Host::Ip(ip) => {
+                addresses.insert(ip);
+                let r = record(&own_name, address_rdata(ip));
+                match ip {
+                    IpAddr::V4(_) => node.a.push(r),
+                    IpAddr::V6(_) => node.aaaa.push(r),
+                }
+                own_name
+            }
+            Host::Name(host) => {
+                problems.push(problem(Issue::HostIsName(instance.address.clone())));
+                node.cname = Some(record(&own_name, RData::CNAME(CNAME(host.clone()))));
+                // An SRV target must not be an alias (RFC 2782): the host itself.
+                host
+            }
+            Host::Invalid => {
+                problems.push(problem(Issue::HostInvalid(instance.address.clone())));
+                continue;
+            }
+        };
+        zone.instances.insert(id.into_bytes(), node);
+        match instance.port.number() {
+            Some(port) => zone.srv.srv.push(record(
+                &srv_name,
+                RData::SRV(SRV::new(0, srv_weight(instance.weight), port, target)),
+            )),
+            None => problems.push(problem(Issue::PortNotNumber(
+                instance.port.as_str().to_owned(),
+            ))),
+        }
     }
+    for ip in addresses {
+        let r = record(&service_name, address_rdata(ip));
+        match ip {
+            IpAddr::V4(_) => zone.service.a.push(r),
+            IpAddr::V6(_) => zone.service.aaaa.push(r),
+        }
+    }
+    (zone, problems)
 }
 
 /// `label.parent`, or `None` when it would be over 255 bytes.

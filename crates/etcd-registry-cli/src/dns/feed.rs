@@ -1,7 +1,7 @@
 //! Keeps the served [`Zone`] current: rebuilds it from the namespace cache
 //! after every change and publishes it, whole, to the query handler.
 
-use std::collections::{BTreeSet, HashSet};
+use std::collections::BTreeSet;
 use std::pin::pin;
 use std::sync::Arc;
 use std::task::Poll;
@@ -9,7 +9,7 @@ use std::task::Poll;
 use etcd_registry::ServiceCache;
 use tokio::sync::watch;
 
-use super::build::{Problem, Settings, build};
+use super::build::{Problem, Settings, State, build};
 use super::zone::Zone;
 
 /// The zone as it is now, for the query handler: one `Arc` clone per query.
@@ -20,8 +20,8 @@ pub struct Feed {
     cache: ServiceCache,
     settings: Settings,
     zone: watch::Sender<Arc<Zone>>,
-    /// Services seen since the start (lowercase): NODATA, not NXDOMAIN, once empty.
-    known: HashSet<String>,
+    /// Services seen since the start, and the last build of each.
+    state: State,
     /// What the last zone could not serve: each is logged once, when it
     /// first appears (again after it was gone), not on every rebuild.
     problems: BTreeSet<Problem>,
@@ -30,16 +30,16 @@ pub struct Feed {
 impl Feed {
     /// Builds the first zone from `cache` at once.
     pub fn new(cache: ServiceCache, settings: Settings) -> (Self, Current) {
-        let mut known = HashSet::new();
+        let mut state = State::default();
         let revision = cache.revision();
         let instances = cache.instances();
-        let built = build(&settings, instances.as_slice(), &mut known, revision);
+        let built = build(&settings, instances.as_slice(), &mut state, revision);
         let (zone, current) = watch::channel(Arc::new(built.zone));
         let mut feed = Feed {
             cache,
             settings,
             zone,
-            known,
+            state,
             problems: BTreeSet::new(),
         };
         feed.report(built.problems);
@@ -72,14 +72,15 @@ impl Feed {
         // labelled older than it is, never newer.
         let revision = self.cache.revision();
         let instances = self.cache.instances();
-        // A large namespace takes tens of milliseconds (about 40 ms for
-        // 10,000 instances, release build): off the worker that answers
-        // queries, which go on from the previous zone meanwhile.
+        // Only changed services are built again, but a first build (or a
+        // change of many) of a large namespace takes tens of milliseconds:
+        // off the worker that answers queries, which go on from the
+        // previous zone meanwhile.
         let built = tokio::task::block_in_place(|| {
             build(
                 &self.settings,
                 instances.as_slice(),
-                &mut self.known,
+                &mut self.state,
                 revision,
             )
         });

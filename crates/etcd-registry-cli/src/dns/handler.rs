@@ -93,11 +93,11 @@ impl RequestHandler for Handler {
                 metrics::answered(qtype);
                 None
             }
-            Outcome::Records(_) => Some(zone.soa()),
+            Outcome::Records(_) => zone.soa(),
             Outcome::NxDomain => {
                 metrics::nxdomain(qtype);
                 metadata.response_code = ResponseCode::NXDomain;
-                Some(zone.soa())
+                zone.soa()
             }
             Outcome::Refused => {
                 metrics::error(qtype, "REFUSED");

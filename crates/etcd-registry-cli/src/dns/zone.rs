@@ -3,6 +3,7 @@
 //! on the cache or a round trip to etcd.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use hickory_proto::rr::{LowerName, Name, Record, RecordType};
 
@@ -49,28 +50,64 @@ impl Outcome<'_> {
     }
 }
 
+/// The names of one service: `{service}.{domain}`, `_{service}._tcp.{domain}`
+/// and `{id}.{service}.{domain}` for each id (lowercase label bytes).
+/// Shared between successive zones while the service's instances stay the same.
+#[derive(Debug, Default)]
+pub struct ServiceZone {
+    pub service: Node,
+    pub srv: Node,
+    pub instances: HashMap<Vec<u8>, Node>,
+}
+
+/// A name that exists and holds nothing: `_tcp.{domain}`.
+static EMPTY: Node = Node {
+    a: Vec::new(),
+    aaaa: Vec::new(),
+    srv: Vec::new(),
+    cname: None,
+    soa: None,
+};
+
 /// The served names of one namespace at one moment. Immutable: a change
-/// builds a new one.
+/// builds a new one (reusing the services that did not change).
 #[derive(Debug)]
 pub struct Zone {
     origin: LowerName,
-    soa: Record,
-    nodes: HashMap<LowerName, Node>,
+    apex: Node,
+    /// By lowercase service label.
+    services: HashMap<Vec<u8>, Arc<ServiceZone>>,
 }
 
 impl Zone {
-    pub fn new(origin: &Name, soa: Record, nodes: HashMap<LowerName, Node>) -> Self {
+    pub fn new(origin: &Name, apex: Node, services: HashMap<Vec<u8>, Arc<ServiceZone>>) -> Self {
         Zone {
             origin: LowerName::new(origin),
-            soa,
-            nodes,
+            apex,
+            services,
         }
     }
 
     /// The SOA sent in the authority section of negative answers, so that
     /// resolvers may cache them for its minimum (the record TTL).
-    pub fn soa(&self) -> &Record {
-        &self.soa
+    pub fn soa(&self) -> Option<&Record> {
+        self.apex.soa.as_ref()
+    }
+
+    /// The records at `name`, if it exists.
+    fn node(&self, name: &LowerName) -> Option<&Node> {
+        let extra = name.num_labels().checked_sub(self.origin.num_labels())?;
+        let mut labels = name.iter();
+        match (extra, labels.next(), labels.next()) {
+            (0, _, _) => Some(&self.apex),
+            (1, Some(b"_tcp"), _) => Some(&EMPTY),
+            (1, Some(service), _) => self.services.get(service).map(|s| &s.service),
+            (2, Some(first), Some(b"_tcp")) if first.starts_with(b"_") => {
+                self.services.get(&first[1..]).map(|s| &s.srv)
+            }
+            (2, Some(id), Some(service)) => self.services.get(service)?.instances.get(id),
+            _ => None,
+        }
     }
 
     /// The answer to `qtype` at `name`.
@@ -82,7 +119,7 @@ impl Zone {
         if !self.origin.zone_of(name) {
             return Outcome::Refused;
         }
-        let Some(node) = self.nodes.get(name) else {
+        let Some(node) = self.node(name) else {
             return Outcome::NxDomain;
         };
         let none: &[Record] = &[];
@@ -102,6 +139,16 @@ impl Zone {
 
     /// How many names the zone holds.
     pub fn len(&self) -> usize {
-        self.nodes.len()
+        2 + self
+            .services
+            .values()
+            .map(|s| 2 + s.instances.len())
+            .sum::<usize>()
+    }
+
+    /// The names of service `lower`, shared with the zone it was built for.
+    #[cfg(test)]
+    pub fn service(&self, lower: &str) -> Option<&Arc<ServiceZone>> {
+        self.services.get(lower.as_bytes())
     }
 }

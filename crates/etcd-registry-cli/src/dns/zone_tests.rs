@@ -1,12 +1,11 @@
 //! The zone's answers, built from instances without a server or etcd.
 
-use std::collections::HashSet;
 use std::sync::Arc;
 
 use etcd_registry::ServiceInstance;
 use hickory_proto::rr::{LowerName, Name, RData, RecordType};
 
-use super::build::{Issue, Settings, build, srv_weight};
+use super::build::{Issue, Settings, State, build, srv_weight};
 use super::names::parse_domain;
 use super::zone::{Outcome, Zone};
 
@@ -24,7 +23,7 @@ fn instances(list: Vec<ServiceInstance>) -> Vec<Arc<ServiceInstance>> {
 }
 
 fn zone_of(list: Vec<ServiceInstance>) -> Zone {
-    build(&settings(), &instances(list), &mut HashSet::new(), 42).zone
+    build(&settings(), &instances(list), &mut State::default(), 42).zone
 }
 
 fn ask<'z>(zone: &'z Zone, name: &str, qtype: RecordType) -> Outcome<'z> {
@@ -153,11 +152,11 @@ fn the_apex_has_a_soa_and_tcp_exists_empty() {
 
 #[test]
 fn a_known_service_without_instances_is_nodata_not_nxdomain() {
-    let mut known = HashSet::new();
+    let mut state = State::default();
     let s = settings();
-    build(&s, &instances(web()), &mut known, 1);
+    build(&s, &instances(web()), &mut state, 1);
     let api = instances(vec![ServiceInstance::new("api", "a", "10.1.0.1", 80)]);
-    let zone = build(&s, &api, &mut known, 2).zone;
+    let zone = build(&s, &api, &mut state, 2).zone;
     for (name, qtype) in [
         ("web.registry.", RecordType::A),
         ("_web._tcp.registry.", RecordType::SRV),
@@ -193,7 +192,7 @@ fn names_that_are_not_dns_labels_are_left_out_with_a_problem() {
             ServiceInstance::new("Api", "a", "10.0.0.7", 80),
             ServiceInstance::new("api", "a", "10.0.0.8", 80),
         ]),
-        &mut HashSet::new(),
+        &mut State::default(),
         1,
     );
     let issues: Vec<(String, Option<String>, Issue)> = built
@@ -273,4 +272,46 @@ fn records_carry_the_right_rdata_types() {
     let zone = zone_of(web());
     let outcome = ask(&zone, "_web._tcp.registry.", RecordType::SRV);
     assert!(outcome.answers().all(|r| matches!(r.data, RData::SRV(_))));
+}
+
+#[test]
+fn a_change_rebuilds_only_the_services_whose_instances_changed() {
+    let s = settings();
+    let mut state = State::default();
+    let mut list = instances(vec![
+        ServiceInstance::new("api", "a-1", "10.1.0.1", 80),
+        ServiceInstance::new("web", "web-1", "10.0.0.1", 80),
+        ServiceInstance::new("web", "bad id", "10.0.0.2", 80),
+    ]);
+    let first = build(&s, &list, &mut state, 1);
+    // The cache hands out the same Arc for an unchanged instance.
+    list[0] = Arc::new(ServiceInstance::new("api", "a-1", "10.1.0.2", 80));
+    let second = build(&s, &list, &mut state, 2);
+    let (api1, api2) = (first.zone.service("api"), second.zone.service("api"));
+    let (web1, web2) = (first.zone.service("web"), second.zone.service("web"));
+    assert!(
+        !Arc::ptr_eq(api1.unwrap(), api2.unwrap()),
+        "api changed: built again"
+    );
+    assert!(
+        Arc::ptr_eq(web1.unwrap(), web2.unwrap()),
+        "web did not: reused"
+    );
+    assert_eq!(
+        answer(&second.zone, "api.registry.", RecordType::A),
+        ["A 10.1.0.2"]
+    );
+    assert_eq!(
+        answer(&second.zone, "web.registry.", RecordType::A),
+        ["A 10.0.0.1"]
+    );
+    // A reused service's problems are still reported, so none looks new later.
+    assert_eq!(first.problems, second.problems);
+    assert_eq!(second.problems.len(), 1);
+    // The SOA serial follows the revision even when nothing is rebuilt.
+    let third = build(&s, &list, &mut state, 3);
+    assert_eq!(
+        answer(&third.zone, "registry.", RecordType::SOA),
+        ["SOA registry. hostmaster.registry. 3 3600 600 86400 7"]
+    );
 }
