@@ -417,6 +417,32 @@ pub enum Command {
         all_namespaces: bool,
     },
 
+    /// Serve the namespace as DNS, read-only, from a cache of it: no etcd
+    /// round trip per query. Runs until Ctrl-C/SIGTERM.
+    ///
+    /// Names, for service `web` and instance `web-1` under `registry.`:
+    /// `_web._tcp.registry.` SRV (one per instance: port, weight, target
+    /// `web-1.web.registry.`), `web.registry.` A/AAAA (every instance's
+    /// address), `web-1.web.registry.` A/AAAA (its address), or CNAME when
+    /// its address is a host name. Unknown names get NXDOMAIN; a known
+    /// service with no instance gets an empty answer (NODATA). UDP and TCP on
+    /// one port; answers too large for UDP are truncated (TC) and complete
+    /// over TCP. Prints the address it serves on.
+    Dns {
+        /// Address to serve on, UDP and TCP; port 0 picks a free one.
+        #[arg(long, value_name = "ADDR:PORT", default_value = "127.0.0.1:8600")]
+        listen: std::net::SocketAddr,
+        /// The domain served: names outside it get REFUSED.
+        #[arg(long, value_name = "DOMAIN", default_value = "registry.", value_parser = crate::dns::names::parse_domain)]
+        domain: hickory_proto::rr::Name,
+        /// TTL of every record, whole seconds (`0`, `30s`, `5m`); also how
+        /// long resolvers may cache "no such name". 0 (the default): not cached.
+        #[arg(long, value_name = "DURATION", default_value = "0s", value_parser = crate::dns::names::parse_record_ttl)]
+        record_ttl: u32,
+        #[command(flatten)]
+        metrics: crate::metrics::MetricsOpt,
+    },
+
     /// Print a shell completion script: `etcd-registry completions bash > /etc/bash_completion.d/etcd-registry`.
     Completions {
         /// The shell.

@@ -29,6 +29,19 @@ pub async fn run(cli: Cli) -> CliResult {
             listen,
             all_namespaces,
         } => crate::ui::run(g, listen, all_namespaces).await,
+        Command::Dns {
+            listen,
+            domain,
+            record_ttl,
+            ..
+        } => {
+            let opts = crate::dns::Options {
+                listen,
+                domain,
+                ttl: record_ttl,
+            };
+            crate::dns::run(g, opts).await
+        }
         Command::List {
             grpc_naming: Some(target),
             json,

@@ -3,6 +3,7 @@
 mod args;
 mod campaign;
 mod commands;
+mod dns;
 mod error;
 mod lock;
 mod metrics;

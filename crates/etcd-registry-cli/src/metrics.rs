@@ -33,7 +33,8 @@ impl Command {
             | Command::Watch { metrics, .. }
             | Command::Campaign { metrics, .. }
             | Command::Lock { metrics, .. }
-            | Command::Observe { metrics, .. } => metrics.metrics_addr,
+            | Command::Observe { metrics, .. }
+            | Command::Dns { metrics, .. } => metrics.metrics_addr,
             _ => None,
         }
     }
