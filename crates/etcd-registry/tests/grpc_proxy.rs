@@ -62,8 +62,14 @@ const SETTLE: Duration = Duration::from_secs(3);
 const ROUNDS: usize = 20;
 /// Rounds run side by side, each lane in an election of its own.
 const LANES: usize = 4;
-/// TTL of both candidates in the leadership rounds.
+/// TTL of the leader behind the proxy in the leadership rounds: short, to
+/// keep rounds fast and the margin small.
 const ROUND_TTL_SECS: u64 = 3;
+/// TTL of the rival: the default, so that a loaded machine does not cost
+/// the rival its own session (which would void the round, not fail it).
+const RIVAL_TTL_SECS: u64 = 10;
+/// Rounds that do not count (listed in the output) are replaced, up to this many.
+const SPARE_ROUNDS: usize = 10;
 
 // ---------------------------------------------------------------------------
 // Capturing logs and counting restarts
@@ -849,16 +855,17 @@ struct Round {
     detect_ms: f64,
     /// A's `is_leader()` right after B won.
     a_still_leader: bool,
-    /// A lost its leadership before the cut (not a safety failure).
-    lost_early: bool,
+    /// Why the round does not count, if it does not: A lost its leadership
+    /// before the cut, or B's campaign failed (neither is a safety failure).
+    void: Option<String>,
     reason: String,
 }
 
 /// A leads through a gRPC proxy whose link to etcd goes through a fault
 /// proxy; B (directly, or through a gRPC proxy of its own) waits. The link
 /// from A's proxy to etcd is blackholed at a random moment of A's keep-alive
-/// cycle: A's `lost()` must fire before B's campaign returns. 20 rounds, in
-/// 4 lanes.
+/// cycle: A's `lost()` must fire before B's campaign returns. 20 rounds that
+/// count, in 4 lanes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn leadership_through_a_proxy_cut_off_from_etcd_is_lost_before_a_rival_wins() {
     let seed = std::env::var("GRPC_PROXY_SEED")
@@ -867,9 +874,10 @@ async fn leadership_through_a_proxy_cut_off_from_etcd_is_lost_before_a_rival_win
         .unwrap_or(2424u64);
     let etcd = Arc::new(within("start etcd", T, EtcdServer::start()).await.unwrap());
     let next_round = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let mut lanes = Vec::new();
     for lane in 0..LANES {
-        let (etcd, next_round) = (etcd.clone(), next_round.clone());
+        let (etcd, next_round, counted) = (etcd.clone(), next_round.clone(), counted.clone());
         lanes.push(tokio::spawn(async move {
             let ns = unique_name("gp-part");
             let rival_via_proxy = lane % 2 == 1;
@@ -879,11 +887,14 @@ async fn leadership_through_a_proxy_cut_off_from_etcd_is_lost_before_a_rival_win
                 None
             };
             let b_endpoints = rival_proxy.as_ref().map_or_else(|| etcd.endpoints(), |p| p.endpoints());
-            let b = connect(b_endpoints, &ns, ROUND_TTL_SECS).await;
+            let b = connect(b_endpoints, &ns, RIVAL_TTL_SECS).await;
             let mut results = Vec::new();
             loop {
+                if counted.load(Ordering::SeqCst) >= ROUNDS {
+                    break;
+                }
                 let i = next_round.fetch_add(1, Ordering::SeqCst);
-                if i >= ROUNDS {
+                if i >= ROUNDS + SPARE_ROUNDS {
                     break;
                 }
                 let mut rng = StdRng::seed_from_u64(seed ^ (i as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15));
@@ -898,6 +909,11 @@ async fn leadership_through_a_proxy_cut_off_from_etcd_is_lost_before_a_rival_win
                     if r.margin_ms < 0.0 { ", OVERLAP: B won before A's lost()" } else { "" },
                     if r.a_still_leader { ", OVERLAP: A's is_leader() still true" } else { "" },
                 );
+                if let Some(why) = &r.void {
+                    eprintln!("round {i:2} does not count: {why}");
+                } else {
+                    counted.fetch_add(1, Ordering::SeqCst);
+                }
                 results.push(r);
             }
             let _ = tokio::time::timeout(T, b.close()).await;
@@ -908,32 +924,29 @@ async fn leadership_through_a_proxy_cut_off_from_etcd_is_lost_before_a_rival_win
     for lane in lanes {
         all.extend(within("a lane", T * 10, lane).await.expect("lane panicked"));
     }
-    let overlaps: Vec<&Round> = all
+    let (valid, void): (Vec<&Round>, Vec<&Round>) = all.iter().partition(|r| r.void.is_none());
+    let overlaps: Vec<&&Round> = valid
         .iter()
-        .filter(|r| !r.lost_early && (r.margin_ms < 0.0 || r.a_still_leader))
+        .filter(|r| r.margin_ms < 0.0 || r.a_still_leader)
         .collect();
-    let early = all.iter().filter(|r| r.lost_early).count();
-    let mut margins: Vec<f64> = all
-        .iter()
-        .filter(|r| !r.lost_early)
-        .map(|r| r.margin_ms)
-        .collect();
+    let mut margins: Vec<f64> = valid.iter().map(|r| r.margin_ms).collect();
     margins.sort_by(f64::total_cmp);
     eprintln!(
-        "leadership through the proxy (seed {seed}): {} rounds, {} overlaps, {early} lost before the cut; margin min {:.1} ms, max {:.1} ms",
-        all.len(),
+        "leadership through the proxy (seed {seed}): {} rounds counted, {} overlaps, {} rounds void; margin min {:.1} ms, max {:.1} ms",
+        valid.len(),
         overlaps.len(),
+        void.len(),
         margins.first().copied().unwrap_or(f64::NAN),
         margins.last().copied().unwrap_or(f64::NAN),
     );
-    assert_eq!(all.len(), ROUNDS);
     assert!(
         overlaps.is_empty(),
         "B won while A still led: {overlaps:#?}"
     );
-    assert_eq!(
-        early, 0,
-        "A lost leadership before the cut in {early} rounds: {all:#?}"
+    assert!(
+        valid.len() >= ROUNDS,
+        "only {} of {ROUNDS} rounds counted; void: {void:#?}",
+        valid.len()
     );
 }
 
@@ -977,16 +990,18 @@ async fn round(
     // A random moment of A's keep-alive cycle (one keep-alive every TTL/3).
     let cycle_ms = ROUND_TTL_SECS * 1000 / 3;
     tokio::time::sleep(Duration::from_millis(rng.random_range(0..cycle_ms * 2))).await;
-    let lost_early = !a_lead.is_leader();
+    let mut void = (!a_lead.is_leader()).then(|| "A lost its leadership before the cut".to_owned());
     link.blackhole();
     let cut = Instant::now();
     let (b_won, b_lead) = within("B wins once A's lease expired", T, b_campaign)
         .await
         .unwrap();
     let a_still_leader = a_lead.is_leader();
-    let b_lead = b_lead.expect("B's campaign");
     let (a_lost, reason) = within("A's lost() fires", T, lost_rx).await.unwrap();
-    within("B resigns", T, b_lead.resign()).await.unwrap();
+    match b_lead {
+        Ok(b_lead) => within("B resigns", T, b_lead.resign()).await.unwrap(),
+        Err(e) => void = Some(format!("B's campaign failed: {e}")),
+    }
     link.heal();
     drop(a_lead);
     let _ = tokio::time::timeout(T, a.close()).await;
@@ -1002,8 +1017,8 @@ async fn round(
         rival_via_proxy,
         margin_ms: ms(a_lost, b_won),
         detect_ms: ms(cut, a_lost),
-        a_still_leader,
-        lost_early,
+        a_still_leader: a_still_leader && void.is_none(),
+        void,
         reason: reason.to_string(),
     }
 }
