@@ -377,6 +377,9 @@ pub(crate) struct Version {
     pub(crate) ready: bool,
     /// The watch ended (the registry closed).
     pub(crate) closed: bool,
+    /// The last change published came (at least in part) from a re-list.
+    #[cfg_attr(not(feature = "channel"), allow(dead_code))]
+    pub(crate) relisted: bool,
 }
 
 impl Registry {
@@ -593,12 +596,13 @@ impl Shared {
         changed
     }
 
-    fn publish(&self, changed: bool) {
+    fn publish(&self, changed: bool, relisted: bool) {
         self.version.send_if_modified(|v| {
             let before = *v;
             v.ready = true;
             if changed {
                 v.changes += 1;
+                v.relisted = relisted;
             }
             *v != before
         });
@@ -616,13 +620,15 @@ async fn feed_cache(shared: Weak<Shared>, mut feed: Feed, stop: CancellationToke
         let Some(shared) = shared.upgrade() else {
             return;
         };
+        let mut relisted = batch.relisted;
         let mut changed = shared.apply(batch);
         // Wake the waiters once for everything already waiting; the lock is
         // released between batches, so readers are never held up for long.
         while let Ok(batch) = feed.rx.try_recv() {
+            relisted |= batch.relisted;
             changed |= shared.apply(batch);
         }
-        shared.publish(changed);
+        shared.publish(changed, relisted);
     }
     if let Some(shared) = shared.upgrade() {
         shared.version.send_modify(|v| v.closed = true);

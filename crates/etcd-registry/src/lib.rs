@@ -67,6 +67,8 @@
 #[cfg(feature = "tower")]
 mod balance;
 mod cache;
+#[cfg(feature = "channel")]
+pub mod channel;
 mod config;
 mod conn;
 mod election;
@@ -91,6 +93,8 @@ mod watch;
 #[cfg(feature = "tower")]
 pub use balance::ServiceDiscover;
 pub use cache::{Instances, InstancesIter, ServiceCache, Strategy};
+#[cfg(feature = "channel")]
+pub use channel::{Channel, ChannelBuilder, EndpointState, Idempotent};
 pub use config::{
     Config, DEFAULT_DIAL_TIMEOUT, DEFAULT_KEEP_ALIVE_INTERVAL, DEFAULT_KEEP_ALIVE_TIMEOUT,
     DEFAULT_KEY_PREFIX, DEFAULT_NAMESPACE, DEFAULT_REQUEST_TIMEOUT, DEFAULT_TTL,

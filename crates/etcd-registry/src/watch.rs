@@ -277,6 +277,9 @@ pub(crate) struct Batch {
     pub(crate) events: Vec<FeedEvent>,
     /// The revision the consumer has caught up to once it applied `events`.
     pub(crate) revision: i64,
+    /// The batch is the difference found by a re-list (etcd wiped, restored
+    /// or replaced), not events etcd reported.
+    pub(crate) relisted: bool,
 }
 
 /// The receiving end of a watch task; dropping it stops the task, which drops
@@ -463,11 +466,12 @@ impl Watcher {
     }
 
     /// Sends a batch; false when the consumer is gone or the registry closed.
-    async fn send(&self, events: Vec<FeedEvent>) -> bool {
+    async fn send(&self, events: Vec<FeedEvent>, relisted: bool) -> bool {
         crate::metrics::watch_events(&self.inner.config.namespace, &self.service, &events);
         let batch = Batch {
             events,
             revision: self.revision,
+            relisted,
         };
         matches!(self.cancellable(self.tx.send(batch)).await, Some(Ok(())))
     }
@@ -563,6 +567,7 @@ impl Watcher {
                 "etcd's history differs from what was seen (wiped or replaced); sending the difference"
             );
         }
+        let relisted = self.listed;
         let events = if self.listed {
             diff(&self.seen, &fresh)
         } else {
@@ -574,7 +579,7 @@ impl Watcher {
         self.revision = revision;
         self.cluster_id = cluster_id.or(self.cluster_id);
         self.listed = true;
-        if !self.send(events).await {
+        if !self.send(events, relisted).await {
             return Next::Stop;
         }
         Next::Go(State::Watching { from: revision + 1 })
@@ -791,7 +796,7 @@ impl Watcher {
                 continue; // created, or a progress report: proof of life
             }
             let events = self.apply(resp.events());
-            if !self.send(events).await {
+            if !self.send(events, false).await {
                 return Next::Stop;
             }
             // Time spent waiting for a slow consumer is not staleness.
