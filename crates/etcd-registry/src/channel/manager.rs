@@ -122,6 +122,8 @@ pub(crate) struct Manager {
     drains: Vec<Drain>,
     /// What each balancer was told: id → (same zone, generation).
     inserted: HashMap<String, (bool, u64)>,
+    /// The latency guess an endpoint not measured yet was inserted with.
+    seeded: HashMap<String, Duration>,
     /// The ids the cache held at the last change.
     last_view: BTreeSet<String>,
     /// The membership before subsetting, as last decided.
@@ -160,6 +162,7 @@ impl Manager {
             members: BTreeMap::new(),
             drains: Vec::new(),
             inserted: HashMap::new(),
+            seeded: HashMap::new(),
             last_view: BTreeSet::new(),
             known: BTreeMap::new(),
             held: BTreeMap::new(),
@@ -546,6 +549,10 @@ impl Manager {
         if let Some(until) = self.held_until {
             next = next.min(until);
         }
+        if !self.seeded.is_empty() {
+            // Endpoints still unmeasured are re-seeded now and then.
+            next = next.min(now + Duration::from_millis(500));
+        }
         next
     }
 
@@ -581,16 +588,46 @@ impl Manager {
             let tx = if local { &self.local } else { &self.remote };
             let _ = tx.send(Change::Remove(id));
         }
+        // An endpoint not measured yet starts at the mean of those measured
+        // (its own past latency, if any, counts): a fixed guess above the
+        // real latency would make p2c never try it, one below would flood it.
+        let measured: Vec<Duration> = self
+            .members
+            .values()
+            .filter_map(|m| m.stats.latency_ewma())
+            .collect();
+        let mean_rtt = if measured.is_empty() {
+            self.options.default_rtt
+        } else {
+            measured.iter().sum::<Duration>() / measured.len() as u32
+        };
+        self.seeded.retain(|id, _| wanted.contains_key(id));
         for (id, value) in &wanted {
-            if self.inserted.get(id) == Some(value) {
-                continue;
-            }
-            let Some(live) = self.members.get(id).and_then(|m| m.live.as_ref()) else {
+            let Some(member) = self.members.get(id) else {
                 continue;
             };
+            let unmeasured = member.stats.latency_ewma().is_none();
+            if self.inserted.get(id) == Some(value) {
+                // Re-seed an endpoint still unmeasured when the others'
+                // latency moved far from its guess, or p2c may never try it.
+                let stale = self.seeded.get(id).is_some_and(|seed| {
+                    unmeasured && (*seed > mean_rtt * 2 || *seed * 2 < mean_rtt)
+                });
+                if !stale {
+                    continue;
+                }
+            }
+            let Some(live) = member.live.as_ref() else {
+                continue;
+            };
+            if unmeasured {
+                self.seeded.insert(id.clone(), mean_rtt);
+            } else {
+                self.seeded.remove(id);
+            }
             let service = PeakEwma::new(
                 EndpointService::new(live.channel.clone(), live.shared.clone()),
-                self.options.default_rtt,
+                mean_rtt,
                 self.options.decay.as_nanos() as f64,
                 CompleteOnResponse::default(),
             );

@@ -297,7 +297,8 @@ impl ChannelBuilder<'_> {
         self
     }
 
-    /// PeakEwma's latency guess for an endpoint not measured yet, and its
+    /// PeakEwma's latency guess for an endpoint when none is measured yet
+    /// (later ones start at the mean of the measured latencies), and its
     /// decay. Defaults 30 ms and 10 s, as Linkerd's.
     pub fn peak_ewma(mut self, default_rtt: Duration, decay: Duration) -> Self {
         self.options.default_rtt = default_rtt;
