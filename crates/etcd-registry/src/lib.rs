@@ -65,7 +65,7 @@
 //! composed by plain concatenation for any prefix and namespace, as Go does.
 
 #[cfg(feature = "tower")]
-mod balance;
+pub mod balance;
 mod cache;
 #[cfg(feature = "channel")]
 pub mod channel;
