@@ -441,7 +441,12 @@ impl Manager {
                         tracing::debug!(service = %self.service, id, "endpoint connected");
                     }
                     Err(error) => {
-                        tracing::warn!(service = %self.service, id, %error, "connect failed");
+                        // Warned once per outage, not at every retry.
+                        if member.attempts == 0 {
+                            tracing::warn!(service = %self.service, id, %error, "connect failed");
+                        } else {
+                            tracing::debug!(service = %self.service, id, %error, "connect failed");
+                        }
                         self.eject(&id, false, "connect");
                     }
                 }
