@@ -14,7 +14,7 @@ use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_client::HealthClient;
 
 #[path = "../../tests/channel_common/mod.rs"]
-#[allow(dead_code, unused_imports)]
+#[allow(unused_imports)]
 mod channel_common;
 
 use crate::measure::{Hist, R, bounded};
@@ -117,7 +117,7 @@ pub async fn rolling(ctx: Ctx) -> R<Vec<Row>> {
     let stop = Arc::new(AtomicBool::new(false));
     let (stats, start, tasks) = load(channel.clone(), 8, false, stop.clone());
     let pause = Duration::from_millis(if ctx.plan.smoke { 100 } else { 500 });
-    for i in 0..3 {
+    for (i, server) in servers.iter_mut().enumerate() {
         tokio::time::sleep(pause).await;
         let id = format!("i{i}");
         let old = regs.remove(0);
@@ -129,9 +129,9 @@ pub async fn rolling(ctx: Ctx) -> R<Vec<Row>> {
             }
         })
         .await?;
-        servers[i].kill();
-        servers[i] = TestServer::start();
-        regs.push(reg.register(instance(&id, servers[i].port)).await?);
+        server.kill();
+        *server = TestServer::start();
+        regs.push(reg.register(instance(&id, server.port)).await?);
         wait_ready(&channel, 3).await?;
     }
     tokio::time::sleep(pause).await;

@@ -419,6 +419,15 @@ impl Manager {
                 if !matches!(member.state, State::Connecting { generation: g } if g == generation) {
                     return;
                 }
+                // A connection lost before this event came (its `Lost` was
+                // ignored while connecting) counts as a failed connect.
+                let result = result.and_then(|(channel, dead)| {
+                    if dead.load(Ordering::Acquire) {
+                        Err("connection closed right after connecting".to_owned())
+                    } else {
+                        Ok((channel, dead))
+                    }
+                });
                 match result {
                     Ok((channel, dead)) => {
                         let shared = Arc::new(EndpointShared {
