@@ -188,33 +188,37 @@ impl Service<http::Request<Body>> for EndpointService {
             drop(guard);
             let elapsed = start.elapsed();
             shared.stats.record(elapsed);
-            let failed = match &result {
+            // `UNAVAILABLE` answers and errors that leave the connection up
+            // (a refused stream, say) count towards outlier ejection: failing
+            // fast, such an endpoint would otherwise look fast to PeakEwma.
+            let (failed, outlying) = match &result {
                 Ok(response) => {
                     let unavailable = grpc_status(response) == Some(tonic::Code::Unavailable);
-                    if unavailable {
-                        let n = shared.stats.unavailable.fetch_add(1, Ordering::AcqRel) + 1;
-                        if shared.outlier_after.is_some_and(|max| n >= max) {
-                            shared.stats.unavailable.store(0, Ordering::Release);
-                            let _ = shared.events.send(Event::Outlier {
-                                id: shared.id.to_string(),
-                                generation: shared.generation,
-                            });
-                        }
-                    } else {
-                        shared.stats.unavailable.store(0, Ordering::Release);
-                    }
-                    unavailable
+                    (unavailable, unavailable)
                 }
                 Err(e) => {
-                    if connection_failed(e.as_ref()) && !shared.dead.swap(true, Ordering::AcqRel) {
+                    let lost = connection_failed(e.as_ref());
+                    if lost && !shared.dead.swap(true, Ordering::AcqRel) {
                         let _ = shared.events.send(Event::Lost {
                             id: shared.id.to_string(),
                             generation: shared.generation,
                         });
                     }
-                    true
+                    (true, !lost && !chain(e.as_ref()).any(|e| e.is::<Drained>()))
                 }
             };
+            if outlying {
+                let n = shared.stats.unavailable.fetch_add(1, Ordering::AcqRel) + 1;
+                if shared.outlier_after.is_some_and(|max| n >= max) {
+                    shared.stats.unavailable.store(0, Ordering::Release);
+                    let _ = shared.events.send(Event::Outlier {
+                        id: shared.id.to_string(),
+                        generation: shared.generation,
+                    });
+                }
+            } else if !failed {
+                shared.stats.unavailable.store(0, Ordering::Release);
+            }
             if failed {
                 shared.stats.failures.fetch_add(1, Ordering::Relaxed);
             }

@@ -68,7 +68,6 @@ use futures::future::BoxFuture;
 use rand::Rng;
 use tokio_util::sync::{CancellationToken, DropGuard};
 use tonic::body::Body;
-use tower::buffer::Buffer;
 use tower::retry::budget::{Budget, TpsBudget};
 use tower::{BoxError, Service, ServiceExt};
 
@@ -148,7 +147,6 @@ pub(crate) struct Options {
     replay_limit: usize,
     default_rtt: Duration,
     decay: Duration,
-    buffer: usize,
 }
 
 impl Default for Options {
@@ -171,7 +169,6 @@ impl Default for Options {
             replay_limit: 64 * 1024,
             default_rtt: Duration::from_millis(30),
             decay: Duration::from_secs(10),
-            buffer: 1024,
         }
     }
 }
@@ -365,7 +362,12 @@ impl ChannelBuilder<'_> {
 
 type Request = http::Request<Body>;
 type Response = http::Response<Body>;
-type Balancer = Buffer<Request, BoxFuture<'static, std::result::Result<Response, BoxError>>>;
+/// A p2c balancer shared by the channel's clones. Callers take turns (the
+/// mutex is fair) to wait for a ready endpoint and dispatch; the answer is
+/// awaited outside the lock. Unlike a `tower::buffer::Buffer`, this costs no
+/// task hop per call, and since only the lock holder polls the balancer,
+/// no waiter's wake-up is lost.
+type Balancer = Arc<tokio::sync::Mutex<tower::util::BoxService<Request, Response, BoxError>>>;
 
 struct Inner {
     service: String,
@@ -398,13 +400,13 @@ impl std::fmt::Debug for Channel {
     }
 }
 
-fn balancer(buffer: usize) -> (manager::ChangeTx, Balancer) {
+fn balancer() -> (manager::ChangeTx, Balancer) {
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     let discover =
         futures::stream::poll_fn(move |cx| rx.poll_recv(cx).map(|c| c.map(Ok::<_, Infallible>)));
     let balance = tower::balance::p2c::Balance::new(discover);
     let boxed = tower::util::BoxService::new(balance);
-    (tx, Buffer::new(boxed, buffer))
+    (tx, Arc::new(tokio::sync::Mutex::new(boxed)))
 }
 
 impl Channel {
@@ -415,8 +417,8 @@ impl Channel {
         protect_for: Duration,
     ) -> Self {
         let options = Arc::new(options);
-        let (local_tx, local) = balancer(options.buffer);
-        let (remote_tx, remote) = balancer(options.buffer);
+        let (local_tx, local) = balancer();
+        let (remote_tx, remote) = balancer();
         let published = Arc::new(Published::default());
         let stop = CancellationToken::new();
         let manager = Manager::new(
@@ -583,9 +585,16 @@ impl Service<Request> for Channel {
                             Err(e) => Err(e),
                         },
                         None => {
-                            let mut balancer = inner.pick();
-                            match balancer.ready().await {
-                                Ok(balancer) => balancer.call(request).await,
+                            let balancer = inner.pick();
+                            let dispatched = {
+                                let mut balancer = balancer.lock().await;
+                                match balancer.ready().await {
+                                    Ok(balancer) => Ok(balancer.call(request)),
+                                    Err(e) => Err(e),
+                                }
+                            };
+                            match dispatched {
+                                Ok(answer) => answer.await,
                                 Err(e) => Err(e),
                             }
                         }
