@@ -265,8 +265,10 @@ impl ChannelBuilder<'_> {
         self
     }
 
-    /// Ejects an endpoint after `n` `UNAVAILABLE` answers in a row (outlier
-    /// detection); `None` turns it off. Default 5, as Envoy's consecutive-5xx.
+    /// Ejects an endpoint after `n` failed calls in a row (outlier
+    /// detection): `UNAVAILABLE` answers, and errors that leave the
+    /// connection up, such as refused streams. `None` turns it off. Default
+    /// 5, as Envoy's consecutive-5xx.
     pub fn outlier_after(mut self, n: Option<u32>) -> Self {
         self.options.outlier_after = n;
         self
