@@ -163,3 +163,315 @@ impl ServiceCache {
         }
     }
 }
+
+#[cfg(feature = "channel")]
+pub use generic::Balance;
+
+/// (feature `channel`) A load balancer over any `MakeService` keyed by
+/// instance endpoint.
+#[cfg(feature = "channel")]
+mod generic {
+    use std::collections::BTreeMap;
+    use std::convert::Infallible;
+    use std::sync::Arc;
+    use std::task::{Context, Poll};
+    use std::time::Duration;
+
+    use futures::future::BoxFuture;
+    use rand::Rng;
+    use tokio::sync::mpsc;
+    use tokio_util::sync::{CancellationToken, DropGuard};
+    use tower::buffer::Buffer;
+    use tower::discover::Change;
+    use tower::load::{CompleteOnResponse, PeakEwma};
+    use tower::{BoxError, Service, ServiceExt};
+
+    use crate::cache::ServiceCache;
+
+    type Boxed<Req, Resp> = tower::util::BoxService<Req, Resp, BoxError>;
+
+    /// A balancer over the instances of a [`ServiceCache`], for any client
+    /// that can be made per endpoint: `make` is a `tower::MakeService` (a
+    /// `Service<String>` whose response is the endpoint's service), called
+    /// with the instance's `address:port`.
+    ///
+    /// It does what [`Channel`](crate::Channel) does that does not need to
+    /// know the protocol: power of two choices over `PeakEwma`
+    /// (`tower::balance::p2c`; an endpoint not measured yet counts as fast,
+    /// so that it is tried), an endpoint made (connected) eagerly and
+    /// used only once made, ejected at once when making it fails or a call
+    /// to it fails with an error, and made again after a capped exponential
+    /// backoff (100 ms to 5 s). An instance that leaves the cache is removed
+    /// at once; calls in flight on it finish. It does not retry: which
+    /// requests are safe to send again depends on the protocol.
+    ///
+    /// Cheap to clone. See `examples/http_balance.rs` for hyper-util's
+    /// HTTP/1.1 client.
+    pub struct Balance<Req, Resp> {
+        inner: Buffer<Req, BoxFuture<'static, Result<Resp, BoxError>>>,
+        _stop: Arc<DropGuard>,
+    }
+
+    impl<Req, Resp> Clone for Balance<Req, Resp>
+    where
+        Req: Send + 'static,
+        Resp: 'static,
+    {
+        fn clone(&self) -> Self {
+            Self {
+                inner: self.inner.clone(),
+                _stop: self._stop.clone(),
+            }
+        }
+    }
+
+    impl<Req, Resp> std::fmt::Debug for Balance<Req, Resp> {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.debug_struct("Balance").finish_non_exhaustive()
+        }
+    }
+
+    /// A call failed with an error: the endpoint is ejected.
+    struct Failing<S> {
+        inner: S,
+        id: String,
+        generation: u64,
+        lost: mpsc::UnboundedSender<(String, u64)>,
+    }
+
+    impl<S, Req> Service<Req> for Failing<S>
+    where
+        S: Service<Req>,
+        S::Error: Into<BoxError>,
+        S::Future: Send + 'static,
+    {
+        type Response = S::Response;
+        type Error = BoxError;
+        type Future = BoxFuture<'static, Result<S::Response, BoxError>>;
+
+        fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+            let result = self.inner.poll_ready(cx).map_err(Into::into);
+            if let Poll::Ready(Err(_)) = &result {
+                let _ = self.lost.send((self.id.clone(), self.generation));
+            }
+            result
+        }
+
+        fn call(&mut self, request: Req) -> Self::Future {
+            let call = self.inner.call(request);
+            let lost = self.lost.clone();
+            let key = (self.id.clone(), self.generation);
+            Box::pin(async move {
+                let result = call.await.map_err(Into::into);
+                if result.is_err() {
+                    let _ = lost.send(key);
+                }
+                result
+            })
+        }
+    }
+
+    enum Slot {
+        Making(u64, u32),
+        Ready(u64),
+        Ejected(tokio::time::Instant, u32),
+    }
+
+    impl<Req, Resp> Balance<Req, Resp>
+    where
+        Req: Send + 'static,
+        Resp: Send + 'static,
+    {
+        /// Starts balancing over `cache`'s instances, made with `make`.
+        /// Needs a Tokio runtime.
+        pub fn new<M, S>(cache: &ServiceCache, make: M) -> Self
+        where
+            M: Service<String, Response = S> + Clone + Send + 'static,
+            M::Error: Into<BoxError> + Send,
+            M::Future: Send + 'static,
+            S: Service<Req, Response = Resp> + Send + 'static,
+            S::Error: Into<BoxError>,
+            S::Future: Send + 'static,
+        {
+            let (tx, mut rx) = mpsc::unbounded_channel::<Change<String, _>>();
+            let discover = futures::stream::poll_fn(move |cx| {
+                rx.poll_recv(cx).map(|c| c.map(Ok::<_, Infallible>))
+            });
+            let balance = tower::balance::p2c::Balance::new(discover);
+            let inner = Buffer::new(Boxed::new(balance), 1024);
+            let stop = CancellationToken::new();
+            tokio::spawn(run(cache.clone(), make, tx, stop.clone()));
+            Self {
+                inner,
+                _stop: Arc::new(stop.drop_guard()),
+            }
+        }
+    }
+
+    type Made<S> = PeakEwma<Failing<S>>;
+
+    async fn run<M, S, Req>(
+        cache: ServiceCache,
+        make: M,
+        tx: mpsc::UnboundedSender<Change<String, Made<S>>>,
+        stop: CancellationToken,
+    ) where
+        M: Service<String, Response = S> + Clone + Send + 'static,
+        M::Error: Into<BoxError> + Send,
+        M::Future: Send + 'static,
+        S: Service<Req> + Send + 'static,
+        S::Error: Into<BoxError>,
+        S::Future: Send + 'static,
+    {
+        let (made_tx, mut made_rx) =
+            mpsc::unbounded_channel::<(String, u64, Result<S, BoxError>)>();
+        let (lost_tx, mut lost_rx) = mpsc::unbounded_channel::<(String, u64)>();
+        let mut versions = cache.versions();
+        let mut slots: BTreeMap<String, (String, Slot)> = BTreeMap::new();
+        let mut generation = 0u64;
+        let backoff = |attempts: u32| {
+            let d = Duration::from_millis(100)
+                .saturating_mul(1 << attempts.min(10))
+                .min(Duration::from_secs(5));
+            d.mul_f64(rand::rng().random_range(0.5..=1.0))
+        };
+        loop {
+            // Membership.
+            let instances = cache.instances();
+            let current: BTreeMap<String, String> = instances
+                .iter()
+                .map(|i| (i.id.clone(), i.endpoint()))
+                .collect();
+            let gone: Vec<String> = slots
+                .iter()
+                .filter(|(id, (addr, _))| current.get(*id) != Some(addr))
+                .map(|(id, _)| id.clone())
+                .collect();
+            for id in gone {
+                slots.remove(&id);
+                let _ = tx.send(Change::Remove(id));
+            }
+            for (id, address) in current {
+                if let std::collections::btree_map::Entry::Vacant(slot) = slots.entry(id) {
+                    generation += 1;
+                    spawn_make(
+                        make.clone(),
+                        made_tx.clone(),
+                        slot.key(),
+                        &address,
+                        generation,
+                    );
+                    slot.insert((address, Slot::Making(generation, 0)));
+                }
+            }
+            let next = slots
+                .values()
+                .filter_map(|(_, s)| match s {
+                    Slot::Ejected(until, _) => Some(*until),
+                    _ => None,
+                })
+                .min()
+                .unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(3600));
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                changed = versions.changed() => {
+                    if changed.is_err() || versions.borrow_and_update().closed {
+                        // The registry closed: keep the endpoints as they are.
+                        stop.cancelled().await;
+                        return;
+                    }
+                }
+                Some((id, g, result)) = made_rx.recv() => {
+                    if let Some((address, slot)) = slots.get_mut(&id)
+                        && let Slot::Making(x, attempts) = *slot
+                        && x == g
+                    {
+                        match result {
+                            Ok(service) => {
+                                *slot = Slot::Ready(g);
+                                let failing = Failing { inner: service, id: id.clone(), generation: g, lost: lost_tx.clone() };
+                                let _ = tx.send(Change::Insert(id, PeakEwma::new(
+                                    failing,
+                                    // Optimistic: an endpoint not measured
+                                    // yet is tried first (until its first
+                                    // answer), so that p2c ever measures it.
+                                    Duration::from_micros(1),
+                                    Duration::from_secs(10).as_nanos() as f64,
+                                    CompleteOnResponse::default(),
+                                )));
+                            }
+                            Err(error) => {
+                                tracing::warn!(id, %address, %error, "making the endpoint's service failed; ejected");
+                                *slot = Slot::Ejected(tokio::time::Instant::now() + backoff(attempts), attempts + 1);
+                            }
+                        }
+                    }
+                }
+                Some((id, g)) = lost_rx.recv() => {
+                    if let Some((_, slot)) = slots.get_mut(&id)
+                        && matches!(slot, Slot::Ready(x) if *x == g)
+                    {
+                        tracing::info!(id, "endpoint failed a call; ejected");
+                        *slot = Slot::Ejected(tokio::time::Instant::now() + backoff(0), 1);
+                        let _ = tx.send(Change::Remove(id));
+                    }
+                }
+                _ = tokio::time::sleep_until(next) => {
+                    let now = tokio::time::Instant::now();
+                    for (id, (address, slot)) in slots.iter_mut() {
+                        if let Slot::Ejected(until, attempts) = *slot && until <= now {
+                            generation += 1;
+                            spawn_make(make.clone(), made_tx.clone(), id, address, generation);
+                            *slot = Slot::Making(generation, attempts);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Makes one endpoint's service in the background.
+    fn spawn_make<M, S>(
+        mut make: M,
+        made_tx: mpsc::UnboundedSender<(String, u64, Result<S, BoxError>)>,
+        id: &str,
+        address: &str,
+        generation: u64,
+    ) where
+        M: Service<String, Response = S> + Send + 'static,
+        M::Error: Into<BoxError> + Send,
+        M::Future: Send + 'static,
+        S: Send + 'static,
+    {
+        let (id, address) = (id.to_owned(), address.to_owned());
+        tokio::spawn(async move {
+            let result: Result<S, BoxError> = match make.ready().await {
+                Ok(make) => {
+                    let call = make.call(address);
+                    call.await.map_err(Into::into)
+                }
+                Err(e) => Err(e.into()),
+            };
+            let _ = made_tx.send((id, generation, result));
+        });
+    }
+
+    impl<Req, Resp> Service<Req> for Balance<Req, Resp>
+    where
+        Req: Send + 'static,
+        Resp: Send + 'static,
+    {
+        type Response = Resp;
+        type Error = BoxError;
+        type Future = BoxFuture<'static, Result<Resp, BoxError>>;
+
+        fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+            self.inner.poll_ready(cx)
+        }
+
+        fn call(&mut self, request: Req) -> Self::Future {
+            let call = self.inner.call(request);
+            Box::pin(call)
+        }
+    }
+}

@@ -112,8 +112,6 @@ struct Store {
     len: usize,
     /// The etcd revision the store reflects.
     revision: i64,
-    /// The last batch applied came from a re-list.
-    relisted: bool,
     /// The flat view of `services`: built by the first reader that needs it
     /// after a change, dropped by the next change.
     view: OnceLock<Arc<View>>,
@@ -604,7 +602,6 @@ impl Shared {
             .write()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         store.revision = batch.revision;
-        store.relisted = batch.relisted;
         let changed = store.apply(batch.events);
         crate::metrics::cache_instances(
             &self.namespace,
@@ -614,12 +611,9 @@ impl Shared {
         changed
     }
 
-    fn publish(&self, changed: bool) {
-        let relisted = self
-            .store
-            .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .relisted;
+    /// Publishes a change; `relisted` when any batch applied since the last
+    /// publication came from a re-list.
+    fn publish(&self, changed: bool, relisted: bool) {
         self.version.send_if_modified(|v| {
             let before = *v;
             v.ready = true;
@@ -643,13 +637,15 @@ async fn feed_cache(shared: Weak<Shared>, mut feed: Feed, stop: CancellationToke
         let Some(shared) = shared.upgrade() else {
             return;
         };
+        let mut relisted = batch.relisted;
         let mut changed = shared.apply(batch);
         // Wake the waiters once for everything already waiting; the lock is
         // released between batches, so readers are never held up for long.
         while let Ok(batch) = feed.rx.try_recv() {
+            relisted |= batch.relisted;
             changed |= shared.apply(batch);
         }
-        shared.publish(changed);
+        shared.publish(changed, relisted);
     }
     if let Some(shared) = shared.upgrade() {
         shared.version.send_modify(|v| v.closed = true);

@@ -66,8 +66,10 @@
 
 mod backoff;
 #[cfg(feature = "tower")]
-mod balance;
+pub mod balance;
 mod cache;
+#[cfg(feature = "channel")]
+pub mod channel;
 mod config;
 mod conn;
 mod core;
@@ -96,6 +98,8 @@ mod watch;
 #[cfg(feature = "tower")]
 pub use balance::ServiceDiscover;
 pub use cache::{Instances, InstancesIter, ServiceCache, Strategy};
+#[cfg(feature = "channel")]
+pub use channel::{Channel, ChannelBuilder, EndpointState, Idempotent};
 pub use config::{
     Config, DEFAULT_DIAL_TIMEOUT, DEFAULT_KEEP_ALIVE_INTERVAL, DEFAULT_KEEP_ALIVE_TIMEOUT,
     DEFAULT_KEY_PREFIX, DEFAULT_MAX_REQUEST_BYTES, DEFAULT_MAX_TXN_OPS, DEFAULT_NAMESPACE,

@@ -23,6 +23,8 @@
 
 mod basic;
 mod batch;
+#[cfg(feature = "channel")]
+mod channel;
 mod election;
 mod measure;
 mod memory;
@@ -560,6 +562,22 @@ async fn main() {
     )
     .await;
     run(&mut rows, &ctx, "mem_cache_10k", limit, memory::cache_10k).await;
+    #[cfg(feature = "channel")]
+    {
+        run(&mut rows, &ctx, "channel_rolling", limit, channel::rolling).await;
+        run(&mut rows, &ctx, "channel_sigkill", limit, channel::sigkill).await;
+        run(&mut rows, &ctx, "channel_wiped", limit, channel::wiped).await;
+        run(&mut rows, &ctx, "channel_slow", limit, channel::slow).await;
+        run(
+            &mut rows,
+            &ctx,
+            "channel_overhead",
+            limit,
+            channel::overhead,
+        )
+        .await;
+        run(&mut rows, &ctx, "channel_subset", limit, channel::subset).await;
+    }
 
     let total = began.elapsed();
     let load_after = loadavg();
