@@ -29,7 +29,7 @@ use crate::instance::ServiceInstance;
 /// Each poll compares the cache's current instances with what was already
 /// emitted, so a slow consumer skips intermediate states but always ends in
 /// step with the cache. What was emitted is kept as the cache's own shared
-/// [`Instances`](crate::Instances), not as a copy; the comparison walks
+/// [`Instances`], not as a copy; the comparison walks
 /// pointers, and only changed instances are cloned into [`Change`]s. The
 /// stream ends when the registry is closed.
 ///

@@ -102,12 +102,23 @@ impl Conn {
         F: FnOnce(Client) -> Fut,
         Fut: Future<Output = Result<T, etcd_client::Error>>,
     {
-        match tokio::time::timeout(self.request_timeout, f(self.client.clone())).await {
+        self.once_within(op, self.request_timeout, f).await
+    }
+
+    /// [`once`](Self::once) under `timeout` instead of the request timeout.
+    pub(crate) async fn once_within<T, F, Fut>(
+        &self,
+        op: &'static str,
+        timeout: Duration,
+        f: F,
+    ) -> Result<T>
+    where
+        F: FnOnce(Client) -> Fut,
+        Fut: Future<Output = Result<T, etcd_client::Error>>,
+    {
+        match tokio::time::timeout(timeout, f(self.client.clone())).await {
             Ok(r) => r.map_err(|e| Error::etcd(op, e)),
-            Err(_) => Err(Error::Timeout {
-                op,
-                after: self.request_timeout,
-            }),
+            Err(_) => Err(Error::Timeout { op, after: timeout }),
         }
     }
 
@@ -154,13 +165,17 @@ pub(crate) async fn probe(
     // TLS is in use exactly when the options carry it; a `https://` endpoint
     // always does, so that is the cheap tell here.
     let tls = endpoint.starts_with("https://");
-    probe_typed(endpoint, options, dial_timeout, tls)
-        .await
-        .map_err(|p| match p {
-            Probe::Auth(reason) => format!("authentication failed: {reason}"),
-            Probe::Failed(reason) => reason,
-        })
+    match probe_typed(endpoint, options, dial_timeout, tls).await {
+        Ok(Some(status)) => Ok(status),
+        Ok(None) => Err(STATUS_NEEDS_ROOT.to_owned()),
+        Err(Probe::Auth(reason)) => Err(format!("authentication failed: {reason}")),
+        Err(Probe::Failed(reason)) => Err(reason),
+    }
 }
+
+/// What `probe` says of an endpoint that answered but refused its status.
+const STATUS_NEEDS_ROOT: &str = "answers, but its status is refused to this user: etcd 3.5.28 to 3.5.31 \
+     and 3.6.0 to 3.6.11 give Maintenance.Status to root only when auth is on";
 
 /// [`probe`] that tells a refused user or password apart, and describes
 /// other failures with their whole cause (TLS failures labelled as such).
@@ -169,13 +184,17 @@ async fn probe_typed(
     options: ConnectOptions,
     dial_timeout: Duration,
     tls: bool,
-) -> std::result::Result<StatusResponse, Probe> {
+) -> std::result::Result<Option<StatusResponse>, Probe> {
     let attempt = async {
         let mut c = Client::connect([endpoint], Some(options)).await?;
         c.status().await
     };
     match tokio::time::timeout(dial_timeout, attempt).await {
-        Ok(Ok(status)) => Ok(status),
+        Ok(Ok(status)) => Ok(Some(status)),
+        // The user was authenticated and etcd answered: it is reachable.
+        // Some etcd releases (3.5.28-3.5.31, 3.6.0-3.6.11) refuse Status to
+        // every user but root when auth is on.
+        Ok(Err(e)) if crate::error::is_permission_denied(&e) => Ok(None),
         Ok(Err(e)) if is_auth_failed(&e) => Err(Probe::Auth(e.to_string())),
         Ok(Err(e)) => Err(Probe::Failed(describe_connect_error(&e, tls))),
         Err(_) => Err(Probe::Failed(format!("no answer within {dial_timeout:?}"))),

@@ -173,6 +173,18 @@ pub(crate) enum Item {
     Reset(Reset),
 }
 
+/// The longest a liveness read may take (see `Resumable::liveness`).
+const PROBE_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// What a liveness read found.
+enum Liveness {
+    Alive,
+    /// No answer, or a change the stream did not deliver.
+    Stale,
+    /// Another cluster, or an older revision: the history is not the one followed.
+    Changed,
+}
+
 /// Whether the server answers progress requests on a watch.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Progress {
@@ -413,9 +425,22 @@ impl Resumable {
             let message = tokio::select! {
                 _ = self.cancel.cancelled() => return Err(Error::Closed),
                 _ = tokio::time::sleep_until(heard + STALE_AFTER) => {
-                    if self.progress != Progress::Answered && Box::pin(self.proven_alive()).await {
-                        heard = Instant::now();
-                        continue;
+                    if self.progress != Progress::Answered {
+                        match Box::pin(self.liveness()).await {
+                            Liveness::Alive => {
+                                heard = Instant::now();
+                                continue;
+                            }
+                            Liveness::Changed => {
+                                self.watch = None;
+                                self.restart(crate::metrics::Restart::Wiped);
+                                self.errors.fetch_add(1, Ordering::Relaxed);
+                                tracing::warn!(service = %self.label.name, revision = self.revision(), "etcd's history changed behind the watch (wiped or restored); reading again");
+                                self.clusters = ClusterIds::default();
+                                return Ok(Some(Item::Reset(Reset::HistoryChanged)));
+                            }
+                            Liveness::Stale => {}
+                        }
                     }
                     self.restart(crate::metrics::Restart::Stale);
                     return self.interrupted(format!("no event or progress report for {STALE_AFTER:?} (stale stream)")).map(Some);
@@ -479,12 +504,12 @@ impl Resumable {
     }
 
     /// Where progress requests go unanswered: one read proves the stream
-    /// alive when nothing under the range changed after what it delivered.
-    /// Costs one small request per [`STALE_AFTER`] of silence.
-    async fn proven_alive(&mut self) -> bool {
-        let Some(key) = self.keys.first().cloned() else {
-            return false;
-        };
+    /// alive when nothing under the range changed after what it delivered,
+    /// and catches a history that changed behind it (etcd wiped or restored
+    /// behind a proxy, which keeps the client's stream open and silent).
+    /// Costs one small request per watched range per [`STALE_AFTER`] of
+    /// silence, each bounded by [`PROBE_TIMEOUT`] (or the request timeout).
+    async fn liveness(&mut self) -> Liveness {
         let mut options = etcd_client::GetOptions::new()
             .with_keys_only()
             .with_sort(SortTarget::Mod, SortOrder::Descend)
@@ -492,27 +517,31 @@ impl Resumable {
         if self.prefix {
             options = options.with_prefix();
         }
-        // Every watched range (the anti-entropy watch has several).
+        let timeout = self.conn.request_timeout().min(PROBE_TIMEOUT);
         let mut newest = 0;
-        for k in std::iter::once(&key).chain(self.keys.iter().skip(1)) {
+        for k in self.keys.clone() {
             let resp = self
                 .conn
-                .once("watch liveness", |mut c| {
-                    let (k, options) = (k.clone(), options.clone());
+                .once_within("watch liveness", timeout, |mut c| {
+                    let options = options.clone();
                     async move { c.get(k, Some(options)).await }
                 })
                 .await;
-            match resp {
-                Ok(resp) => {
-                    if let Some(kv) = resp.kvs().first() {
-                        newest = newest.max(kv.mod_revision());
-                    }
+            let Ok(resp) = resp else {
+                return Liveness::Stale;
+            };
+            if let Some(h) = resp.header() {
+                let went_back = h.revision() > 0 && h.revision() < self.revision();
+                if went_back || !same_cluster(&mut self.clusters.unary, Some(h.cluster_id())) {
+                    return Liveness::Changed;
                 }
-                Err(_) => return false,
+            }
+            if let Some(kv) = resp.kvs().first() {
+                newest = newest.max(kv.mod_revision());
             }
         }
         if newest > self.revision() {
-            return false;
+            return Liveness::Stale;
         }
         if self.progress == Progress::Unknown {
             self.progress = Progress::Unanswered;
@@ -522,7 +551,7 @@ impl Resumable {
                  proving the watch alive with one read per {STALE_AFTER:?} of silence instead"
             );
         }
-        true
+        Liveness::Alive
     }
 
     /// The stream broke or went stale: drop it, count and log it, and

@@ -245,6 +245,10 @@ async fn reconcile(
         {
             return Ok(()); // our own write, or older
         }
+        // A write of ours in flight decides this key; its answer is recorded.
+        if entry.writing > 0 {
+            return Ok(());
+        }
         let in_flight = entry
             .written
             .is_none_or(|w| w.generation != entry.generation);

@@ -96,6 +96,23 @@ pub(crate) struct Entry {
     pub(crate) yielded: bool,
     /// Our last write that etcd acknowledged, if any.
     pub(crate) written: Option<Written>,
+    /// Writes of this entry by `put` now in flight: anti-entropy leaves the
+    /// key to them.
+    pub(crate) writing: u32,
+}
+
+/// A write of an entry in flight; counted in `Entry::writing` until dropped.
+struct Writing<'a> {
+    table: &'a Table,
+    key: &'a str,
+}
+
+impl Drop for Writing<'_> {
+    fn drop(&mut self) {
+        if let Some(e) = self.table.lock().get_mut(self.key) {
+            e.writing = e.writing.saturating_sub(1);
+        }
+    }
 }
 
 /// A write of an entry etcd acknowledged.
@@ -364,6 +381,7 @@ impl Table {
                             serving,
                             yielded: false,
                             written: None,
+                            writing: 0,
                         },
                     );
                 }
@@ -431,18 +449,23 @@ impl Table {
         for _ in 0..8 {
             let lease = self.core.live_lease().await?;
             let (value, mirror, generation, instance) = {
-                let entries = self.lock();
-                match entries.get(key) {
-                    Some(e) if e.serving && !e.yielded => (
-                        e.value.clone(),
-                        e.mirror.clone(),
-                        e.generation,
-                        e.instance.clone(),
-                    ),
+                let mut entries = self.lock();
+                match entries.get_mut(key) {
+                    Some(e) if e.serving && !e.yielded => {
+                        e.writing += 1;
+                        (
+                            e.value.clone(),
+                            e.mirror.clone(),
+                            e.generation,
+                            e.instance.clone(),
+                        )
+                    }
                     _ => return Ok(()),
                 }
             };
+            let writing = Writing { table: self, key };
             let sent = self.write(key, &value, mirror.as_ref(), lease, mode).await;
+            drop(writing);
             let (revision, other) = match sent {
                 Ok(w) => w,
                 Err(e) if e.is_lease_not_found() && !lease_lost_once => {
