@@ -172,8 +172,9 @@ impl Lock {
             return Ok(None);
         };
         let lease = lease?;
+        // Boxed: the whole acquisition is a large future (see `Queue::join`).
         queue
-            .on_lease(lease.id, async {
+            .on_lease(lease.id, Box::pin(async {
                 let enqueue = queue.enqueue(lease.id, Vec::new(), Turn::Wait);
                 // On timeout the dropped write withdraws its key in the background.
                 let Ok(member) = tokio::time::timeout_at(deadline, enqueue).await else {
@@ -192,7 +193,7 @@ impl Lock {
                         Ok(None)
                     }
                 }
-            })
+            }))
             .await
     }
 
