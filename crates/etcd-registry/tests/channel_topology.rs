@@ -108,6 +108,10 @@ async fn a_wiped_etcd_does_not_empty_the_channel() {
 async fn under_the_panic_threshold_outliers_take_requests_again() {
     let registry = registry(&unique_name("ch-panic")).await;
     let good = TestServer::start();
+    // The good one answers 20 ms late, so that p2c over PeakEwma prefers the
+    // two bad ones (they fail at once) until both are ejected: otherwise the
+    // second bad one can go unpicked for long (a flake seen in a CI run).
+    good.ctl.delay_ms.store(20, Ordering::SeqCst);
     let bad: Vec<TestServer> = (0..2).map(|_| TestServer::start()).collect();
     for b in &bad {
         b.ctl.unavailable.store(true, Ordering::SeqCst);
@@ -128,7 +132,8 @@ async fn under_the_panic_threshold_outliers_take_requests_again() {
         registry
             .channel_builder("svc")
             .outlier_after(Some(2))
-            .backoff(Duration::from_secs(20), Duration::from_secs(30))
+            // Long enough that no ejected endpoint returns during the test.
+            .backoff(Duration::from_secs(60), Duration::from_secs(90))
             .panic_threshold(threshold)
             .build()
     };
