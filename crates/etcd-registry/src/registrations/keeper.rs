@@ -246,7 +246,9 @@ async fn reconcile(
             return Ok(()); // our own write, or older
         }
         // A write of ours in flight decides this key; its answer is recorded.
-        if entry.writing > 0 {
+        // An entry never written yet is one whose first write is on its way
+        // (`register` records the entry before it sends the put).
+        if entry.writing > 0 || entry.written.is_none() {
             return Ok(());
         }
         let in_flight = entry
