@@ -408,12 +408,7 @@ impl LockGuard {
     /// # }
     /// ```
     pub fn lease_deadline(&self) -> Option<tokio::time::Instant> {
-        match *self.head.leases().borrow() {
-            Some(l) if l.id == self.head.lease_id() && l.expires > tokio::time::Instant::now() => {
-                Some(l.expires)
-            }
-            _ => None,
-        }
+        self.head.lease_deadline()
     }
 
     /// Resolves once the [`lease_deadline`](LockGuard::lease_deadline) is
@@ -440,19 +435,6 @@ impl LockGuard {
     /// # }
     /// ```
     pub async fn lease_expiring_within(&self, within: std::time::Duration) {
-        // Subscribed before the first read, so no later keep-alive is missed.
-        let mut leases = self.head.leases();
-        loop {
-            let Some(at) = self.lease_deadline().and_then(|d| d.checked_sub(within)) else {
-                return;
-            };
-            if at <= tokio::time::Instant::now() {
-                return;
-            }
-            tokio::select! {
-                changed = leases.changed() => if changed.is_err() { return },
-                _ = tokio::time::sleep_until(at) => {}
-            }
-        }
+        self.head.lease_expiring_within(within).await
     }
 }

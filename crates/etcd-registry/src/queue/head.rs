@@ -100,6 +100,33 @@ impl Head {
         *self.shared.lost.borrow()
     }
 
+    /// The local deadline of this head's lease while it can be relied on
+    /// (see `Leadership::lease_deadline`, `LockGuard::lease_deadline`).
+    pub(crate) fn lease_deadline(&self) -> Option<Instant> {
+        match *self.leases().borrow() {
+            Some(l) if l.id == self.lease_id() && l.expires > Instant::now() => Some(l.expires),
+            _ => None,
+        }
+    }
+
+    /// Resolves once that deadline is less than `within` away, or gone.
+    pub(crate) async fn lease_expiring_within(&self, within: std::time::Duration) {
+        // Subscribed before the first read, so no later keep-alive is missed.
+        let mut leases = self.leases();
+        loop {
+            let Some(at) = self.lease_deadline().and_then(|d| d.checked_sub(within)) else {
+                return;
+            };
+            if at <= Instant::now() {
+                return;
+            }
+            tokio::select! {
+                changed = leases.changed() => if changed.is_err() { return },
+                _ = tokio::time::sleep_until(at) => {}
+            }
+        }
+    }
+
     /// The session's published leases, to follow this head's lease deadline
     /// (`Leadership::lease_deadline`, `LockGuard::lease_expiring_within`).
     pub(crate) fn leases(&self) -> watch::Receiver<Option<Lease>> {
