@@ -99,6 +99,16 @@ pub enum Error {
         /// The instance key both handles name.
         key: String,
     },
+
+    /// The instance of this [`Registration`](crate::Registration) handle was
+    /// deregistered (through another handle of the same id, or by an admin
+    /// call); nothing maintains it, and `update` cannot bring it back:
+    /// register it again.
+    #[error("registration of {key:?} was deregistered")]
+    Deregistered {
+        /// The instance key.
+        key: String,
+    },
 }
 
 /// Shorthand for `Result<T, etcd_registry::Error>`.

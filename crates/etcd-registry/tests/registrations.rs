@@ -383,19 +383,21 @@ async fn concurrent_registers_do_not_wait_for_each_other() {
 
 /// Defect 7: registering an id that the registry already maintained gave
 /// two handles to one key. Now the newer handle owns it and the older is
-/// retired: its deregister leaves the key, its update fails with
-/// `Replaced`, dropping either keeps the key (as documented), and the
-/// owner's deregister removes it.
+/// retired: its update fails with `Replaced`, and dropping either keeps the
+/// key (as documented). Issue 29: the retired handle's `deregister` still
+/// removes the instance (as Go's `Deregister(id)` does), and the newer
+/// handle then says `Deregistered`.
 ///
-/// Seen failing without the owner check: the retired handle's deregister
-/// deleted the key.
+/// Seen failing without the owner check: the retired handle's update
+/// changed the key. Seen failing with the owner check back in `take`: the
+/// key stayed after the retired handle's deregister returned Ok.
 #[tokio::test(flavor = "multi_thread")]
 async fn one_key_has_one_owner_and_the_older_handle_is_retired() {
     let etcd = etcd_registry_testkit::shared_server().await;
     let ns = unique_name("owner1");
     let registry = connect_with(builder(etcd.endpoints(), &ns, 10)).await;
     let mut old = registry.register(inst("web", "w1")).await.unwrap();
-    let new = registry
+    let mut new = registry
         .register(inst("web", "w1").with_version("2"))
         .await
         .unwrap();
@@ -405,15 +407,13 @@ async fn one_key_has_one_owner_and_the_older_handle_is_retired() {
         old.update(inst("web", "w1").with_version("3")).await,
         Err(Error::Replaced { .. })
     ));
-    old.deregister().await.unwrap();
     let key = new.key().to_owned();
     let value = || async { keys(etcd, &key).await.get(&key).cloned() };
-    let held = value()
-        .await
-        .expect("the key stays after the retired handle's deregister");
+    let held = value().await.expect("the key is written");
     assert_eq!(ServiceInstance::from_json(&held.0).unwrap().version, "2");
-    // Dropping the owner keeps the key too, and it is still maintained.
-    drop(new);
+    // Dropping a retired handle keeps the key, and it is still maintained.
+    let again = registry.register(inst("web", "w1")).await.unwrap();
+    drop(std::mem::replace(&mut new, again));
     etcd.client()
         .await
         .unwrap()
@@ -424,9 +424,16 @@ async fn one_key_has_one_owner_and_the_older_handle_is_retired() {
         value().await.is_some()
     })
     .await;
-    let again = registry.register(inst("web", "w1")).await.unwrap();
-    again.deregister().await.unwrap();
+    // The retired handle's deregister removes the instance.
+    old.deregister().await.unwrap();
+    assert!(value().await.is_none(), "Ok means the instance is gone");
+    assert_eq!(new.state(), RegistrationState::Deregistered);
+    assert!(matches!(
+        new.update(inst("web", "w1").with_version("4")).await,
+        Err(Error::Deregistered { .. })
+    ));
     tokio::time::sleep(Duration::from_secs(1)).await;
-    assert!(value().await.is_none());
+    assert!(value().await.is_none(), "nothing puts it back");
+    new.deregister().await.unwrap();
     registry.close().await.unwrap();
 }

@@ -23,10 +23,16 @@ pub enum RegistrationState {
     /// Another live lease took the key over; it is left alone and reclaimed
     /// once it is gone.
     Yielded,
-    /// No longer maintained through this handle: a later `register` of the
-    /// same id on the same registry replaced it, or an admin call
-    /// (`delete_instance`, `delete_service`) removed it.
+    /// No longer changed through this handle: a later `register` of the
+    /// same id on the same registry replaced it. The newer handle maintains
+    /// the key; [`Registration::deregister`] on this one still removes it.
     Replaced,
+    /// The instance was deregistered: through this handle or another one of
+    /// the same id ([`Registration::deregister`] removes the instance,
+    /// whichever handle it is called on, as the Go library's `Deregister`
+    /// does), or by an admin call (`delete_instance`, `delete_service`).
+    /// Nothing maintains the key; `update` fails with [`Error::Deregistered`].
+    Deregistered,
     /// The registry was closed or dropped: nothing maintains the key any
     /// more (it expires with the lease).
     Closed,
@@ -41,9 +47,13 @@ pub enum RegistrationState {
 ///
 /// One key has one owner: registering the same service and id again on the
 /// same registry replaces the entry and **retires** this handle. A retired
-/// handle no longer changes the key: its `deregister` does nothing, its
-/// `update` fails with [`Error::Replaced`], and dropping it has no effect;
+/// handle no longer changes the value: its `update` fails with
+/// [`Error::Replaced`], dropping it has no effect, and
 /// [`state`](Registration::state) says [`RegistrationState::Replaced`].
+/// Its [`deregister`](Registration::deregister) still removes the instance
+/// (whichever handle registered it last), as the Go library's
+/// `Deregister(id)` does: `Ok` always means the instance is gone. The other
+/// handles of the id then say [`RegistrationState::Deregistered`].
 #[must_use = "dropping a Registration keeps the instance registered until Registry::close"]
 pub struct Registration {
     regs: Registrations,
@@ -93,7 +103,7 @@ impl Registration {
         }
         match table.lock().get(&self.key) {
             Some(e) if e.owner != self.owner => RegistrationState::Replaced,
-            None => RegistrationState::Replaced,
+            None => RegistrationState::Deregistered,
             Some(e) if e.yielded => RegistrationState::Yielded,
             Some(e) if !e.serving => RegistrationState::NotServing,
             Some(_) => RegistrationState::Active,
@@ -134,6 +144,11 @@ impl Registration {
     /// key that another lease took over is left alone: the delete compares
     /// the key's lease with this registry's.
     ///
+    /// Any handle of the id will do: on a handle that a later `register` of
+    /// the same id retired, this removes the instance all the same (as the
+    /// Go library's `Deregister(id)` does), and the newer handle then says
+    /// [`RegistrationState::Deregistered`].
+    ///
     /// Final: from the moment it is called, nothing puts the key again,
     /// whatever the delete returns (or if the future is dropped). A delete
     /// that failed is retried in the background until it succeeds or the
@@ -142,7 +157,7 @@ impl Registration {
         let table = self.table().clone();
         let _timer = crate::metrics::timer(table.core.namespace(), "deregister");
         // Out of the table before anything else: nothing puts the key again.
-        let entry = table.take(&self.key, self.owner);
+        let entry = table.take(&self.key);
         // Dropped before the delete answered: it goes on in the background.
         let mut pending = PendingDelete {
             table: table.clone(),

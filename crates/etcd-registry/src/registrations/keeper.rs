@@ -12,6 +12,16 @@
 //! * One key that cannot be reconciled (refused, malformed) is logged and
 //!   retried later; it never holds up the others.
 //! * While a restore under a new lease is pending, it leaves the keys to it.
+//! * A key with a write of ours in flight is left to that write, but the
+//!   event is remembered ([`super::pending`]): once the write ends, a key
+//!   whose last acknowledged write is older than what was seen is read and
+//!   reconciled again; and no key waits longer than
+//!   [`super::pending::DEFER_BOUND`] for a write, whatever is in flight.
+//!
+//! The invariant: every registration whose last `register` or `update`
+//! returned `Ok` is in etcd with that value within one round of this task
+//! (a read, or the event of the change), whatever happened to earlier
+//! attempts that failed or were dropped.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Weak;
@@ -126,12 +136,23 @@ async fn pass(table: &Table, failing: &mut Failing) -> Result<()> {
         let retry_in = failing.retry.next_delay();
         loop {
             let retry = !failing.keys.is_empty();
+            let deferred = !table.deferred_keys().is_empty();
             let item = tokio::select! {
                 i = stream.next() => i?,
                 // A new service, or a restore finished: read again, wider.
                 _ = table.resync.notified() => return Ok(()),
                 // Keys that failed: a full read retries them.
                 _ = tokio::time::sleep(retry_in), if retry => break,
+                // A write that anti-entropy deferred to ended, or the bound
+                // of a deferral is near.
+                _ = table.recheck.notified() => {
+                    recheck(table, failing).await?;
+                    continue;
+                }
+                _ = tokio::time::sleep(RECHECK_TICK), if deferred => {
+                    recheck(table, failing).await?;
+                    continue;
+                }
             };
             match item {
                 // A broken stream may hide a wiped or restored etcd (whose
@@ -144,7 +165,8 @@ async fn pass(table: &Table, failing: &mut Failing) -> Result<()> {
                             continue;
                         };
                         let present = (event.event_type() == EventType::Put).then_some(kv);
-                        match reconcile(table, key, present, Some(kv.mod_revision())).await {
+                        let seen = Seen::Event(kv.mod_revision());
+                        match reconcile(table, key, present, seen).await {
                             Ok(()) => failing.succeeded(key),
                             Err(Error::Closed) => return Err(Error::Closed),
                             Err(error) => failing.failed(key, &error),
@@ -175,7 +197,7 @@ async fn reconcile_all(
     }
     let maintained: HashSet<String> = table.lock().keys().cloned().collect();
     for key in &maintained {
-        match reconcile(table, key, present.get(key), None).await {
+        match reconcile(table, key, present.get(key), Seen::Read(read.revision)).await {
             Ok(()) => failing.succeeded(key),
             Err(Error::Closed) => return,
             Err(error) => failing.failed(key, &error),
@@ -215,15 +237,90 @@ async fn reconcile_all(
     }
 }
 
+/// How often deferred keys are looked at while any is pending.
+const RECHECK_TICK: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// How anti-entropy saw a key.
+#[derive(Clone, Copy)]
+enum Seen {
+    /// A watch event at this revision: older than our last write, it is ours
+    /// or stale.
+    Event(i64),
+    /// A read at this revision, compared by value.
+    Read(i64),
+    /// A read for a deferral past its bound: decided now, whatever is in flight.
+    Forced(i64),
+}
+
+impl Seen {
+    fn revision(self) -> i64 {
+        match self {
+            Seen::Event(r) | Seen::Read(r) | Seen::Forced(r) => r,
+        }
+    }
+}
+
+/// Reads and reconciles the deferred keys whose writes ended, or whose
+/// deferral is past its bound.
+async fn recheck(table: &Table, failing: &mut Failing) -> Result<()> {
+    let due: Vec<(String, bool)> = {
+        let keys: Vec<String> = table.deferred_keys().iter().cloned().collect();
+        let mut done = Vec::new();
+        let mut due = Vec::new();
+        let entries = table.lock();
+        for key in keys {
+            match entries.get(&key).and_then(|e| e.deferred.map(|d| (e, d))) {
+                None => done.push(key),
+                Some((e, _)) if e.writing == 0 => due.push((key, false)),
+                Some((_, d)) if d.since.elapsed() >= super::pending::DEFER_BOUND => {
+                    due.push((key, true));
+                }
+                Some(_) => {}
+            }
+        }
+        drop(entries);
+        let mut set = table.deferred_keys();
+        for key in done.iter().chain(due.iter().map(|(k, _)| k)) {
+            set.remove(key);
+        }
+        due
+    };
+    for (key, forced) in due {
+        let read = table
+            .core
+            .conn
+            .retry_on("get", &key, |mut c| {
+                let key = key.clone();
+                async move { c.get(key, None).await }
+            })
+            .await;
+        let outcome = match read {
+            Ok(resp) => {
+                let revision = resp.header().map_or(0, |h| h.revision());
+                let seen = if forced {
+                    Seen::Forced(revision)
+                } else {
+                    Seen::Read(revision)
+                };
+                reconcile(table, &key, resp.kvs().first(), seen).await
+            }
+            Err(e) => Err(e),
+        };
+        match outcome {
+            Ok(()) => failing.succeeded(&key),
+            Err(Error::Closed) => return Err(Error::Closed),
+            Err(error) => {
+                // Read again with the next full read (failing keys force one).
+                failing.failed(&key, &error);
+            }
+        }
+    }
+    Ok(())
+}
+
 /// What to do with one maintained key as etcd holds it (`kv`, `None` when
-/// absent). `event_rev` is the revision of the watch event that reported it
-/// (`None` for a full read, which compares values only).
-async fn reconcile(
-    table: &Table,
-    key: &str,
-    kv: Option<&KeyValue>,
-    event_rev: Option<i64>,
-) -> Result<()> {
+/// absent), as `seen`.
+async fn reconcile(table: &Table, key: &str, kv: Option<&KeyValue>, seen: Seen) -> Result<()> {
     let core = &table.core;
     if !table.restored() {
         return Ok(()); // the restore under the new lease covers every key
@@ -240,20 +337,19 @@ async fn reconcile(
         if !entry.serving {
             return Ok(());
         }
-        if let (Some(rev), Some(w)) = (event_rev, entry.written)
+        if let (Seen::Event(rev), Some(w)) = (seen, entry.written)
             && rev <= w.revision
         {
             return Ok(()); // our own write, or older
         }
-        // A write of ours in flight decides this key; its answer is recorded.
-        // An entry never written yet is one whose first write is on its way
-        // (`register` records the entry before it sends the put).
-        if entry.writing > 0 || entry.written.is_none() {
+        // A write of ours in flight decides this key, once its answer is
+        // recorded; what was seen meanwhile is remembered, and looked at
+        // again when the write ends (or the bound passes).
+        if entry.writing > 0 && !matches!(seen, Seen::Forced(_)) {
+            table.defer(entry, key, seen.revision());
             return Ok(());
         }
-        let in_flight = entry
-            .written
-            .is_none_or(|w| w.generation != entry.generation);
+        entry.deferred = None;
         if let Some(kv) = kv {
             let holder = kv.lease();
             if holder != 0 && !core.session.is_owned(holder) {
@@ -277,9 +373,6 @@ async fn reconcile(
                             revision: kv.mod_revision(),
                         });
                     }
-                    return Ok(());
-                }
-                if in_flight {
                     return Ok(());
                 }
             }

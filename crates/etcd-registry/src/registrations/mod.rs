@@ -28,6 +28,7 @@ mod drain;
 mod handle;
 mod keeper;
 mod mirror;
+mod pending;
 mod restore;
 
 use std::collections::{HashMap, HashSet};
@@ -46,6 +47,7 @@ use crate::session::Lease;
 
 pub use handle::{Registration, RegistrationState};
 pub(crate) use mirror::Mirror;
+pub(crate) use pending::WriteHook;
 
 /// Bytes a key-value costs in a request beyond its key and value (field
 /// tags, lengths, the lease id), counted generously.
@@ -78,6 +80,12 @@ pub(crate) struct Table {
     /// The mirror key (gRPC naming) of each key that has one, kept past the
     /// entry until a delete of the key has also deleted it.
     mirrors: Mutex<HashMap<String, String>>,
+    /// Keys whose entry holds a [`pending::Deferred`], for anti-entropy.
+    deferred_keys: Mutex<HashSet<String>>,
+    /// A deferred key is ready to be read again.
+    recheck: Notify,
+    /// Test knob: awaited after each write of `put` (see [`pending::WriteHook`]).
+    write_hook: Mutex<Option<pending::WriteHook>>,
 }
 
 /// A registration this registry maintains.
@@ -97,23 +105,11 @@ pub(crate) struct Entry {
     pub(crate) yielded: bool,
     /// Our last write that etcd acknowledged, if any.
     pub(crate) written: Option<Written>,
-    /// Writes of this entry by `put` now in flight: anti-entropy leaves the
-    /// key to them.
+    /// Writes of this entry now in flight ([`pending::Writing`]):
+    /// anti-entropy defers the key to them, within a bound.
     pub(crate) writing: u32,
-}
-
-/// A write of an entry in flight; counted in `Entry::writing` until dropped.
-struct Writing<'a> {
-    table: &'a Table,
-    key: &'a str,
-}
-
-impl Drop for Writing<'_> {
-    fn drop(&mut self) {
-        if let Some(e) = self.table.lock().get_mut(self.key) {
-            e.writing = e.writing.saturating_sub(1);
-        }
-    }
+    /// What anti-entropy deferred to those writes, to be settled when they end.
+    pub(crate) deferred: Option<pending::Deferred>,
 }
 
 /// A write of an entry etcd acknowledged.
@@ -147,6 +143,9 @@ impl Registrations {
             max_ops: AtomicUsize::new(core.config.max_txn_ops),
             max_bytes: AtomicUsize::new(core.config.max_request_bytes),
             mirrors: Mutex::default(),
+            deferred_keys: Mutex::default(),
+            recheck: Notify::new(),
+            write_hook: Mutex::default(),
         });
         core.spawn(restore::run(Arc::downgrade(&table), core.cancel.clone()));
         core.spawn(keeper::run(Arc::downgrade(&table), core.cancel.clone()));
@@ -174,12 +173,16 @@ impl Registrations {
         let (key, value) = self.table.encode(&instance)?;
         let mirror = self.table.mirror_for(&instance, publish.as_ref())?;
         let owner = self.table.insert(&key, &instance, value, mirror, true)?;
-        if let Err(error) = self.table.put(&key, Mode::TakeOver).await {
-            // Nothing half-done: the caller gets no handle, so the entry
-            // goes, and so does a write that may have landed.
-            self.table.forget(&key, owner);
-            return Err(error);
-        }
+        // Nothing half-done: if this fails or is dropped, the caller gets no
+        // handle, so the entry goes, and so does a write that may have landed.
+        let unfinished = pending::Unfinished {
+            table: self.table.clone(),
+            keys: vec![(key.clone(), owner)],
+        };
+        let first = pending::Writing::adopt(&self.table, &key);
+        self.table.put(&key, Mode::TakeOver).await?;
+        unfinished.done();
+        drop(first);
         Ok(Registration::new(
             self.clone(),
             key,
@@ -212,10 +215,15 @@ impl Registrations {
         let lease = self.table.core.live_lease().await?;
         let mut items = Vec::with_capacity(encoded.len());
         let mut owned = Vec::with_capacity(encoded.len());
+        let mut unfinished = pending::Unfinished {
+            table: self.table.clone(),
+            keys: Vec::with_capacity(encoded.len()),
+        };
         for (key, value, mirror, instance) in encoded {
             let owner = self
                 .table
                 .insert(&key, &instance, value.clone(), mirror.clone(), true)?;
+            unfinished.keys.push((key.clone(), owner));
             let generation = self.table.lock().get(&key).map_or(0, |e| e.generation);
             items.push(restore::Item {
                 key: key.clone(),
@@ -225,12 +233,14 @@ impl Registrations {
             });
             owned.push((key, instance, owner));
         }
-        if let Err(error) = restore::put_all(&self.table, lease.id, items).await {
-            for (key, _, owner) in &owned {
-                self.table.forget(key, *owner);
-            }
-            return Err(error);
-        }
+        let first: Vec<_> = owned
+            .iter()
+            .map(|(key, _, _)| pending::Writing::adopt(&self.table, key))
+            .collect();
+        // On a failure (or a dropped future) `unfinished` forgets them all.
+        restore::put_all(&self.table, lease.id, items).await?;
+        unfinished.done();
+        drop(first);
         Ok(owned
             .into_iter()
             .map(|(key, instance, owner)| {
@@ -252,10 +262,16 @@ impl Registrations {
         let mirror = self.table.mirror_for(&instance, None)?;
         let healthy = policy.initial == InitialState::Healthy;
         let owner = self.table.insert(&key, &instance, value, mirror, healthy)?;
-        if healthy && let Err(error) = self.table.put(&key, Mode::TakeOver).await {
-            self.table.forget(&key, owner);
-            return Err(error);
+        let unfinished = pending::Unfinished {
+            table: self.table.clone(),
+            keys: vec![(key.clone(), owner)],
+        };
+        if healthy {
+            let first = pending::Writing::adopt(&self.table, &key);
+            self.table.put(&key, Mode::TakeOver).await?;
+            drop(first);
         }
+        unfinished.done();
         let (gate, task) = crate::health::start(
             self.table.core.cancel.child_token(),
             self.table.core.namespace().to_owned(),
@@ -341,7 +357,9 @@ impl Table {
     }
 
     /// Records a registration (replacing and retiring any older handle of
-    /// the same key); returns the new owner id.
+    /// the same key); returns the new owner id. When `serving`, the caller's
+    /// first write is counted in flight from here (the caller takes the
+    /// count over with [`pending::Writing::adopt`]).
     fn insert(
         &self,
         key: &str,
@@ -369,6 +387,7 @@ impl Table {
                     e.generation += 1;
                     e.serving = serving;
                     e.yielded = false;
+                    e.writing += u32::from(serving);
                 }
                 None => {
                     entries.insert(
@@ -382,7 +401,8 @@ impl Table {
                             serving,
                             yielded: false,
                             written: None,
-                            writing: 0,
+                            writing: u32::from(serving),
+                            deferred: None,
                         },
                     );
                 }
@@ -414,11 +434,20 @@ impl Table {
     /// Deletes `key` if a lease of ours holds it, retrying in the background
     /// until that succeeds or the registry closes.
     pub(crate) fn delete_in_background(self: &Arc<Self>, key: String) {
+        if tokio::runtime::Handle::try_current().is_err() {
+            return; // dropped outside a runtime: the lease takes the key
+        }
         let table = Arc::downgrade(self);
         self.core.spawn(async move {
             let mut backoff = Backoff::standard();
             loop {
                 let Some(t) = table.upgrade() else { return };
+                if t.lock().contains_key(&key) {
+                    // Registered again meanwhile: the key is the new entry's.
+                    // (A delete already on its way can still land after the
+                    // new write; anti-entropy sees it and puts the key back.)
+                    return;
+                }
                 let cancel = t.core.cancel.clone();
                 let done = match crate::backoff::cancellable(&cancel, t.core.wait_lease()).await {
                     None => return,
@@ -464,9 +493,10 @@ impl Table {
                     _ => return Ok(()),
                 }
             };
-            let writing = Writing { table: self, key };
+            // Held until the outcome is recorded (or this future is dropped).
+            let _writing = pending::Writing::adopt(self, key);
             let sent = self.write(key, &value, mirror.as_ref(), lease, mode).await;
-            drop(writing);
+            self.after_write(key).await;
             let (revision, other) = match sent {
                 Ok(w) => w,
                 Err(e) if e.is_lease_not_found() && !lease_lost_once => {
@@ -647,10 +677,18 @@ impl Table {
         let write = {
             let mut entries = self.lock();
             self.core.check_open()?;
-            let Some(e) = entries.get_mut(key).filter(|e| e.owner == owner) else {
-                return Err(Error::Replaced {
-                    key: key.to_owned(),
-                });
+            let e = match entries.get_mut(key) {
+                Some(e) if e.owner == owner => e,
+                Some(_) => {
+                    return Err(Error::Replaced {
+                        key: key.to_owned(),
+                    });
+                }
+                None => {
+                    return Err(Error::Deregistered {
+                        key: key.to_owned(),
+                    });
+                }
             };
             if let Some(m) = &e.mirror {
                 let mirror = Mirror::new(&m.target, instance)?;
@@ -706,13 +744,11 @@ impl Table {
         Ok(())
     }
 
-    /// Takes `owner`'s entry out of the table: from here on nothing puts
-    /// the key. `None` when a newer registration or an admin call took it.
-    fn take(&self, key: &str, owner: u64) -> Option<Entry> {
+    /// Takes the entry of `key` out of the table, whichever handle owns it:
+    /// from here on nothing puts the key. `None` when it was already gone
+    /// (deregistered through another handle, or by an admin call).
+    fn take(&self, key: &str) -> Option<Entry> {
         let mut entries = self.lock();
-        if entries.get(key).is_none_or(|e| e.owner != owner) {
-            return None;
-        }
         let entry = entries.remove(key);
         crate::metrics::registrations(self.core.namespace(), entries.len());
         entry

@@ -324,6 +324,15 @@ impl Registry {
         });
     }
 
+    /// Test knob, not part of the API: `hook(key)` is awaited after each
+    /// write of a registration's key came back from etcd, before its outcome
+    /// is recorded. Lets a test hold an acknowledged write "in flight" while
+    /// it changes the key behind it.
+    #[doc(hidden)]
+    pub fn set_write_hook_for_tests(&self, hook: Option<crate::registrations::WriteHook>) {
+        self.inner.regs.set_write_hook(hook);
+    }
+
     /// Admin: deletes one instance, whoever registered it. Returns whether it existed.
     ///
     /// If this registry itself maintains the instance, it stops maintaining it.
