@@ -15,13 +15,16 @@ impl Table {
         let keys: Vec<String> = {
             let mut entries = self.lock();
             // Mirrors are deleted as keys of their own, on the same condition.
-            let keys = entries
+            // A shared mirror key is deleted once: etcd refuses a
+            // transaction that names a key twice.
+            let keys: std::collections::BTreeSet<String> = entries
                 .iter()
                 .filter(|(_, e)| e.serving && !e.yielded)
                 .flat_map(|(k, e)| {
                     std::iter::once(k.clone()).chain(e.mirror.as_ref().map(|m| m.key.clone()))
                 })
                 .collect();
+            let keys: Vec<String> = keys.into_iter().collect();
             for e in entries.values_mut() {
                 e.serving = false;
                 e.generation += 1;

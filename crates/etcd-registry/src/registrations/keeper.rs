@@ -109,7 +109,7 @@ async fn pass(table: &Table, failing: &mut Failing) -> Result<()> {
         table.resync.notified().await;
         return Ok(());
     }
-    let prefixes: Vec<String> = if services.len() > MAX_SCOPED_SERVICES {
+    let mut prefixes: Vec<String> = if services.len() > MAX_SCOPED_SERVICES {
         vec![core.keys.services_prefix().to_owned()]
     } else {
         services
@@ -117,6 +117,12 @@ async fn pass(table: &Table, failing: &mut Failing) -> Result<()> {
             .map(|s| core.keys.service_prefix(s))
             .collect()
     };
+    // The gRPC naming targets it publishes under (and those of mirror keys
+    // left to delete).
+    let targets = table.mirrors().targets();
+    prefixes.extend(targets.iter().map(|t| crate::naming::naming_prefix(t)));
+    prefixes.sort();
+    prefixes.dedup();
     let mut stream = core.stream(prefixes, true, "registrations");
     loop {
         let read = stream
@@ -136,7 +142,7 @@ async fn pass(table: &Table, failing: &mut Failing) -> Result<()> {
         let retry_in = failing.retry.next_delay();
         loop {
             let retry = !failing.keys.is_empty();
-            let deferred = !table.deferred_keys().is_empty();
+            let deferred = !table.deferred_keys().is_empty() || !table.mirrors().orphans.is_empty();
             let item = tokio::select! {
                 i = stream.next() => i?,
                 // A new service, or a restore finished: read again, wider.
@@ -166,7 +172,12 @@ async fn pass(table: &Table, failing: &mut Failing) -> Result<()> {
                         };
                         let present = (event.event_type() == EventType::Put).then_some(kv);
                         let seen = Seen::Event(kv.mod_revision());
-                        match reconcile(table, key, present, seen).await {
+                        let done = if table.lock().contains_key(key) || !table.is_mirror_key(key) {
+                            reconcile(table, key, present, seen).await
+                        } else {
+                            table.reconcile_mirror(key, present, seen).await
+                        };
+                        match done {
                             Ok(()) => failing.succeeded(key),
                             Err(Error::Closed) => return Err(Error::Closed),
                             Err(error) => failing.failed(key, &error),
@@ -207,7 +218,31 @@ async fn reconcile_all(
     let Some(lease) = table.core.session.lease() else {
         return;
     };
+    // gRPC naming keys: the published ones, and any of ours under a target.
+    let mut mirrors: HashSet<String> = table
+        .lock()
+        .values()
+        .filter_map(|e| e.mirror.as_ref().map(|m| m.key.clone()))
+        .collect();
+    mirrors.extend(
+        present
+            .keys()
+            .filter(|k| !k.starts_with(table.core.keys.services_prefix()))
+            .cloned(),
+    );
+    mirrors.extend(table.mirrors().orphans.keys().cloned());
+    for key in &mirrors {
+        let seen = Seen::Read(read.revision);
+        match table.reconcile_mirror(key, present.get(key), seen).await {
+            Ok(()) => failing.succeeded(key),
+            Err(Error::Closed) => return,
+            Err(error) => failing.failed(key, &error),
+        }
+    }
     for (key, kv) in &present {
+        if !key.starts_with(table.core.keys.services_prefix()) {
+            continue; // gRPC naming keys: reconciled above
+        }
         if kv.lease() == lease.id && !maintained.contains(key) && !table.lock().contains_key(key) {
             if !failing.keys.contains(key) {
                 tracing::warn!(
@@ -242,7 +277,7 @@ const RECHECK_TICK: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// How anti-entropy saw a key.
 #[derive(Clone, Copy)]
-enum Seen {
+pub(super) enum Seen {
     /// A watch event at this revision: older than our last write, it is ours
     /// or stale.
     Event(i64),
@@ -253,7 +288,17 @@ enum Seen {
 }
 
 impl Seen {
-    fn revision(self) -> i64 {
+    /// Whether what was seen says nothing past a write of ours at `written`:
+    /// that write's own event, an older one, or a read from before it.
+    pub(super) fn older_than(self, written: i64) -> bool {
+        match self {
+            Seen::Event(r) => r <= written,
+            Seen::Read(r) => r < written,
+            Seen::Forced(_) => false,
+        }
+    }
+
+    pub(super) fn revision(self) -> i64 {
         match self {
             Seen::Event(r) | Seen::Read(r) | Seen::Forced(r) => r,
         }
@@ -263,6 +308,9 @@ impl Seen {
 /// Reads and reconciles the deferred keys whose writes ended, or whose
 /// deferral is past its bound.
 async fn recheck(table: &Table, failing: &mut Failing) -> Result<()> {
+    if !table.mirrors().orphans.is_empty() {
+        table.delete_orphans().await;
+    }
     let due: Vec<(String, bool)> = {
         let keys: Vec<String> = table.deferred_keys().iter().cloned().collect();
         let mut done = Vec::new();
@@ -286,6 +334,13 @@ async fn recheck(table: &Table, failing: &mut Failing) -> Result<()> {
         due
     };
     for (key, forced) in due {
+        let mirror = table
+            .lock()
+            .get(&key)
+            .and_then(|e| e.mirror.as_ref().map(|m| m.key.clone()));
+        if let Some(mirror) = mirror {
+            check_mirror(table, &mirror, forced, failing).await?;
+        }
         let read = table
             .core
             .conn
@@ -318,6 +373,36 @@ async fn recheck(table: &Table, failing: &mut Failing) -> Result<()> {
     Ok(())
 }
 
+/// Reads one mirror key and reconciles it.
+async fn check_mirror(table: &Table, key: &str, forced: bool, failing: &mut Failing) -> Result<()> {
+    let read = table
+        .core
+        .conn
+        .retry_on("get", key, |mut c| {
+            let key = key.to_owned();
+            async move { c.get(key, None).await }
+        })
+        .await;
+    let outcome = match read {
+        Ok(resp) => {
+            let revision = resp.header().map_or(0, |h| h.revision());
+            let seen = if forced {
+                Seen::Forced(revision)
+            } else {
+                Seen::Read(revision)
+            };
+            table.reconcile_mirror(key, resp.kvs().first(), seen).await
+        }
+        Err(e) => Err(e),
+    };
+    match outcome {
+        Ok(()) => failing.succeeded(key),
+        Err(Error::Closed) => return Err(Error::Closed),
+        Err(error) => failing.failed(key, &error),
+    }
+    Ok(())
+}
+
 /// What to do with one maintained key as etcd holds it (`kv`, `None` when
 /// absent), as `seen`.
 async fn reconcile(table: &Table, key: &str, kv: Option<&KeyValue>, seen: Seen) -> Result<()> {
@@ -337,8 +422,8 @@ async fn reconcile(table: &Table, key: &str, kv: Option<&KeyValue>, seen: Seen) 
         if !entry.serving {
             return Ok(());
         }
-        if let (Seen::Event(rev), Some(w)) = (seen, entry.written)
-            && rev <= w.revision
+        if let Some(w) = entry.written
+            && seen.older_than(w.revision)
         {
             return Ok(()); // our own write, or older
         }

@@ -2,7 +2,7 @@
 //! ([`crate::naming`]): the mirror key of an entry, written in the same
 //! transaction as the entry's key and under the same lease, deleted with it.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::MutexGuard;
 
 use etcd_client::{Compare, CompareOp, PutOptions, Txn, TxnOp, TxnOpResponse};
@@ -91,25 +91,180 @@ impl Table {
         Ok((resp.header().map_or(0, |h| h.revision()), prev))
     }
 
-    /// The delete of `key` if `lease` holds it, with its mirror's on the
-    /// same condition for the mirror, in one transaction; and the mirror key.
-    pub(super) fn delete_txn(&self, key: &str, lease: i64) -> (Txn, Option<String>) {
+    /// The delete of `key` if `lease` holds it, with the deletes (each on
+    /// the same condition for itself) of the mirror keys that go with it:
+    /// the ones its entry left behind (deregistered, or moved to another
+    /// address), and its own when the entry is out of service, unless
+    /// another entry that is in service publishes the same one. One
+    /// transaction; also returns those mirror keys.
+    pub(super) fn delete_txn(&self, key: &str, lease: i64) -> (Txn, Vec<String>) {
         let if_ours = |k: &str| {
             Txn::new()
                 .when([Compare::lease(k, CompareOp::Equal, lease)])
                 .and_then([TxnOp::delete(k, None)])
         };
-        let mirror = self.mirrors().get(key).cloned();
-        let txn = match &mirror {
-            None => if_ours(key),
-            Some(m) => Txn::new().and_then([TxnOp::txn(if_ours(key)), TxnOp::txn(if_ours(m))]),
+        let mirrors = {
+            let entries = self.lock();
+            let book = self.mirrors();
+            let mut out: Vec<String> = book
+                .orphans
+                .iter()
+                .filter(|(_, o)| o.left_by == key)
+                .map(|(m, _)| m.clone())
+                .collect();
+            if let Some(m) = entries.get(key).and_then(|e| e.mirror.as_ref())
+                && !book.served_by_another(&entries, &m.key, key)
+            {
+                out.push(m.key.clone());
+            }
+            out.sort();
+            out.dedup();
+            out
         };
-        (txn, mirror)
+        let txn = if mirrors.is_empty() {
+            if_ours(key)
+        } else {
+            Txn::new().and_then(
+                std::iter::once(TxnOp::txn(if_ours(key)))
+                    .chain(mirrors.iter().map(|m| TxnOp::txn(if_ours(m))))
+                    .collect::<Vec<_>>(),
+            )
+        };
+        (txn, mirrors)
     }
 
-    pub(super) fn mirrors(&self) -> MutexGuard<'_, HashMap<String, String>> {
+    /// Whether `key`'s entry left a mirror key that nobody publishes now.
+    pub(super) fn left_orphans(&self, key: &str) -> bool {
+        self.mirrors().orphans.values().any(|o| o.left_by == key)
+    }
+
+    /// The mirror keys deleted with `key` are gone: no longer orphans.
+    pub(super) fn mirrors_deleted(&self, key: &str, mirrors: &[String]) {
+        let mut book = self.mirrors();
+        for m in mirrors {
+            if book.orphans.get(m).is_some_and(|o| o.left_by == key) {
+                book.orphans.remove(m);
+            }
+        }
+    }
+
+    /// Records that `key`'s entry publishes `new` instead of `old`; returns
+    /// whether `new` is under a target not published before (anti-entropy
+    /// must widen its scope).
+    pub(super) fn republish(&self, key: &str, old: Option<&Mirror>, new: Option<&Mirror>) -> bool {
+        if old.map(|m| &m.key) == new.map(|m| &m.key) {
+            return false;
+        }
+        let mut book = self.mirrors();
+        if let Some(old) = old {
+            book.unpublish(key, old);
+        }
+        new.is_some_and(|new| book.publish(key, new))
+    }
+
+    pub(super) fn mirrors(&self) -> MutexGuard<'_, MirrorBook> {
         self.mirrors
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+/// Which entries publish each mirror key, and the mirror keys of ours that
+/// none publishes any more (to be deleted while our lease holds them).
+/// Locked inside the table lock, never around it.
+#[derive(Default)]
+pub(crate) struct MirrorBook {
+    /// Mirror key -> the entry keys that publish it (two ids of one server
+    /// under one target share one).
+    refs: HashMap<String, HashSet<String>>,
+    /// The targets of `refs`, with how many mirror keys each has.
+    targets: HashMap<String, usize>,
+    /// Mirror keys that no entry publishes any more.
+    pub(crate) orphans: HashMap<String, Orphan>,
+}
+
+/// A mirror key no entry publishes any more.
+#[derive(Clone, Debug)]
+pub(crate) struct Orphan {
+    pub(crate) target: String,
+    /// The entry key that published it last: deleted with that key.
+    pub(crate) left_by: String,
+}
+
+impl MirrorBook {
+    /// Returns whether the target is new.
+    fn publish(&mut self, key: &str, m: &Mirror) -> bool {
+        self.orphans.remove(&m.key);
+        let refs = self.refs.entry(m.key.clone()).or_default();
+        let first = refs.is_empty();
+        refs.insert(key.to_owned());
+        if !first {
+            return false;
+        }
+        let n = self.targets.entry(m.target.clone()).or_default();
+        *n += 1;
+        *n == 1
+    }
+
+    fn unpublish(&mut self, key: &str, m: &Mirror) {
+        let Some(refs) = self.refs.get_mut(&m.key) else {
+            return;
+        };
+        refs.remove(key);
+        if !refs.is_empty() {
+            return;
+        }
+        self.refs.remove(&m.key);
+        if let Some(n) = self.targets.get_mut(&m.target) {
+            *n -= 1;
+            if *n == 0 {
+                self.targets.remove(&m.target);
+            }
+        }
+        self.orphans.insert(
+            m.key.clone(),
+            Orphan {
+                target: m.target.clone(),
+                left_by: key.to_owned(),
+            },
+        );
+    }
+
+    /// The entry `key` left the table.
+    pub(super) fn forget(&mut self, key: &str, mirror: Option<&Mirror>) {
+        if let Some(m) = mirror {
+            self.unpublish(key, m);
+        }
+    }
+
+    /// Whether an entry other than `key` that is in service publishes `mirror`.
+    pub(super) fn served_by_another(
+        &self,
+        entries: &HashMap<String, super::Entry>,
+        mirror: &str,
+        key: &str,
+    ) -> bool {
+        self.refs.get(mirror).is_some_and(|refs| {
+            refs.iter()
+                .any(|k| k != key && entries.get(k).is_some_and(|e| e.serving && !e.yielded))
+        })
+    }
+
+    /// The entry keys that publish `mirror`.
+    pub(super) fn publishers(&self, mirror: &str) -> Option<&HashSet<String>> {
+        self.refs.get(mirror)
+    }
+
+    /// Every target anti-entropy watches: published ones and orphans'.
+    pub(super) fn targets(&self) -> HashSet<String> {
+        self.targets
+            .keys()
+            .cloned()
+            .chain(self.orphans.values().map(|o| o.target.clone()))
+            .collect()
+    }
+
+    pub(super) fn clear(&mut self) {
+        *self = Self::default();
     }
 }

@@ -28,14 +28,15 @@ mod drain;
 mod handle;
 mod keeper;
 mod mirror;
+mod mirror_keeper;
 mod pending;
 mod restore;
+mod write;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use etcd_client::{Compare, CompareOp, PutOptions, Txn, TxnOp, TxnOpResponse};
 use tokio::sync::Notify;
 
 use crate::backoff::Backoff;
@@ -43,7 +44,6 @@ use crate::core::Core;
 use crate::error::{Error, Result};
 use crate::health::{Applier, Gate, HealthCheck, HealthPolicy, InitialState};
 use crate::instance::ServiceInstance;
-use crate::session::Lease;
 
 pub use handle::{Registration, RegistrationState};
 pub(crate) use mirror::Mirror;
@@ -77,9 +77,9 @@ pub(crate) struct Table {
     max_ops: AtomicUsize,
     /// The request size in bytes, likewise.
     max_bytes: AtomicUsize,
-    /// The mirror key (gRPC naming) of each key that has one, kept past the
-    /// entry until a delete of the key has also deleted it.
-    mirrors: Mutex<HashMap<String, String>>,
+    /// Who publishes each mirror key (gRPC naming), and the mirror keys of
+    /// ours that nobody publishes any more.
+    mirrors: Mutex<mirror::MirrorBook>,
     /// Keys whose entry holds a [`pending::Deferred`], for anti-entropy.
     deferred_keys: Mutex<HashSet<String>>,
     /// A deferred key is ready to be read again.
@@ -183,6 +183,11 @@ impl Registrations {
         self.table.put(&key, Mode::TakeOver).await?;
         unfinished.done();
         drop(first);
+        // Registered again at another address: the old naming key goes now
+        // (or, should that fail, with anti-entropy's next round).
+        if self.table.left_orphans(&key) {
+            self.table.delete_orphans().await;
+        }
         Ok(Registration::new(
             self.clone(),
             key,
@@ -305,14 +310,26 @@ impl Registrations {
     /// Admin: stops maintaining `key` (it was deleted by an admin call).
     pub(crate) fn forget_key(&self, key: &str) {
         let mut entries = self.table.lock();
-        entries.remove(key);
+        if let Some(e) = entries.remove(key) {
+            self.table.mirrors().forget(key, e.mirror.as_ref());
+            self.table.recheck.notify_one();
+        }
         crate::metrics::registrations(self.table.core.namespace(), entries.len());
     }
 
     /// Admin: stops maintaining every key under `prefix`.
     pub(crate) fn forget_prefix(&self, prefix: &str) {
         let mut entries = self.table.lock();
-        entries.retain(|k, _| !k.starts_with(prefix));
+        let mut book = self.table.mirrors();
+        entries.retain(|k, e| {
+            let keep = !k.starts_with(prefix);
+            if !keep {
+                book.forget(k, e.mirror.as_ref());
+            }
+            keep
+        });
+        drop(book);
+        self.table.recheck.notify_one();
         crate::metrics::registrations(self.table.core.namespace(), entries.len());
     }
 
@@ -324,7 +341,10 @@ impl Registrations {
 
     /// Forgets everything (the registry closed; the lease revoke takes the keys).
     pub(crate) fn clear(&self) {
-        self.table.lock().clear();
+        let mut entries = self.table.lock();
+        entries.clear();
+        self.table.mirrors().clear();
+        drop(entries);
         crate::metrics::registrations(self.table.core.namespace(), 0);
     }
 }
@@ -371,12 +391,11 @@ impl Table {
         self.core.check_open()?;
         let owner = self.next_owner.fetch_add(1, Ordering::Relaxed);
         let serving = serving && !self.draining.load(Ordering::SeqCst);
-        if let Some(m) = &mirror {
-            self.mirrors().insert(key.to_owned(), m.key.clone());
-        }
-        let new_service = {
+        let (new_service, new_target) = {
             let mut entries = self.lock();
             let new_service = !entries.values().any(|e| e.instance.name == instance.name);
+            let old = entries.get(key).and_then(|e| e.mirror.as_ref());
+            let new_target = self.republish(key, old, mirror.as_ref());
             match entries.get_mut(key) {
                 Some(e) => {
                     tracing::debug!(key, "registered again: the older Registration is retired");
@@ -408,9 +427,9 @@ impl Table {
                 }
             }
             crate::metrics::registrations(self.core.namespace(), entries.len());
-            new_service
+            (new_service, new_target)
         };
-        if new_service {
+        if new_service || new_target {
             self.resync.notify_one();
         }
         Ok(owner)
@@ -423,6 +442,9 @@ impl Table {
             let mut entries = self.lock();
             let ours = entries.get(key).is_some_and(|e| e.owner == owner);
             let removed = ours.then(|| entries.remove(key)).flatten();
+            if let Some(e) = &removed {
+                self.mirrors().forget(key, e.mirror.as_ref());
+            }
             crate::metrics::registrations(self.core.namespace(), entries.len());
             removed
         };
@@ -552,105 +574,12 @@ impl Table {
         Err(Error::SessionLost)
     }
 
-    /// One write of `value` under `lease`. Returns the revision, and the
-    /// lease of another holder when `OwnOnly` found the key held by it.
-    /// A mirror, if any, is written in the same transaction.
-    async fn write(
-        &self,
-        key: &str,
-        value: &[u8],
-        mirror: Option<&Mirror>,
-        lease: Lease,
-        mode: Mode,
-    ) -> Result<(i64, Option<i64>)> {
-        let puts = || {
-            let mut ops = vec![TxnOp::put(
-                key,
-                value.to_vec(),
-                Some(PutOptions::new().with_lease(lease.id)),
-            )];
-            ops.extend(mirror.map(|m| m.put(lease.id)));
-            ops
-        };
-        match mode {
-            Mode::TakeOver => {
-                let (revision, prev_lease) = match mirror {
-                    None => {
-                        let resp = self
-                            .core
-                            .conn
-                            .retry_on("put", key, |mut c| {
-                                let (key, value) = (key.to_owned(), value.to_vec());
-                                let options =
-                                    PutOptions::new().with_lease(lease.id).with_prev_key();
-                                async move { c.put(key, value, Some(options)).await }
-                            })
-                            .await?;
-                        (
-                            resp.header().map_or(0, |h| h.revision()),
-                            resp.prev_key().map(|p| p.lease()),
-                        )
-                    }
-                    Some(m) => self.put_with_mirror(key, value, m, lease.id).await?,
-                };
-                if let Some(prev) = prev_lease
-                    && prev != 0
-                    && !self.core.session.is_owned(prev)
-                {
-                    tracing::warn!(key, other_lease = %format_args!("{prev:x}"), "took over an instance id that another live lease held (last writer wins)");
-                }
-                Ok((revision, None))
-            }
-            Mode::OwnOnly => {
-                // Ours, or absent / unleased (a missing key compares as lease 0);
-                // else read who holds it. One round trip.
-                let txn = Txn::new()
-                    .when([Compare::lease(key, CompareOp::Equal, lease.id)])
-                    .and_then(puts())
-                    .or_else([TxnOp::txn(
-                        Txn::new()
-                            .when([Compare::lease(key, CompareOp::Equal, 0)])
-                            .and_then(puts())
-                            .or_else([TxnOp::get(key, None)]),
-                    )]);
-                let resp = self
-                    .core
-                    .conn
-                    .retry_on("put", key, |mut c| {
-                        let txn = txn.clone();
-                        async move { c.txn(txn).await }
-                    })
-                    .await?;
-                let revision = resp.header().map_or(0, |h| h.revision());
-                if resp.succeeded() {
-                    return Ok((revision, None));
-                }
-                let nested = resp.op_responses().into_iter().find_map(|op| match op {
-                    TxnOpResponse::Txn(t) => Some(t),
-                    _ => None,
-                });
-                match nested {
-                    Some(t) if t.succeeded() => Ok((revision, None)),
-                    Some(t) => {
-                        let holder = crate::conn::first_get_kv(&t).map_or(0, |kv| kv.lease());
-                        if self.core.session.is_owned(holder) {
-                            // An older lease of ours: as good as absent once it expires.
-                            return Ok((revision, None));
-                        }
-                        Ok((revision, Some(holder)))
-                    }
-                    None => Ok((revision, None)),
-                }
-            }
-        }
-    }
-
     /// Deletes `key` if `lease` holds it: never another registry's key, nor
     /// a value someone wrote without a lease.
     /// The key's mirror, if it has one, goes in the same transaction, on
     /// the same condition for itself.
     pub(crate) async fn delete_if_ours(&self, key: &str, lease: i64) -> Result<()> {
-        let (txn, mirror) = self.delete_txn(key, lease);
+        let (txn, mirrors) = self.delete_txn(key, lease);
         self.core
             .conn
             .retry_on("delete", key, |mut c| {
@@ -658,9 +587,7 @@ impl Table {
                 async move { c.txn(txn).await }
             })
             .await?;
-        if mirror.is_some() && self.lock().get(key).is_none_or(|e| e.mirror.is_none()) {
-            self.mirrors().remove(key);
-        }
+        self.mirrors_deleted(key, &mirrors);
         Ok(())
     }
 
@@ -672,8 +599,9 @@ impl Table {
         instance: &ServiceInstance,
         value: Vec<u8>,
     ) -> Result<()> {
-        // The address changed: the old mirror key goes once the new one is written.
-        let mut stale_mirror = None;
+        // The address changed: the old mirror key goes once the new one is
+        // written (and, should that fail, with anti-entropy's next round).
+        let mut moved = false;
         let write = {
             let mut entries = self.lock();
             self.core.check_open()?;
@@ -692,10 +620,8 @@ impl Table {
             };
             if let Some(m) = &e.mirror {
                 let mirror = Mirror::new(&m.target, instance)?;
-                if mirror.key != m.key {
-                    stale_mirror = Some(m.key.clone());
-                    self.mirrors().insert(key.to_owned(), mirror.key.clone());
-                }
+                moved = mirror.key != m.key;
+                self.republish(key, Some(m), Some(&mirror));
                 e.mirror = Some(mirror);
             }
             e.instance = instance.clone();
@@ -704,11 +630,14 @@ impl Table {
             // Out of service or yielded: stored for when it is put back or reclaimed.
             e.serving && !e.yielded
         };
+        if moved {
+            self.recheck.notify_one();
+        }
         if write {
             self.put(key, Mode::OwnOnly).await?;
         }
-        if let (Some(stale), Some(lease)) = (stale_mirror, self.core.session.lease()) {
-            self.delete_if_ours(&stale, lease.id).await?;
+        if moved {
+            self.delete_orphans().await;
         }
         Ok(())
     }
@@ -750,6 +679,9 @@ impl Table {
     fn take(&self, key: &str) -> Option<Entry> {
         let mut entries = self.lock();
         let entry = entries.remove(key);
+        if let Some(e) = &entry {
+            self.mirrors().forget(key, e.mirror.as_ref());
+        }
         crate::metrics::registrations(self.core.namespace(), entries.len());
         entry
     }

@@ -60,10 +60,16 @@ impl Drop for Writing<'_> {
                 return;
             };
             e.writing = e.writing.saturating_sub(1);
-            e.writing == 0 && settle_deferred(e)
+            // The last write ended: read the key again if something was
+            // deferred to it that it does not cover, or if the entry's
+            // latest value was never acknowledged (the write failed or its
+            // future was dropped): etcd may hold an older one.
+            let unwritten =
+                e.serving && !e.yielded && e.written.is_none_or(|w| w.generation != e.generation);
+            e.writing == 0 && (settle_deferred(e) | unwritten)
         };
         if recheck {
-            self.table.recheck(self.key);
+            self.table.recheck_now(self.key);
         }
     }
 }
@@ -92,7 +98,14 @@ impl Table {
     }
 
     /// Asks anti-entropy to read `key` again now.
-    pub(super) fn recheck(&self, key: &str) {
+    pub(super) fn recheck_now(&self, key: &str) {
+        if let Some(e) = self.lock().get_mut(key) {
+            let since = e.deferred.map_or_else(Instant::now, |d| d.since);
+            e.deferred = Some(Deferred {
+                revision: i64::MAX,
+                since,
+            });
+        }
         self.deferred_keys().insert(key.to_owned());
         self.recheck.notify_one();
     }

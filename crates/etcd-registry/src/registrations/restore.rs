@@ -185,6 +185,14 @@ fn refused_as_too_big(e: &Error) -> Option<Limit> {
     }
 }
 
+/// etcd refused the request as invalid (not for a limit).
+fn refused_as_invalid(e: &Error) -> bool {
+    matches!(e, Error::Etcd {
+        source: etcd_client::Error::GRpcStatus(s),
+        ..
+    } if s.code() == tonic::Code::InvalidArgument)
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Limit {
     Ops,
@@ -199,15 +207,24 @@ fn send(
     batch: Vec<Item>,
 ) -> futures::future::BoxFuture<'_, Result<Vec<String>>> {
     Box::pin(async move {
+        // Two entries can publish one mirror key (one server under two ids
+        // and one target): etcd refuses a transaction that names a key
+        // twice, so each mirror key is put once a batch.
+        let mut mirrors = std::collections::HashSet::new();
         let ops: Vec<TxnOp> = batch
             .iter()
             .flat_map(|i| {
+                let mirror = i
+                    .mirror
+                    .as_ref()
+                    .filter(|m| mirrors.insert(m.key.as_str()))
+                    .map(|m| m.put(lease_id));
                 std::iter::once(TxnOp::put(
                     i.key.as_str(),
                     i.value.clone(),
                     Some(PutOptions::new().with_lease(lease_id)),
                 ))
-                .chain(i.mirror.as_ref().map(|m| m.put(lease_id)))
+                .chain(mirror)
             })
             .collect();
         let resp = table
@@ -247,6 +264,22 @@ fn send(
                     return Ok(changed);
                 }
                 Some(_) => {
+                    tracing::error!(key = %batch[0].key, error = %e, "etcd refuses this registration even on its own; it cannot be restored");
+                    return Ok(Vec::new());
+                }
+                // Refused for what it holds, not its size (a request etcd
+                // can never take, such as one key twice): sending it again
+                // would fail forever and hold every restore up, so halve it
+                // until the one entry at fault is found, and skip that one.
+                None if refused_as_invalid(&e) && batch.len() > 1 => {
+                    tracing::warn!(error = %e, ops = batch.len(), "etcd refused a restore batch; splitting it");
+                    let mut batch = batch;
+                    let second = batch.split_off(batch.len() / 2);
+                    let mut changed = send(table, lease_id, batch).await?;
+                    changed.extend(send(table, lease_id, second).await?);
+                    return Ok(changed);
+                }
+                None if refused_as_invalid(&e) => {
                     tracing::error!(key = %batch[0].key, error = %e, "etcd refuses this registration even on its own; it cannot be restored");
                     return Ok(Vec::new());
                 }

@@ -2,6 +2,7 @@
 //! registrations, the caches and the queue slots) and closes; every method
 //! hands the work to the module that owns it.
 
+mod admin;
 mod coordination;
 mod discovery;
 
@@ -9,7 +10,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use etcd_client::DeleteOptions;
 use tokio::sync::watch;
 
 use crate::cache::Caches;
@@ -331,48 +331,6 @@ impl Registry {
     #[doc(hidden)]
     pub fn set_write_hook_for_tests(&self, hook: Option<crate::registrations::WriteHook>) {
         self.inner.regs.set_write_hook(hook);
-    }
-
-    /// Admin: deletes one instance, whoever registered it. Returns whether it existed.
-    ///
-    /// If this registry itself maintains the instance, it stops maintaining it.
-    pub async fn delete_instance(&self, name: &str, id: &str) -> Result<bool> {
-        let _timer = crate::metrics::timer(self.core().namespace(), "delete");
-        validate_segment("name", name)?;
-        validate_segment("id", id)?;
-        let key = self.core().keys.instance_key(name, id);
-        // Forgotten first, so that anti-entropy does not put it back.
-        self.inner.regs.forget_key(&key);
-        let resp = self
-            .core()
-            .conn
-            .retry_on("delete", &key, |mut c| {
-                let key = key.clone();
-                async move { c.delete(key, None).await }
-            })
-            .await?;
-        Ok(resp.deleted() > 0)
-    }
-
-    /// Admin: deletes every instance of service `name`, whoever registered
-    /// them. Returns how many were deleted. `web` never touches `webhook`.
-    pub async fn delete_service(&self, name: &str) -> Result<u64> {
-        let _timer = crate::metrics::timer(self.core().namespace(), "delete");
-        validate_segment("name", name)?;
-        let prefix = self.core().keys.service_prefix(name);
-        self.inner.regs.forget_prefix(&prefix);
-        let resp = self
-            .core()
-            .conn
-            .retry_on("delete", &prefix, |mut c| {
-                let prefix = prefix.clone();
-                async move {
-                    c.delete(prefix, Some(DeleteOptions::new().with_prefix()))
-                        .await
-                }
-            })
-            .await?;
-        Ok(resp.deleted().max(0) as u64)
     }
 
     /// Revokes the lease, so every instance and election key of this registry
