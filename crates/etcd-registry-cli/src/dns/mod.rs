@@ -47,10 +47,7 @@ pub async fn run(g: &Global, opts: Options) -> CliResult {
     let sockets = listen::bind(opts.listen).await?;
     with_registry(g, async |registry| {
         let cache = registry.cache_all().await?;
-        let settings = build::Settings {
-            domain: opts.domain.clone(),
-            ttl: opts.ttl,
-        };
+        let settings = build::Settings::new(opts.domain.clone(), opts.ttl);
         let (feed, zone) = feed::Feed::new(cache, settings);
         let feeding = tokio::spawn(feed.run());
         let mut server = Server::new(handler::Handler::new(zone));
