@@ -4,7 +4,10 @@
 //! locally and which comes before etcd could expire the lease: the
 //! supervisor sends SIGTERM once the deadline is less than `--grace` away
 //! and SIGKILL at the deadline at the latest (see `supervise.rs`), so no CMD
-//! runs beside a rival's.
+//! runs beside a rival's. The leadership is resigned only once CMD's whole
+//! process group is gone: what CMD's first process leaves running when it
+//! exits is stopped first (SIGTERM, SIGKILL after `--grace` or at the
+//! deadline).
 
 use std::time::Duration;
 

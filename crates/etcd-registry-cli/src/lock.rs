@@ -10,7 +10,10 @@
 //! The safety of it rests on the lease deadline, which the library tracks
 //! locally and which comes before etcd could expire the lease: the
 //! supervisor sends SIGTERM once the deadline is less than `--grace` away
-//! and SIGKILL at the deadline at the latest (see `supervise.rs`).
+//! and SIGKILL at the deadline at the latest (see `supervise.rs`). The lock
+//! is released only once CMD's whole process group is gone: what CMD's first
+//! process leaves running when it exits is stopped first (SIGTERM, SIGKILL
+//! after `--grace` or at the deadline).
 
 use std::time::Duration;
 

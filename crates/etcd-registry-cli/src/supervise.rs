@@ -14,11 +14,37 @@
 //!   grace period away (keep-alives have been failing), SIGKILL at the
 //!   deadline at the latest, whatever phase the stop is in. The grace period
 //!   must fit the TTL: see [`max_grace`].
-//! - CMD is killed if the CLI dies without stopping it (`PR_SET_PDEATHSIG`):
-//!   a CLI killed with SIGKILL must not leave a CMD running after its
+//! - CMD's first process exiting does not end the stop: whatever it
+//!   started and left running is CMD too ([`Tree`]). The supervisor returns
+//!   (and the lock is released, the leadership resigned, the instance
+//!   deregistered) only once CMD's whole process group is gone: what is
+//!   left gets SIGTERM, then SIGKILL after the grace period or at the lease
+//!   deadline, whichever comes first.
+//! - Under a leadership or a lock, the CLI is also a child subreaper
+//!   (`PR_SET_CHILD_SUBREAPER`): a process of CMD that left the group
+//!   (`setsid`, `setpgid`, a daemon's double fork) is re-parented to the
+//!   CLI rather than to init when its parent exits, so it is still found,
+//!   stopped and reaped as one of CMD's. (Not for `register -- CMD`, whose
+//!   health-check commands are children of the CLI too.)
+//! - CMD is killed if the CLI dies without stopping it: its first process
+//!   by `PR_SET_PDEATHSIG`, and its whole group by a watchdog (a `/bin/sh`
+//!   child of the CLI, in a group of its own, that sends SIGKILL to CMD's
+//!   group when its stdin, the CLI's end of a pipe, closes without a word):
+//!   a CLI killed with SIGKILL must not leave CMD running after its
 //!   leadership or lock has expired.
 //! - The status of a command that ended is its exit code, or 128 + the
 //!   signal that killed it, as shells report it.
+//!
+//! Limits, honestly: a process that left CMD's group is signalled by pid,
+//! found in `/proc` (a pid freed and reused between the scan and the
+//! signal, a window of microseconds, would be signalled by mistake); when
+//! the CLI itself is killed with SIGKILL, only CMD's group is killed (the
+//! watchdog cannot know the processes that left it, and they are
+//! re-parented away from the dead CLI); outside a leadership or a lock, a
+//! process that left the group and whose parent exited is no longer
+//! known; a process stuck in the kernel (state D) outlives SIGKILL for as
+//! long as it is stuck: the supervisor waits 10 s for it and then goes on,
+//! with a warning.
 
 use std::ffi::OsString;
 use std::fmt;
@@ -30,13 +56,16 @@ use std::time::Duration;
 
 use etcd_registry::{Leadership, LockGuard, LostReason};
 use futures::FutureExt as _;
-use nix::sys::signal::{Signal, killpg};
-use nix::unistd::Pid;
+use futures::future::Fuse;
+use nix::sys::signal::Signal;
 use tokio::process::{Child, Command};
 use tokio::time::Instant;
 
 use crate::error::{CliError, CliResult};
 use crate::shutdown::{Received, Shutdown};
+
+mod tree;
+use tree::{POLL, Tree, subreaper};
 
 /// What the CLI's own lines start with while it supervises a command.
 pub const PREFIX: &str = "etcd-registry: ";
@@ -211,7 +240,12 @@ impl Supervisor {
     /// - SIGINT/SIGTERM to the CLI are forwarded; SIGKILL follows after the
     ///   grace period, on a second signal, or at the lease deadline.
     ///
-    /// Always waits for the command to end, so no command outlives this call.
+    /// Always waits for the command to end, and for everything it started
+    /// (its process group, and the descendants that left it: the CLI
+    /// becomes a child subreaper), which gets SIGTERM once the command's
+    /// first process ended and SIGKILL after the grace period or at the
+    /// lease deadline: nothing of the command outlives this call, so the
+    /// caller may release or resign once it returns.
     ///
     /// # Errors
     ///
@@ -254,8 +288,17 @@ impl Supervisor {
             Stop::Lost(_) => format!("stopping the command (pid {pid}): SIGTERM, {kill}"),
         };
         let hard: Hard<'_> = std::pin::pin!(hard);
-        self.supervise(env, soft, announce, hard, &kill, shutdown, async |_| {})
-            .await
+        self.supervise(
+            env,
+            subreaper(),
+            soft,
+            announce,
+            hard,
+            &kill,
+            shutdown,
+            async |_| {},
+        )
+        .await
     }
 
     /// Runs the command until it exits, `stop` resolves, or a signal arrives
@@ -264,8 +307,9 @@ impl Supervisor {
     /// running, and forwards the signal only then. A second signal cuts the
     /// drain short; a CMD that exits meanwhile ends it too.
     ///
-    /// Always waits for the command to end (SIGKILL ends it at the latest
-    /// after the grace period), so no command outlives this call.
+    /// Always waits for the command to end, and for its process group
+    /// (SIGKILL ends them at the latest after the grace period), so no
+    /// command outlives this call.
     ///
     /// # Errors
     ///
@@ -281,20 +325,25 @@ impl Supervisor {
         let announce =
             |_: &R, pid: i32| format!("stopping the command (pid {pid}): SIGTERM, {kill}");
         let hard: Hard<'_> = std::pin::pin!(std::future::pending::<&'static str>());
-        self.supervise(env, stop, announce, hard, &kill, shutdown, drain)
+        self.supervise(env, false, stop, announce, hard, &kill, shutdown, drain)
             .await
     }
 
     /// The one loop behind both: `soft` resolving starts a stop (SIGTERM,
     /// announced by `announce`); `hard` resolving kills the command at once,
     /// in any phase; `kill` says when SIGKILL follows a forwarded signal.
+    /// `adopt`: the CLI is a child subreaper and has no other children than
+    /// CMD's processes (see [`Tree`]).
+    ///
+    /// Returns once CMD's whole tree is gone, whichever way it ended.
     #[allow(clippy::too_many_arguments)]
     async fn supervise<R>(
         &self,
         env: &[(&str, String)],
+        adopt: bool,
         soft: impl Future<Output = R>,
         announce: impl FnOnce(&R, i32) -> String,
-        mut hard: Hard<'_>,
+        hard: Hard<'_>,
         kill: &str,
         shutdown: &mut Shutdown,
         drain: impl AsyncFnOnce(Received),
@@ -305,23 +354,52 @@ impl Supervisor {
             let status = child.wait().await?;
             return Ok(Ended::Exited(Status(status)));
         };
-        let group = Pid::from_raw(pid);
+        let mut tree = Tree::new(pid, adopt);
         tracing::info!(pid, command = %self.display(), "command started");
+        // Fused: polled again after it resolved, it stays pending.
+        let mut hard = hard.fuse();
+        let ended = self
+            .stop(
+                &mut child, &tree, soft, announce, &mut hard, kill, shutdown, drain,
+            )
+            .await;
+        // Whatever ended the first process (or failed), the rest goes too.
+        let finished = self.finish(&mut child, &tree, shutdown, &mut hard).await;
+        tree.disarm().await;
+        let ended = ended?;
+        finished?;
+        Ok(ended)
+    }
+
+    /// Until CMD's first process ended: by itself, or stopped.
+    #[allow(clippy::too_many_arguments)]
+    async fn stop<R>(
+        &self,
+        child: &mut Child,
+        tree: &Tree,
+        soft: impl Future<Output = R>,
+        announce: impl FnOnce(&R, i32) -> String,
+        hard: &mut Fuse<Hard<'_>>,
+        kill: &str,
+        shutdown: &mut Shutdown,
+        drain: impl AsyncFnOnce(Received),
+    ) -> CliResult<Ended<R>> {
+        let pid = tree.leader;
         tokio::pin!(soft);
         tokio::select! {
             biased;
-            status = child.wait() => Ok(Ended::Exited(Status(status?))),
+            status = tree.wait_leader(child) => Ok(Ended::Exited(Status(status?))),
             // `soft` resolves no later than `hard` (the lease deadline is
             // within any grace before it passes), so this branch starts every
             // stop; a `hard` already due kills at once, without SIGTERM.
             reason = &mut soft => {
-                let status = match (&mut hard).now_or_never() {
-                    Some(why) => kill_now(&mut child, group, why).await?,
+                let status = match hard.now_or_never() {
+                    Some(why) => kill_now(child, tree, why).await?,
                     None => {
                         say(announce(&reason, pid));
                         tracing::info!(pid, "stopping the command: SIGTERM");
-                        signal_group(group, Signal::SIGTERM);
-                        self.wait_grace(&mut child, group, shutdown, hard).await?
+                        tree.signal(Signal::SIGTERM);
+                        self.wait_grace(child, tree, shutdown, hard).await?
                     }
                 };
                 Ok(Ended::Stopped { reason, status })
@@ -329,8 +407,8 @@ impl Supervisor {
             signal = shutdown.recv() => {
                 let drained = tokio::select! {
                     biased;
-                    status = child.wait() => Some(Status(status?)),
-                    why = &mut hard => Some(kill_now(&mut child, group, why).await?),
+                    status = tree.wait_leader(child) => Some(Status(status?)),
+                    why = &mut *hard => Some(kill_now(child, tree, why).await?),
                     _ = drain(signal) => None,
                     _ = shutdown.recv() => {
                         say("second signal: forwarding it now");
@@ -341,11 +419,54 @@ impl Supervisor {
                     return Ok(Ended::Signalled { signal, status });
                 }
                 say(format!("received {}; forwarding it to the command (pid {pid}), {kill}", signal.name()));
-                signal_group(group, signal.0);
-                let status = self.wait_grace(&mut child, group, shutdown, hard).await?;
+                tree.signal(signal.0);
+                let status = self.wait_grace(child, tree, shutdown, hard).await?;
                 Ok(Ended::Signalled { signal, status })
             }
         }
+    }
+
+    /// Once CMD's first process has ended: stops what it left running
+    /// (SIGTERM, then SIGKILL after the grace period, when `hard` resolves
+    /// or on a signal to the CLI) and waits until nothing of it is left.
+    async fn finish(
+        &self,
+        child: &mut Child,
+        tree: &Tree,
+        shutdown: &mut Shutdown,
+        hard: &mut Fuse<Hard<'_>>,
+    ) -> CliResult<()> {
+        // The first process, first: its status must not be reaped by anyone but tokio.
+        child.wait().await?;
+        let left = tree.remaining();
+        if left.is_empty() {
+            return Ok(());
+        }
+        let pids: Vec<String> = left.iter().map(ToString::to_string).collect();
+        say(format!(
+            "the command's first process ended, but {} it started {} still running (pid {}): \
+             SIGTERM, SIGKILL after {} or at the lease deadline, whichever comes first",
+            if left.len() == 1 {
+                "a process"
+            } else {
+                "processes"
+            },
+            if left.len() == 1 { "is" } else { "are" },
+            pids.join(", "),
+            humantime::format_duration(self.grace),
+        ));
+        tracing::info!(pgid = tree.leader, pids = ?left, "stopping what the command left running: SIGTERM");
+        tree.signal(Signal::SIGTERM);
+        let grace = tokio::time::sleep(self.grace);
+        tokio::pin!(grace);
+        let why = tokio::select! {
+            biased;
+            () = tree.gone() => return Ok(()),
+            why = hard => why,
+            _ = &mut grace => "still running after the grace period",
+            _ = shutdown.recv() => "signal received",
+        };
+        kill_now(child, tree, why).await.map(drop)
     }
 
     fn spawn(&self, env: &[(&str, String)]) -> CliResult<Child> {
@@ -365,6 +486,8 @@ impl Supervisor {
             cmd.pre_exec(move || {
                 // Fires when the forking *thread* exits. This runs on a thread
                 // of the CLI's one runtime, which lives until the process exits.
+                // It is not inherited across fork: the watchdog covers the rest
+                // of the group.
                 nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).map_err(std::io::Error::from)?;
                 // The CLI may have died between fork and prctl.
                 if nix::unistd::getppid().as_raw().cast_unsigned() != parent {
@@ -383,49 +506,70 @@ impl Supervisor {
         })
     }
 
-    /// Waits for a command that was asked to stop: SIGKILL after the grace
-    /// period, when `hard` resolves, or at once on another signal to the CLI.
+    /// Waits for a command that was asked to stop, its first process and
+    /// everything it started: SIGKILL after the grace period, when `hard`
+    /// resolves, or at once on another signal to the CLI.
     async fn wait_grace(
         &self,
         child: &mut Child,
-        group: Pid,
+        tree: &Tree,
         shutdown: &mut Shutdown,
-        hard: Hard<'_>,
+        hard: &mut Fuse<Hard<'_>>,
     ) -> CliResult<Status> {
         let grace = tokio::time::sleep(self.grace);
         tokio::pin!(grace);
-        let killed = tokio::select! {
-            biased;
-            status = child.wait() => return Ok(Status(status?)),
-            why = hard => why,
-            _ = &mut grace => "still running after the grace period",
-            _ = shutdown.recv() => "second signal",
+        let killed = {
+            let ended = async {
+                let status = tree.wait_leader(child).await?;
+                tree.gone().await;
+                Ok::<_, std::io::Error>(status)
+            };
+            tokio::select! {
+                biased;
+                status = ended => return Ok(Status(status?)),
+                why = hard => why,
+                _ = &mut grace => "still running after the grace period",
+                _ = shutdown.recv() => "second signal",
+            }
         };
-        kill_now(child, group, killed).await
+        kill_now(child, tree, killed).await
     }
 }
 
-/// SIGKILL to the command's group, saying `why`; waits for the command.
-async fn kill_now(child: &mut Child, group: Pid, why: &str) -> CliResult<Status> {
+/// How long processes killed with SIGKILL get to disappear before the
+/// supervisor gives up on them, with a warning (a process stuck in the
+/// kernel outlives SIGKILL for as long as it is stuck).
+const KILL_WAIT: Duration = Duration::from_secs(10);
+
+/// SIGKILL to CMD's tree, saying `why`; waits for its first process, and
+/// for the rest for up to [`KILL_WAIT`].
+async fn kill_now(child: &mut Child, tree: &Tree, why: &str) -> CliResult<Status> {
     say(format!("{why}: SIGKILL"));
-    tracing::info!(pgid = group.as_raw(), why, "SIGKILL");
-    signal_group(group, Signal::SIGKILL);
-    Ok(Status(child.wait().await?))
+    tracing::info!(pgid = tree.leader, why, "SIGKILL");
+    tree.signal(Signal::SIGKILL);
+    let status = tree.wait_leader(child).await?;
+    let gone = async {
+        // SIGKILL again on every look: a process forked by one that was
+        // not yet in the last look (outside the group) gets it too.
+        while !tree.remaining().is_empty() {
+            tree.signal(Signal::SIGKILL);
+            tokio::time::sleep(POLL).await;
+        }
+        tree.reap();
+    };
+    if tokio::time::timeout(KILL_WAIT, gone).await.is_err() {
+        let left = tree.remaining();
+        tracing::warn!(pgid = tree.leader, pids = ?left, "processes of the command survived SIGKILL for {KILL_WAIT:?}; going on without them");
+        say(format!(
+            "processes of the command survived SIGKILL for {}: {left:?}; going on",
+            humantime::format_duration(KILL_WAIT)
+        ));
+    }
+    Ok(Status(status))
 }
 
 fn round_ms(d: Duration) -> Duration {
     Duration::from_millis(d.as_millis().try_into().unwrap_or(u64::MAX))
-}
-
-/// Signals every process of the command's group. A group that is already
-/// gone (ESRCH) is fine: the command ended on its own meanwhile.
-fn signal_group(group: Pid, signal: Signal) {
-    match killpg(group, signal) {
-        Ok(()) | Err(nix::errno::Errno::ESRCH) => {}
-        Err(error) => {
-            tracing::warn!(%error, %signal, pgid = group.as_raw(), "cannot signal the command")
-        }
-    }
 }
 
 #[cfg(test)]

@@ -626,3 +626,194 @@ async fn bad_options_are_usage_errors_and_a_taken_port_fails() {
         "{stderr}"
     );
 }
+
+/// `*` is not a wildcard here (the zone has none): a literal `*` label is a
+/// name like any other, and no such name exists. hickory's label count
+/// leaves a leading `*` out, which made `*.registry.` the apex and
+/// `*.web.registry.` the service name.
+#[tokio::test]
+async fn a_literal_wildcard_label_is_a_name_that_does_not_exist() {
+    let ctx = Ctx::new("dns-wildcard").await;
+    let registry = ctx.registry().await;
+    let _web = register(
+        &registry,
+        ServiceInstance::new("web", "web-1", "10.0.0.1", 8080),
+    )
+    .await;
+    let dns = start(&ctx, &[]).await;
+    let at = dns.addr;
+    for (name, qtype) in [
+        ("*.registry.", "SOA"),
+        ("*.registry.", "A"),
+        ("*.web.registry.", "A"),
+        ("*._tcp.registry.", "SRV"),
+        ("*.web-1.web.registry.", "A"),
+    ] {
+        // +authority: the SOA of a negative answer is dig's only other line.
+        let answer = dig(at, &["+authority", name, qtype]).await;
+        assert_eq!(answer.status, "NXDOMAIN", "{name} {qtype}: {answer:?}");
+        assert_eq!(
+            answer
+                .answers
+                .iter()
+                .map(|a| a.split(' ').take(4).collect::<Vec<_>>().join(" "))
+                .collect::<Vec<_>>(),
+            ["registry. 0 IN SOA"],
+            "{name} {qtype}: only the SOA, in the authority section: {answer:?}"
+        );
+    }
+    // The real names still answer.
+    assert_eq!(dig(at, &["web.registry.", "A"]).await.data(), ["10.0.0.1"]);
+    let apex = dig(at, &["registry.", "SOA"]).await;
+    assert_eq!((apex.status.as_str(), apex.answers.len()), ("NOERROR", 1));
+    assert!(dns.stop().await.success());
+    registry.close().await.expect("close");
+}
+
+/// A DNS message over TCP holds at most 65,535 bytes: about 1,000 SRV
+/// records of this shape, or 2,300 A records (hickory compresses the first
+/// 120 names of a message only). A service with more gets, over TCP, the
+/// records that fit, with TC set: the first ones in id (or address) order,
+/// the same ones on every query.
+///
+/// This pins what the server does; it passed before the docs were fixed
+/// (which said TCP gets everything).
+#[tokio::test]
+async fn over_tcp_a_too_large_answer_is_the_first_records_that_fit_with_tc() {
+    const TOTAL: usize = 2500;
+    let ctx = Ctx::new("dns-huge").await;
+    let client = timeout(STEP, ctx.etcd.client())
+        .await
+        .expect("client within the step")
+        .expect("client");
+    let kvs = (0..TOTAL).map(|i| {
+        let instance = ServiceInstance::new(
+            "huge",
+            format!("huge-{i:04}"),
+            format!("10.3.{}.{}", i / 250, i % 250 + 1),
+            8000,
+        );
+        (
+            format!("/etcd_registry/{}/services/huge/huge-{i:04}", ctx.ns),
+            instance.to_json(),
+        )
+    });
+    timeout(STEP, etcd_registry_testkit::put_batched(&client, kvs))
+        .await
+        .expect("load within the step")
+        .expect("load");
+    let dns = start(&ctx, &[]).await;
+    let at = dns.addr;
+    eventually("the last instance served", || async {
+        let last = dig(at, &["+tcp", "huge-2499.huge.registry.", "A"]).await;
+        (last.data() == ["10.3.9.250"]).then_some(())
+    })
+    .await;
+
+    // The service's addresses: as many as fit, TC set, the lowest ones.
+    let a = dig(at, &["+tcp", "huge.registry.", "A"]).await;
+    assert!(a.truncated(), "TC over TCP: {:?}", a.flags);
+    let n = a.answers.len();
+    assert!((1000..TOTAL).contains(&n), "{n} A records over TCP");
+    let want: Vec<String> = (0..n)
+        .map(|i| format!("10.3.{}.{}", i / 250, i % 250 + 1))
+        .collect();
+    assert_eq!(a.data(), want, "the lowest {n} addresses, in order");
+
+    let first = dig(at, &["+tcp", "_huge._tcp.registry.", "SRV"]).await;
+    assert_eq!(first.status, "NOERROR");
+    assert!(first.truncated(), "TC over TCP: {:?}", first.flags);
+    let n = first.answers.len();
+    assert!((1000..TOTAL).contains(&n), "{n} SRV records over TCP");
+    let want: Vec<String> = (0..n)
+        .map(|i| format!("0 1 8000 huge-{i:04}.huge.registry."))
+        .collect();
+    assert_eq!(first.data(), want, "the first {n} instances, in id order");
+    // The same over and over, and after dig's own UDP-then-TCP retry.
+    for _ in 0..3 {
+        assert_eq!(
+            dig(at, &["+tcp", "_huge._tcp.registry.", "SRV"])
+                .await
+                .data(),
+            want
+        );
+    }
+    assert_eq!(dig(at, &["_huge._tcp.registry.", "SRV"]).await.data(), want);
+    let raw = tcp_exchange(at, &query(9, "_huge._tcp.registry.", RecordType::SRV, None)).await;
+    assert!(raw.metadata.truncation);
+    assert_eq!(raw.answers.len(), n);
+    assert!(raw.to_vec().expect("re-encode").len() <= usize::from(u16::MAX));
+    assert!(dns.stop().await.success());
+}
+
+/// A service whose instances all went is answered NODATA for a while (30 s
+/// with a record TTL under that), then not at all (NXDOMAIN): its names are
+/// not kept forever. A service that comes back within the hold is served
+/// again at once.
+#[tokio::test]
+async fn an_empty_service_is_nodata_for_a_while_then_its_names_go() {
+    let ctx = Ctx::new("dns-prune").await;
+    let registry = ctx.registry().await;
+    let gone = register(
+        &registry,
+        ServiceInstance::new("gone", "g-1", "10.0.5.1", 80),
+    )
+    .await;
+    let back = register(
+        &registry,
+        ServiceInstance::new("back", "b-1", "10.0.6.1", 80),
+    )
+    .await;
+    let dns = start(&ctx, &["--record-ttl", "1s"]).await;
+    let at = dns.addr;
+    assert_eq!(dig(at, &["gone.registry.", "A"]).await.data(), ["10.0.5.1"]);
+    let went = tokio::time::Instant::now();
+    timeout(STEP, gone.deregister())
+        .await
+        .expect("deregister within the step")
+        .expect("deregister");
+    timeout(STEP, back.set_serving(false))
+        .await
+        .expect("set_serving within the step")
+        .expect("set_serving(false)");
+    for name in ["gone.registry.", "back.registry."] {
+        let nodata = eventually(&format!("{name} NODATA"), || async {
+            Some(dig(at, &[name, "A"]).await).filter(|d| d.answers.is_empty())
+        })
+        .await;
+        assert_eq!(nodata.status, "NOERROR", "{name}: {nodata:?}");
+    }
+    // Back within the hold.
+    timeout(STEP, back.set_serving(true))
+        .await
+        .expect("set_serving within the step")
+        .expect("set_serving(true)");
+    eventually("back.registry. served again", || async {
+        (dig(at, &["back.registry.", "A"]).await.data() == ["10.0.6.1"]).then_some(())
+    })
+    .await;
+    // No change in etcd after this: the prune must come by itself.
+    let bound = Duration::from_secs(90);
+    let pruned = loop {
+        let srv = dig(at, &["_gone._tcp.registry.", "SRV"]).await;
+        let a = dig(at, &["gone.registry.", "A"]).await;
+        if srv.status == "NXDOMAIN" && a.status == "NXDOMAIN" {
+            break went.elapsed();
+        }
+        assert!(
+            went.elapsed() < bound,
+            "gone.registry. still {} / {} after {bound:?}",
+            a.status,
+            srv.status
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    assert!(
+        pruned >= Duration::from_secs(25),
+        "NODATA for the hold (30 s), not less: pruned after {pruned:?}"
+    );
+    assert_eq!(dig(at, &["back.registry.", "A"]).await.data(), ["10.0.6.1"]);
+    eprintln!("gone.registry. pruned {pruned:?} after its last instance went");
+    assert!(dns.stop().await.success());
+    registry.close().await.expect("close");
+}

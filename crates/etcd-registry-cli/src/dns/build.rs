@@ -7,14 +7,22 @@
 //! - `registry.` SOA, and `_tcp.registry.` (exists, holds nothing).
 //!
 //! What cannot be served becomes a [`Problem`], which the caller logs once.
+//!
+//! A service whose instances all went keeps its names, empty (NODATA), for
+//! [`Settings::nodata_hold`] after its last instance went; then they go
+//! (NXDOMAIN), so that a service that is gone for good is not answered
+//! forever. etcd cannot tell a service that is only empty (drained, being
+//! restarted) from one that is gone: both have no key left.
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap};
 use std::net::IpAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use etcd_registry::ServiceInstance;
 use hickory_proto::rr::rdata::{A, AAAA, CNAME, SOA, SRV};
 use hickory_proto::rr::{Name, RData, Record};
+use tokio::time::Instant;
 
 use super::names::{Host, MAX_ID_LABEL, MAX_SERVICE_LABEL, is_label};
 use super::zone::{Node, ServiceZone, Zone};
@@ -27,6 +35,24 @@ pub struct Settings {
     /// The TTL of every record, and the SOA minimum (how long a resolver may
     /// cache a negative answer).
     pub ttl: u32,
+    /// How long a service whose instances all went is still answered, with
+    /// nothing (NODATA), before its names go (NXDOMAIN).
+    pub nodata_hold: Duration,
+}
+
+/// The least [`Settings::nodata_hold`]: 30 s, time for an instance to be
+/// restarted or replaced. The record TTL, if longer.
+pub const NODATA_HOLD: Duration = Duration::from_secs(30);
+
+impl Settings {
+    /// `nodata_hold` from the record TTL: [`NODATA_HOLD`], or the TTL if longer.
+    pub fn new(domain: Name, ttl: u32) -> Self {
+        Settings {
+            domain,
+            ttl,
+            nodata_hold: NODATA_HOLD.max(Duration::from_secs(ttl.into())),
+        }
+    }
 }
 
 /// Something of an instance (or a whole service) that is not served, and why.
@@ -113,16 +139,21 @@ impl std::fmt::Display for Problem {
 pub struct Built {
     pub zone: Zone,
     pub problems: BTreeSet<Problem>,
+    /// When the next empty service's hold ends: the zone must be built
+    /// again then, change or not, to let its names go.
+    pub prune_at: Option<Instant>,
 }
 
 /// What one build leaves for the next.
 #[derive(Default)]
 pub struct State {
-    /// The (lowercase) names of the services seen so far: a known service
-    /// whose instances all went gets NODATA rather than NXDOMAIN, as Consul
+    /// The (lowercase) names of the services seen, with when each became
+    /// empty (`None` while it has instances): a known service whose
+    /// instances all went gets NODATA rather than NXDOMAIN, as Consul
     /// answers, so that a resolver does not cache the service as
-    /// nonexistent while it is only empty.
-    known: HashSet<String>,
+    /// nonexistent while it is only empty; for [`Settings::nodata_hold`],
+    /// after which it is forgotten.
+    known: HashMap<String, Option<Instant>>,
     /// Each served service's names, with the instances they were built
     /// from: reused while the cache hands out the same instances.
     services: HashMap<String, Built1>,
@@ -144,6 +175,17 @@ pub fn build(
     instances: &[Arc<ServiceInstance>],
     state: &mut State,
     revision: i64,
+) -> Built {
+    build_at(settings, instances, state, revision, Instant::now())
+}
+
+/// [`build`], at `now`.
+pub fn build_at(
+    settings: &Settings,
+    instances: &[Arc<ServiceInstance>],
+    state: &mut State,
+    revision: i64,
+    now: Instant,
 ) -> Built {
     let domain = &settings.domain;
     let apex = Node {
@@ -173,7 +215,7 @@ pub fn build(
             continue;
         }
         served.insert(lower.clone(), name);
-        state.known.insert(lower.clone());
+        state.known.insert(lower.clone(), None);
         let built = match state.services.remove(name) {
             Some(last) if same_instances(&last.instances, group) => last,
             _ => {
@@ -190,16 +232,26 @@ pub fn build(
         reused.insert(name.to_owned(), built);
     }
     state.services = reused;
-    // Known services without an instance now: their names still exist.
-    for lower in &state.known {
-        if !served.contains_key(lower) {
-            let (zone, _) = service_zone(settings, lower, &[]);
-            services.insert(lower.clone().into_bytes(), Arc::new(zone));
+    // Known services without an instance now: their names still exist,
+    // empty, until the hold since they became empty ends.
+    let mut prune_at: Option<Instant> = None;
+    state.known.retain(|lower, empty_since| {
+        if served.contains_key(lower) {
+            return true;
         }
-    }
+        let until = *empty_since.get_or_insert(now) + settings.nodata_hold;
+        if now >= until {
+            return false;
+        }
+        prune_at = Some(prune_at.map_or(until, |at| at.min(until)));
+        let (zone, _) = service_zone(settings, lower, &[]);
+        services.insert(lower.clone().into_bytes(), Arc::new(zone));
+        true
+    });
     Built {
         zone: Zone::new(domain, apex, services),
         problems,
+        prune_at,
     }
 }
 

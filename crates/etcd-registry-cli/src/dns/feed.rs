@@ -59,15 +59,29 @@ impl Feed {
             if matches!(first, Poll::Ready(Err(_))) {
                 break;
             }
-            self.rebuild();
-            if first.is_pending() && changed.await.is_err() {
-                break;
+            let prune_at = self.rebuild();
+            if first.is_pending() {
+                // A hold that ends is a change too, with nothing new in etcd.
+                let prune = async {
+                    match prune_at {
+                        Some(at) => tokio::time::sleep_until(at).await,
+                        None => std::future::pending().await,
+                    }
+                };
+                tokio::select! {
+                    changed = changed => if changed.is_err() {
+                        break;
+                    },
+                    () = prune => {}
+                }
             }
         }
         tracing::info!("the namespace cache ended; DNS answers stay as they were");
     }
 
-    fn rebuild(&mut self) {
+    /// Builds and publishes the zone; returns when it must be built again
+    /// even without a change (see [`Built::prune_at`](super::build::Built)).
+    fn rebuild(&mut self) -> Option<tokio::time::Instant> {
         // The revision first: if a change lands in between, the zone is
         // labelled older than it is, never newer.
         let revision = self.cache.revision();
@@ -92,6 +106,7 @@ impl Feed {
         );
         self.zone.send_replace(Arc::new(built.zone));
         self.report(built.problems);
+        built.prune_at
     }
 
     fn report(&mut self, problems: BTreeSet<Problem>) {

@@ -5,7 +5,15 @@
 //! parse gets FORMERR from it (or nothing, when even the header is cut);
 //! UDP answers over the client's EDNS size (512 bytes without EDNS) are cut
 //! at a record boundary with TC set, and the same question over TCP gets
-//! everything.
+//! everything that fits in one DNS message over TCP: 65,535 bytes.
+//!
+//! That is the limit: a bigger answer is cut over TCP too, the same way
+//! (the records that fit, TC set). Records are in a fixed order (SRV by
+//! instance id, A/AAAA by address), so the cut is deterministic: the same
+//! first records, every time. hickory compresses only the first 120 names
+//! of a message, so the limit is about 1,000 SRV records of
+//! `{id}.{service}.{domain}` targets, or about 2,300 A records, under a
+//! short domain; fewer with longer names.
 
 use hickory_proto::op::{Edns, Header, HeaderCounts, MessageType, Metadata, OpCode, ResponseCode};
 use hickory_proto::rr::{DNSClass, Record};

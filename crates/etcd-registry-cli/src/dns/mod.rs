@@ -5,6 +5,12 @@
 //! `zone.rs`) after every change; the [`Handler`](handler::Handler) answers
 //! each query from the current zone, with no round trip to etcd. While etcd
 //! is unreachable the cache keeps its last view, and so do the answers.
+//!
+//! Edges: `*` is no wildcard (the zone has none), so a `*` label names
+//! nothing (NXDOMAIN); a service whose instances all went is NODATA for
+//! 30 s (or the record TTL, if longer), then NXDOMAIN (`build.rs`); an
+//! answer over 65,535 bytes is cut to the records that fit with TC set,
+//! over TCP too (`handler.rs`).
 
 mod build;
 mod feed;
@@ -47,10 +53,7 @@ pub async fn run(g: &Global, opts: Options) -> CliResult {
     let sockets = listen::bind(opts.listen).await?;
     with_registry(g, async |registry| {
         let cache = registry.cache_all().await?;
-        let settings = build::Settings {
-            domain: opts.domain.clone(),
-            ttl: opts.ttl,
-        };
+        let settings = build::Settings::new(opts.domain.clone(), opts.ttl);
         let (feed, zone) = feed::Feed::new(cache, settings);
         let feeding = tokio::spawn(feed.run());
         let mut server = Server::new(handler::Handler::new(zone));

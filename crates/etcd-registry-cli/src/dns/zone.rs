@@ -95,8 +95,17 @@ impl Zone {
     }
 
     /// The records at `name`, if it exists.
+    ///
+    /// Labels are counted one by one: hickory's `num_labels` leaves out a
+    /// leading `*` (as RRSIG counts labels), which would make `*.{domain}`
+    /// the apex and `*.{service}.{domain}` the service. The zone has no
+    /// wildcards, and `*` is never a service or id label (`is_label`), so a
+    /// literal `*` label names nothing: NXDOMAIN.
     fn node(&self, name: &LowerName) -> Option<&Node> {
-        let extra = name.num_labels().checked_sub(self.origin.num_labels())?;
+        let extra = name
+            .iter()
+            .count()
+            .checked_sub(self.origin.iter().count())?;
         let mut labels = name.iter();
         match (extra, labels.next(), labels.next()) {
             (0, _, _) => Some(&self.apex),

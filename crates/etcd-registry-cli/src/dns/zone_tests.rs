@@ -5,15 +5,12 @@ use std::sync::Arc;
 use etcd_registry::ServiceInstance;
 use hickory_proto::rr::{LowerName, Name, RData, RecordType};
 
-use super::build::{Issue, Settings, State, build, srv_weight};
+use super::build::{Issue, NODATA_HOLD, Settings, State, build, build_at, srv_weight};
 use super::names::parse_domain;
 use super::zone::{Outcome, Zone};
 
 fn settings() -> Settings {
-    Settings {
-        domain: parse_domain("registry.").unwrap(),
-        ttl: 7,
-    }
+    Settings::new(parse_domain("registry.").unwrap(), 7)
 }
 
 fn instances(list: Vec<ServiceInstance>) -> Vec<Arc<ServiceInstance>> {
@@ -314,4 +311,69 @@ fn a_change_rebuilds_only_the_services_whose_instances_changed() {
         answer(&third.zone, "registry.", RecordType::SOA),
         ["SOA registry. hostmaster.registry. 3 3600 600 86400 7"]
     );
+}
+
+#[test]
+fn a_literal_wildcard_label_names_nothing() {
+    let zone = zone_of(web());
+    for (name, qtype) in [
+        ("*.registry.", RecordType::SOA),
+        ("*.registry.", RecordType::A),
+        ("*.web.registry.", RecordType::A),
+        ("*._tcp.registry.", RecordType::SRV),
+        ("*.web-1.web.registry.", RecordType::A),
+    ] {
+        assert_eq!(answer(&zone, name, qtype), ["NXDOMAIN"], "{name}");
+    }
+    assert!(!answer(&zone, "web.registry.", RecordType::A).is_empty());
+}
+
+#[test]
+fn an_empty_service_is_kept_for_the_hold_then_pruned() {
+    let s = settings();
+    assert_eq!(
+        s.nodata_hold, NODATA_HOLD,
+        "TTL 7 s is under the least hold"
+    );
+    assert_eq!(
+        Settings::new(parse_domain("registry.").unwrap(), 600).nodata_hold,
+        std::time::Duration::from_secs(600)
+    );
+    let mut state = State::default();
+    let t0 = tokio::time::Instant::now();
+    assert_eq!(
+        build_at(&s, &instances(web()), &mut state, 1, t0).prune_at,
+        None
+    );
+    let empty = instances(vec![]);
+    let is_nodata = |zone: &Zone| {
+        let outcome = ask(zone, "web.registry.", RecordType::A);
+        matches!(outcome, Outcome::Records(_)) && outcome.is_empty()
+    };
+    let second = std::time::Duration::from_secs(1);
+    let went = t0 + second;
+    let built = build_at(&s, &empty, &mut state, 2, went);
+    assert!(is_nodata(&built.zone));
+    assert_eq!(built.prune_at, Some(went + NODATA_HOLD));
+    // A rebuild within the hold keeps it, and the end of the hold.
+    let built = build_at(&s, &empty, &mut state, 3, went + NODATA_HOLD - second);
+    assert!(is_nodata(&built.zone));
+    assert_eq!(built.prune_at, Some(went + NODATA_HOLD));
+    // At the end of the hold: gone, for good.
+    let built = build_at(&s, &empty, &mut state, 4, went + NODATA_HOLD);
+    assert_eq!(
+        answer(&built.zone, "web.registry.", RecordType::A),
+        ["NXDOMAIN"]
+    );
+    assert_eq!(
+        answer(&built.zone, "_web._tcp.registry.", RecordType::SRV),
+        ["NXDOMAIN"]
+    );
+    assert_eq!(built.prune_at, None);
+    // Back within a hold: served, and the hold starts again when it empties.
+    build_at(&s, &instances(web()), &mut state, 5, went + NODATA_HOLD);
+    let later = went + NODATA_HOLD * 3;
+    let built = build_at(&s, &empty, &mut state, 6, later);
+    assert!(is_nodata(&built.zone));
+    assert_eq!(built.prune_at, Some(later + NODATA_HOLD));
 }
