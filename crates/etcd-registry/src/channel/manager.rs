@@ -391,10 +391,10 @@ impl Manager {
             return;
         };
         member.attempts = attempts.saturating_add(1);
-        member
-            .stats
-            .failures
-            .fetch_add(u64::from(reason != "outlier"), Ordering::Relaxed);
+        member.stats.failures.fetch_add(
+            u64::from(!matches!(reason, "outlier" | "goaway")),
+            Ordering::Relaxed,
+        );
         member.state = State::Ejected {
             until: Instant::now() + delay,
             outlier,
@@ -460,6 +460,7 @@ impl Manager {
                     }
                 }
             }
+            Event::GoingAway { id, generation } => self.going_away(&id, generation),
             Event::Lost { id, generation } => {
                 if let Some(i) = self
                     .drains
@@ -502,6 +503,40 @@ impl Manager {
                 }
             }
         }
+    }
+
+    /// The server closes the member's connection gracefully: it drains (its
+    /// calls finish, or the drain timeout cancels them) while the member
+    /// connects again after the usual backoff.
+    fn going_away(&mut self, id: &str, generation: u64) {
+        let Some(member) = self.members.get_mut(id) else {
+            return;
+        };
+        if member
+            .live
+            .as_ref()
+            .is_none_or(|l| l.shared.generation != generation)
+        {
+            return;
+        }
+        let Some(live) = member.live.take() else {
+            return;
+        };
+        live.shared.dead.store(true, Ordering::Release);
+        if live.since.elapsed() > Duration::from_secs(10) {
+            member.attempts = 0;
+        }
+        tracing::debug!(service = %self.service, id, "server going away; draining its connection");
+        self.drains.push(Drain {
+            id: id.to_owned(),
+            address: member.instance.endpoint(),
+            zone: member.instance.metadata.get(super::ZONE_KEY).cloned(),
+            live,
+            deadline: Instant::now() + self.options.drain_timeout,
+        });
+        // A fresh token for the next connection: the drained one keeps its own.
+        member.close = CancellationToken::new();
+        self.eject(id, false, "goaway");
     }
 
     /// Acts on what is due.
