@@ -133,6 +133,9 @@ pub(crate) struct Manager {
     held_until: Option<Instant>,
     held_base: usize,
     generation: u64,
+    /// The cache's re-list count when last read: a re-list happened since
+    /// when it moved, however many publications came after it.
+    relists: u64,
 }
 
 impl Manager {
@@ -169,12 +172,13 @@ impl Manager {
             held_until: None,
             held_base: 0,
             generation: 0,
+            relists: 0,
         }
     }
 
     pub(crate) async fn run(mut self) {
         let mut versions = self.cache.versions();
-        versions.borrow_and_update();
+        self.relists = versions.borrow_and_update().relists;
         self.refresh(false);
         self.reconcile();
         let mut watching = true;
@@ -188,7 +192,9 @@ impl Manager {
                     } else {
                         let version: Version = *versions.borrow_and_update();
                         watching = !version.closed;
-                        self.refresh(version.relisted);
+                        let relisted = version.relists != self.relists;
+                        self.relists = version.relists;
+                        self.refresh(relisted);
                     }
                 }
                 Some(event) = self.events_rx.recv() => self.on_event(event),
