@@ -5,7 +5,7 @@
 mod common;
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -67,10 +67,13 @@ impl Drop for Resetting {
     }
 }
 
-/// A plain HTTP/1.1 server (keep-alive) answering `200 ok`, counting requests.
+/// A plain HTTP/1.1 server (keep-alive) answering `200 ok`, counting
+/// requests; while `resetting`, it resets each new connection instead.
 struct HttpServer {
     port: u16,
     requests: Arc<AtomicU64>,
+    connects: Arc<AtomicU64>,
+    resetting: Arc<AtomicBool>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -79,11 +82,22 @@ impl HttpServer {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
         let requests = Arc::new(AtomicU64::new(0));
+        let connects = Arc::new(AtomicU64::new(0));
+        let resetting = Arc::new(AtomicBool::new(false));
         let counted = requests.clone();
+        let (connected, reset) = (connects.clone(), resetting.clone());
         let task = tokio::spawn(async move {
             let mut connections = tokio::task::JoinSet::new();
             while let Ok((mut socket, _)) = listener.accept().await {
+                connected.fetch_add(1, Ordering::SeqCst);
+                if reset.load(Ordering::SeqCst) {
+                    #[allow(deprecated)]
+                    let _ = socket.set_linger(Some(Duration::ZERO));
+                    drop(socket);
+                    continue;
+                }
                 let counted = counted.clone();
+                let reset = reset.clone();
                 connections.spawn(async move {
                     let mut buf = Vec::new();
                     let mut chunk = [0u8; 4096];
@@ -97,6 +111,12 @@ impl HttpServer {
                         buf.extend_from_slice(&chunk[..n]);
                         while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
                             buf.drain(..end + 4);
+                            if reset.load(Ordering::SeqCst) {
+                                // A kept-alive connection fails as a new one does.
+                                #[allow(deprecated)]
+                                let _ = socket.set_linger(Some(Duration::ZERO));
+                                return;
+                            }
                             counted.fetch_add(1, Ordering::SeqCst);
                             let answer = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
                             if socket.write_all(answer).await.is_err() {
@@ -110,6 +130,8 @@ impl HttpServer {
         Self {
             port,
             requests,
+            connects,
+            resetting,
             task,
         }
     }
@@ -226,6 +248,73 @@ async fn a_port_that_resets_every_connection_is_tried_less_and_less() {
     assert!(
         connects_late <= 6 && failed_late <= 6,
         "the backoff did not grow: {connects_late} connects, {failed_late} failed calls in the last 5 s"
+    );
+    within("close", T, registry.close()).await.ok();
+}
+
+#[tokio::test]
+async fn an_answered_call_starts_the_backoff_over() {
+    let server = shared_server().await;
+    let registry = common::connect_with(common::builder(
+        server.endpoints(),
+        &unique_name("bal-backoff-reset"),
+        5,
+    ))
+    .await;
+    let good = HttpServer::start().await;
+    let flaky = HttpServer::start().await;
+    let _rg = registry
+        .register(ServiceInstance::new("web", "good", "127.0.0.1", good.port))
+        .await
+        .unwrap();
+    let _rf = registry
+        .register(ServiceInstance::new(
+            "web",
+            "flaky",
+            "127.0.0.1",
+            flaky.port,
+        ))
+        .await
+        .unwrap();
+    let cache = registry.cache("web").await.unwrap();
+    let client: Client<HttpConnector, Empty<Bytes>> =
+        Client::builder(TokioExecutor::new()).build_http();
+    let make = tower::service_fn(move |endpoint: String| {
+        let client = client.clone();
+        async move { Ok::<_, std::io::Error>(ToEndpoint { client, endpoint }) }
+    });
+    let mut balance = Balance::new(&cache, make);
+    let calls_for = async |balance: &mut Balance<_, _>, period: Duration| {
+        let start = Instant::now();
+        let mut calls = 0;
+        while start.elapsed() < period && calls < 5_000 {
+            calls += 1;
+            let _ = get(balance).await;
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    };
+    // Failing for 6 s: the delay grows to seconds.
+    flaky.resetting.store(true, Ordering::SeqCst);
+    calls_for(&mut balance, Duration::from_secs(6)).await;
+    // It recovers and answers a call: that starts the backoff over.
+    flaky.resetting.store(false, Ordering::SeqCst);
+    let answered = flaky.requests.load(Ordering::SeqCst);
+    within("the flaky endpoint answers again", T, async {
+        while flaky.requests.load(Ordering::SeqCst) == answered {
+            let _ = get(&mut balance).await;
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await;
+    // It fails again: ejected for 50-100 ms, not for seconds, so it is
+    // tried again (and fails again) several times within 2 s.
+    flaky.resetting.store(true, Ordering::SeqCst);
+    let before = flaky.connects.load(Ordering::SeqCst);
+    calls_for(&mut balance, Duration::from_secs(2)).await;
+    let tries = flaky.connects.load(Ordering::SeqCst) - before;
+    assert!(
+        tries >= 3,
+        "after an answered call the backoff did not start over: {tries} tries in 2 s"
     );
     within("close", T, registry.close()).await.ok();
 }
