@@ -174,8 +174,9 @@ mod generic {
     use std::collections::BTreeMap;
     use std::convert::Infallible;
     use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
     use std::task::{Context, Poll};
-    use std::time::Duration;
+    use std::time::{Duration, Instant};
 
     use futures::future::BoxFuture;
     use rand::Rng;
@@ -197,11 +198,15 @@ mod generic {
     ///
     /// It does what [`Channel`](crate::Channel) does that does not need to
     /// know the protocol: power of two choices over `PeakEwma`
-    /// (`tower::balance::p2c`; an endpoint not measured yet counts as fast,
-    /// so that it is tried), an endpoint made (connected) eagerly and
-    /// used only once made, ejected at once when making it fails or a call
-    /// to it fails with an error, and made again after a capped exponential
-    /// backoff (100 ms to 5 s). An instance that leaves the cache is removed
+    /// (`tower::balance::p2c`; a new endpoint counts as fast, so that it is
+    /// tried), an endpoint made (connected) eagerly and used only once made,
+    /// ejected at once when making it fails or a call to it fails with an
+    /// error, and made again after a capped exponential backoff: 100 ms
+    /// doubling with each failure in a row up to 5 s (times a random factor
+    /// in [0.5, 1]), back to 100 ms once a call to it is answered. An
+    /// endpoint made again after a failure starts at the mean latency
+    /// measured over the endpoints, not as the fastest, so that it does not
+    /// take the next request at once. An instance that leaves the cache is removed
     /// at once; calls in flight on it finish. It does not retry: which
     /// requests are safe to send again depends on the protocol.
     ///
@@ -231,12 +236,42 @@ mod generic {
         }
     }
 
-    /// A call failed with an error: the endpoint is ejected.
+    /// A call failed with an error: the endpoint is ejected. An answered
+    /// call is remembered (it resets the backoff) and its latency kept (it
+    /// seeds the endpoints made again after a failure).
     struct Failing<S> {
         inner: S,
         id: String,
         generation: u64,
         lost: mpsc::UnboundedSender<(String, u64)>,
+        seen: Arc<Seen>,
+    }
+
+    /// What the calls to one made endpoint showed.
+    #[derive(Default)]
+    struct Seen {
+        /// A call was answered since it was made.
+        answered: AtomicBool,
+        /// Latency EWMA in nanoseconds of the endpoint's answered calls
+        /// (0: none yet), kept across its generations.
+        rtt_ns: Arc<AtomicU64>,
+    }
+
+    impl Seen {
+        fn answered(&self, elapsed: Duration) {
+            if !self.answered.load(Ordering::Relaxed) {
+                self.answered.store(true, Ordering::Relaxed);
+            }
+            let sample = u64::try_from(elapsed.as_nanos()).unwrap_or(u64::MAX).max(1);
+            // Racing updates may lose a sample: a guess for seeding only.
+            let old = self.rtt_ns.load(Ordering::Relaxed);
+            let new = if old == 0 {
+                sample
+            } else {
+                old - old / 5 + sample / 5
+            };
+            self.rtt_ns.store(new.max(1), Ordering::Relaxed);
+        }
     }
 
     impl<S, Req> Service<Req> for Failing<S>
@@ -261,21 +296,32 @@ mod generic {
             let call = self.inner.call(request);
             let lost = self.lost.clone();
             let key = (self.id.clone(), self.generation);
+            let seen = self.seen.clone();
+            let start = Instant::now();
             Box::pin(async move {
                 let result = call.await.map_err(Into::into);
                 if result.is_err() {
                     let _ = lost.send(key);
+                } else {
+                    seen.answered(start.elapsed());
                 }
                 result
             })
         }
     }
 
+    /// An endpoint's state; the `u32` counts failures in a row (the
+    /// backoff's exponent), reset once a call is answered.
     enum Slot {
         Making(u64, u32),
-        Ready(u64),
+        Ready(u64, u32, Arc<Seen>),
         Ejected(tokio::time::Instant, u32),
     }
+
+    /// What an endpoint made again after a failure starts at: the mean of
+    /// the latencies measured, or `FALLBACK_RTT` (Linkerd's default) when
+    /// none is. A new endpoint starts at 1 µs instead, so that it is tried.
+    const FALLBACK_RTT: Duration = Duration::from_millis(30);
 
     impl<Req, Resp> Balance<Req, Resp>
     where
@@ -327,7 +373,8 @@ mod generic {
             mpsc::unbounded_channel::<(String, u64, Result<S, BoxError>)>();
         let (lost_tx, mut lost_rx) = mpsc::unbounded_channel::<(String, u64)>();
         let mut versions = cache.versions();
-        let mut slots: BTreeMap<String, (String, Slot)> = BTreeMap::new();
+        // Per instance id: address, state, latency EWMA (ns, 0: none).
+        let mut slots: BTreeMap<String, (String, Slot, Arc<AtomicU64>)> = BTreeMap::new();
         let mut generation = 0u64;
         let backoff = |attempts: u32| {
             let d = Duration::from_millis(100)
@@ -344,7 +391,7 @@ mod generic {
                 .collect();
             let gone: Vec<String> = slots
                 .iter()
-                .filter(|(id, (addr, _))| current.get(*id) != Some(addr))
+                .filter(|(id, (addr, _, _))| current.get(*id) != Some(addr))
                 .map(|(id, _)| id.clone())
                 .collect();
             for id in gone {
@@ -361,12 +408,12 @@ mod generic {
                         &address,
                         generation,
                     );
-                    slot.insert((address, Slot::Making(generation, 0)));
+                    slot.insert((address, Slot::Making(generation, 0), Arc::default()));
                 }
             }
             let next = slots
                 .values()
-                .filter_map(|(_, s)| match s {
+                .filter_map(|(_, s, _)| match s {
                     Slot::Ejected(until, _) => Some(*until),
                     _ => None,
                 })
@@ -382,20 +429,27 @@ mod generic {
                     }
                 }
                 Some((id, g, result)) = made_rx.recv() => {
-                    if let Some((address, slot)) = slots.get_mut(&id)
+                    let seed = if matches!(slots.get(&id), Some((_, Slot::Making(_, 0), _))) {
+                        // Optimistic: a new endpoint is tried first (until
+                        // its first answer), so that p2c ever measures it.
+                        Duration::from_micros(1)
+                    } else {
+                        // Made again after a failure: not the fastest, or
+                        // it would take the next request at once.
+                        mean_rtt(&slots)
+                    };
+                    if let Some((address, slot, rtt_ns)) = slots.get_mut(&id)
                         && let Slot::Making(x, attempts) = *slot
                         && x == g
                     {
                         match result {
                             Ok(service) => {
-                                *slot = Slot::Ready(g);
-                                let failing = Failing { inner: service, id: id.clone(), generation: g, lost: lost_tx.clone() };
+                                let seen = Arc::new(Seen { answered: AtomicBool::new(false), rtt_ns: rtt_ns.clone() });
+                                *slot = Slot::Ready(g, attempts, seen.clone());
+                                let failing = Failing { inner: service, id: id.clone(), generation: g, lost: lost_tx.clone(), seen };
                                 let _ = tx.send(Change::Insert(id, PeakEwma::new(
                                     failing,
-                                    // Optimistic: an endpoint not measured
-                                    // yet is tried first (until its first
-                                    // answer), so that p2c ever measures it.
-                                    Duration::from_micros(1),
+                                    seed,
                                     Duration::from_secs(10).as_nanos() as f64,
                                     CompleteOnResponse::default(),
                                 )));
@@ -408,17 +462,22 @@ mod generic {
                     }
                 }
                 Some((id, g)) = lost_rx.recv() => {
-                    if let Some((_, slot)) = slots.get_mut(&id)
-                        && matches!(slot, Slot::Ready(x) if *x == g)
+                    if let Some((_, slot, _)) = slots.get_mut(&id)
+                        && let Slot::Ready(x, attempts, seen) = &*slot
+                        && *x == g
                     {
-                        tracing::info!(id, "endpoint failed a call; ejected");
-                        *slot = Slot::Ejected(tokio::time::Instant::now() + backoff(0), 1);
+                        // Failures in a row grow the backoff; an answered
+                        // call since the endpoint was made starts it over.
+                        let attempts = if seen.answered.load(Ordering::Relaxed) { 0 } else { *attempts };
+                        let delay = backoff(attempts);
+                        tracing::info!(id, back_in = ?delay, "endpoint failed a call; ejected");
+                        *slot = Slot::Ejected(tokio::time::Instant::now() + delay, attempts.saturating_add(1));
                         let _ = tx.send(Change::Remove(id));
                     }
                 }
                 _ = tokio::time::sleep_until(next) => {
                     let now = tokio::time::Instant::now();
-                    for (id, (address, slot)) in slots.iter_mut() {
+                    for (id, (address, slot, _)) in slots.iter_mut() {
                         if let Slot::Ejected(until, attempts) = *slot && until <= now {
                             generation += 1;
                             spawn_make(make.clone(), made_tx.clone(), id, address, generation);
@@ -427,6 +486,19 @@ mod generic {
                     }
                 }
             }
+        }
+    }
+
+    /// The mean of the latencies measured over the endpoints.
+    fn mean_rtt(slots: &BTreeMap<String, (String, Slot, Arc<AtomicU64>)>) -> Duration {
+        let (sum, n) = slots
+            .values()
+            .map(|(_, _, rtt)| rtt.load(Ordering::Relaxed))
+            .filter(|ns| *ns > 0)
+            .fold((0u128, 0u128), |(sum, n), ns| (sum + u128::from(ns), n + 1));
+        match sum.checked_div(n) {
+            Some(mean) => Duration::from_nanos(u64::try_from(mean).unwrap_or(u64::MAX)),
+            None => FALLBACK_RTT,
         }
     }
 

@@ -377,10 +377,26 @@ pub(crate) struct Version {
     pub(crate) ready: bool,
     /// The watch ended (the registry closed).
     pub(crate) closed: bool,
-    /// The last change applied came from a re-list (a wiped or restored
-    /// etcd, a compaction, a cluster change) rather than from etcd's events:
-    /// its removals may be instances about to re-register.
-    pub(crate) relisted: bool,
+    /// How many publications included a change from a re-list (a wiped or
+    /// restored etcd, a compaction, a cluster change) rather than from
+    /// etcd's events: its removals may be instances about to re-register.
+    /// A count, not a flag, so that a reader that skipped publications (they
+    /// coalesce in the watch channel) still learns that a re-list happened
+    /// since it last looked, whatever was published after it.
+    pub(crate) relists: u64,
+}
+
+impl Version {
+    /// Publishes a change into `self`; true when anything changed.
+    fn publish(&mut self, changed: bool, relisted: bool) -> bool {
+        let before = *self;
+        self.ready = true;
+        if changed {
+            self.changes += 1;
+            self.relists += u64::from(relisted);
+        }
+        *self != before
+    }
 }
 
 impl ServiceCache {
@@ -614,15 +630,8 @@ impl Shared {
     /// Publishes a change; `relisted` when any batch applied since the last
     /// publication came from a re-list.
     fn publish(&self, changed: bool, relisted: bool) {
-        self.version.send_if_modified(|v| {
-            let before = *v;
-            v.ready = true;
-            if changed {
-                v.changes += 1;
-                v.relisted = relisted;
-            }
-            *v != before
-        });
+        self.version
+            .send_if_modified(|v| v.publish(changed, relisted));
     }
 }
 
@@ -655,6 +664,25 @@ async fn feed_cache(shared: Weak<Shared>, mut feed: Feed, stop: CancellationToke
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_relist_is_seen_by_a_reader_that_missed_its_publication() {
+        let (tx, mut rx) = watch::channel(Version::default());
+        rx.borrow_and_update();
+        let seen = rx.borrow().relists;
+        // A re-list's batch, then a normal one, both published before the
+        // reader looks: the watch channel keeps only the last value.
+        tx.send_if_modified(|v| v.publish(true, true));
+        tx.send_if_modified(|v| v.publish(true, false));
+        let version = *rx.borrow_and_update();
+        assert_eq!(version.changes, 2);
+        assert_ne!(version.relists, seen, "the re-list was lost");
+        // Nothing since: a reader that caught up sees no re-list.
+        tx.send_if_modified(|v| v.publish(true, false));
+        assert_eq!(rx.borrow_and_update().relists, version.relists);
+        // A re-list that changed nothing is no news.
+        assert!(!tx.send_if_modified(|v| v.publish(false, true)));
+    }
 
     #[test]
     fn weights_below_one_count_as_one() {

@@ -30,6 +30,9 @@ pub(crate) enum Event {
     Lost { id: String, generation: u64 },
     /// Too many `UNAVAILABLE` answers in a row.
     Outlier { id: String, generation: u64 },
+    /// The server sent a graceful GOAWAY (`NO_ERROR`) on the connection of
+    /// this generation: it takes no new request, and finishes its calls.
+    GoingAway { id: String, generation: u64 },
 }
 
 /// Counters of one endpoint, kept across its reconnections.
@@ -150,6 +153,44 @@ impl Drop for InFlight {
     }
 }
 
+/// A response body that keeps its call in flight until the body ends (its
+/// last frame, an error) or is dropped, so that a drain waits for a
+/// streaming answer, not just its headers.
+struct Counted {
+    body: Body,
+    in_flight: Option<InFlight>,
+}
+
+impl http_body::Body for Counted {
+    type Data = bytes::Bytes;
+    type Error = tonic::Status;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<bytes::Bytes>, tonic::Status>>> {
+        let this = &mut *self;
+        let polled = Pin::new(&mut this.body).poll_frame(cx);
+        let ended = match &polled {
+            Poll::Ready(None | Some(Err(_))) => true,
+            Poll::Ready(Some(Ok(frame))) => frame.is_trailers(),
+            Poll::Pending => false,
+        };
+        if ended {
+            this.in_flight = None;
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
+    }
+}
+
 impl Service<http::Request<Body>> for EndpointService {
     type Response = http::Response<Body>;
     type Error = BoxError;
@@ -185,7 +226,6 @@ impl Service<http::Request<Body>> for EndpointService {
                 r = call => r.map_err(Into::into),
                 _ = shared.cancel.cancelled() => Err(Drained.into()),
             };
-            drop(guard);
             let elapsed = start.elapsed();
             shared.stats.record(elapsed);
             // `UNAVAILABLE` answers and errors that leave the connection up
@@ -198,10 +238,14 @@ impl Service<http::Request<Body>> for EndpointService {
                 }
                 Err(e) => {
                     let lost = connection_failed(e.as_ref());
+                    // A graceful GOAWAY: no new request on this connection,
+                    // but the calls the server is finishing keep it open.
                     if lost && !shared.dead.swap(true, Ordering::AcqRel) {
-                        let _ = shared.events.send(Event::Lost {
-                            id: shared.id.to_string(),
-                            generation: shared.generation,
+                        let (id, generation) = (shared.id.to_string(), shared.generation);
+                        let _ = shared.events.send(if going_away(e.as_ref()) {
+                            Event::GoingAway { id, generation }
+                        } else {
+                            Event::Lost { id, generation }
                         });
                     }
                     (true, !lost && !chain(e.as_ref()).any(|e| e.is::<Drained>()))
@@ -224,7 +268,14 @@ impl Service<http::Request<Body>> for EndpointService {
             }
             super::metrics::request(&shared.labels, elapsed, failed);
             match result {
-                Ok(mut response) => {
+                Ok(response) => {
+                    // The call stays in flight while its body comes.
+                    let mut response = response.map(|body| {
+                        Body::new(Counted {
+                            body,
+                            in_flight: Some(guard),
+                        })
+                    });
                     response
                         .extensions_mut()
                         .insert(ServedBy(shared.id.clone()));
@@ -274,6 +325,23 @@ pub(crate) fn never_sent(error: &(dyn std::error::Error + 'static)) -> bool {
             return e.is_canceled();
         }
         e.is::<tower::buffer::error::Closed>()
+    })
+}
+
+/// Whether an error ends the connection's use without its socket being
+/// known to be gone: the server's graceful GOAWAY (`NO_ERROR`), after which
+/// hyper cancels the requests it had not sent ("connection closed") and
+/// tonic's reconnect meets the one-connection connector's refusal. The
+/// connection takes no new request, and the calls on it may still finish;
+/// a socket that really is gone is reported by [`Watched`] first.
+fn going_away(error: &(dyn std::error::Error + 'static)) -> bool {
+    chain(error).any(|e| {
+        e.is::<ConnectFailed>()
+            || e.downcast_ref::<hyper::Error>()
+                .is_some_and(|e| e.is_canceled())
+            || e.downcast_ref::<h2::Error>().is_some_and(|e| {
+                e.is_go_away() && e.is_remote() && e.reason() == Some(h2::Reason::NO_ERROR)
+            })
     })
 }
 

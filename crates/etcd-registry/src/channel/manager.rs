@@ -133,6 +133,9 @@ pub(crate) struct Manager {
     held_until: Option<Instant>,
     held_base: usize,
     generation: u64,
+    /// The cache's re-list count when last read: a re-list happened since
+    /// when it moved, however many publications came after it.
+    relists: u64,
 }
 
 impl Manager {
@@ -169,12 +172,13 @@ impl Manager {
             held_until: None,
             held_base: 0,
             generation: 0,
+            relists: 0,
         }
     }
 
     pub(crate) async fn run(mut self) {
         let mut versions = self.cache.versions();
-        versions.borrow_and_update();
+        self.relists = versions.borrow_and_update().relists;
         self.refresh(false);
         self.reconcile();
         let mut watching = true;
@@ -188,7 +192,9 @@ impl Manager {
                     } else {
                         let version: Version = *versions.borrow_and_update();
                         watching = !version.closed;
-                        self.refresh(version.relisted);
+                        let relisted = version.relists != self.relists;
+                        self.relists = version.relists;
+                        self.refresh(relisted);
                     }
                 }
                 Some(event) = self.events_rx.recv() => self.on_event(event),
@@ -391,10 +397,10 @@ impl Manager {
             return;
         };
         member.attempts = attempts.saturating_add(1);
-        member
-            .stats
-            .failures
-            .fetch_add(u64::from(reason != "outlier"), Ordering::Relaxed);
+        member.stats.failures.fetch_add(
+            u64::from(!matches!(reason, "outlier" | "goaway")),
+            Ordering::Relaxed,
+        );
         member.state = State::Ejected {
             until: Instant::now() + delay,
             outlier,
@@ -460,6 +466,7 @@ impl Manager {
                     }
                 }
             }
+            Event::GoingAway { id, generation } => self.going_away(&id, generation),
             Event::Lost { id, generation } => {
                 if let Some(i) = self
                     .drains
@@ -502,6 +509,40 @@ impl Manager {
                 }
             }
         }
+    }
+
+    /// The server closes the member's connection gracefully: it drains (its
+    /// calls finish, or the drain timeout cancels them) while the member
+    /// connects again after the usual backoff.
+    fn going_away(&mut self, id: &str, generation: u64) {
+        let Some(member) = self.members.get_mut(id) else {
+            return;
+        };
+        if member
+            .live
+            .as_ref()
+            .is_none_or(|l| l.shared.generation != generation)
+        {
+            return;
+        }
+        let Some(live) = member.live.take() else {
+            return;
+        };
+        live.shared.dead.store(true, Ordering::Release);
+        if live.since.elapsed() > Duration::from_secs(10) {
+            member.attempts = 0;
+        }
+        tracing::debug!(service = %self.service, id, "server going away; draining its connection");
+        self.drains.push(Drain {
+            id: id.to_owned(),
+            address: member.instance.endpoint(),
+            zone: member.instance.metadata.get(super::ZONE_KEY).cloned(),
+            live,
+            deadline: Instant::now() + self.options.drain_timeout,
+        });
+        // A fresh token for the next connection: the drained one keeps its own.
+        member.close = CancellationToken::new();
+        self.eject(id, false, "goaway");
     }
 
     /// Acts on what is due.
