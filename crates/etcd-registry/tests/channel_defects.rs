@@ -145,6 +145,7 @@ async fn a_retry_carries_the_remaining_deadline() {
     for (i, s) in servers.iter().enumerate() {
         s.ctl.delay_ms.store(300, Ordering::SeqCst);
         s.ctl.unavailable.store(true, Ordering::SeqCst);
+        s.ctl.record_timeouts.store(true, Ordering::SeqCst);
         regs.push(
             registry
                 .register(instance(&format!("s{i}"), s.port))
