@@ -373,3 +373,26 @@ async fn an_idle_channel_does_not_pile_up_a_flapping_endpoints_changes() {
     drop(channel);
     within("close", T, registry.close()).await.unwrap();
 }
+
+/// Issue #34 item 7: the deadline bounds the wait for a ready endpoint too.
+#[tokio::test]
+async fn a_call_waiting_for_a_ready_endpoint_ends_at_its_deadline() {
+    let registry = registry(&unique_name("chd-wait-deadline")).await;
+    let _r = registry
+        .register(instance("nobody", dead_port()))
+        .await
+        .unwrap();
+    let channel = within("channel", T, registry.channel("svc")).await.unwrap();
+    let mut client = HealthClient::new(channel.clone());
+    let start = Instant::now();
+    let answer = within(
+        "the call",
+        T,
+        client.check(health_request(Some(Duration::from_millis(300)))),
+    )
+    .await;
+    let status = answer.expect_err("answered with no server listening");
+    assert_eq!(status.code(), tonic::Code::DeadlineExceeded, "{status}");
+    assert!(start.elapsed() < Duration::from_secs(10));
+    within("close", T, registry.close()).await.unwrap();
+}
