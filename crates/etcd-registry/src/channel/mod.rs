@@ -25,8 +25,15 @@
 //!   stream or sent GOAWAY before it) is sent again to another endpoint. A
 //!   request that may have reached a server is sent again only when marked
 //!   [`Idempotent`] (or sent through [`Channel::idempotent`]), after a
-//!   transport error or an `UNAVAILABLE` answer. Retries draw on a budget
+//!   transport error or an `UNAVAILABLE` answer. A retry always goes to a
+//!   ready endpoint this call has not tried yet: when every one was tried,
+//!   the call ends with the last answer. Retries draw on a budget
 //!   ([`tower::retry::budget::TpsBudget`]).
+//! - **Keeps the deadline**: a call's `grpc-timeout` (tonic's
+//!   `Request::set_timeout`) bounds the whole call, waiting for a ready
+//!   endpoint and retries included: each retry carries what is left of it,
+//!   and a call whose deadline passes ends with `DEADLINE_EXCEEDED`, never
+//!   retried (as gRPC does).
 //! - **Drains**: an instance that leaves the cache (deregistered, set not
 //!   serving, drained) gets no new request; its in-flight requests finish, and
 //!   its connection closes when they have, or after the drain timeout.
@@ -45,9 +52,10 @@
 //!   from the client id, so that many clients spread evenly.
 //!
 //! A request waits while no endpoint is ready (as tonic's own balanced
-//! channel does): give calls a deadline.
+//! channel does), for one in any zone: give calls a deadline.
 
 mod endpoint;
+mod lane;
 mod manager;
 mod metrics;
 mod replay;
@@ -58,7 +66,6 @@ pub use self::metrics::{
     EJECTIONS_TOTAL, FAILURES_TOTAL, REQUEST_DURATION_SECONDS, REQUESTS_TOTAL, RETRIES_TOTAL,
 };
 
-use std::convert::Infallible;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::task::{Context, Poll};
@@ -70,6 +77,8 @@ use tokio_util::sync::{CancellationToken, DropGuard};
 use tonic::body::Body;
 use tower::retry::budget::{Budget, TpsBudget};
 use tower::{BoxError, Service, ServiceExt};
+
+use self::lane::{Answer, Lane, Lanes};
 
 use crate::cache::ServiceCache;
 use crate::error::{Error, Result};
@@ -364,18 +373,14 @@ impl ChannelBuilder<'_> {
 
 type Request = http::Request<Body>;
 type Response = http::Response<Body>;
-/// A p2c balancer shared by the channel's clones. Callers take turns (the
-/// mutex is fair) to wait for a ready endpoint and dispatch; the answer is
-/// awaited outside the lock. Unlike a `tower::buffer::Buffer`, this costs no
-/// task hop per call, and since only the lock holder polls the balancer,
-/// no waiter's wake-up is lost.
-type Balancer = Arc<tokio::sync::Mutex<tower::util::BoxService<Request, Response, BoxError>>>;
 
 struct Inner {
     service: String,
     options: Arc<Options>,
-    local: Balancer,
-    remote: Balancer,
+    /// The same-zone and other-zone balancers, shared by the clones; see
+    /// [`lane`]. Unlike a `tower::buffer::Buffer`, they cost no task hop per
+    /// call.
+    lanes: Arc<Lanes>,
     published: Arc<Published>,
     budget: TpsBudget,
     _stop: DropGuard,
@@ -402,15 +407,6 @@ impl std::fmt::Debug for Channel {
     }
 }
 
-fn balancer() -> (manager::ChangeTx, Balancer) {
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-    let discover =
-        futures::stream::poll_fn(move |cx| rx.poll_recv(cx).map(|c| c.map(Ok::<_, Infallible>)));
-    let balance = tower::balance::p2c::Balance::new(discover);
-    let boxed = tower::util::BoxService::new(balance);
-    (tx, Arc::new(tokio::sync::Mutex::new(boxed)))
-}
-
 impl Channel {
     fn start(
         service: String,
@@ -419,8 +415,7 @@ impl Channel {
         protect_for: Duration,
     ) -> Self {
         let options = Arc::new(options);
-        let (local_tx, local) = balancer();
-        let (remote_tx, remote) = balancer();
+        let (lanes, local_tx, remote_tx) = Lanes::new();
         let published = Arc::new(Published::default());
         let stop = CancellationToken::new();
         let manager = Manager::new(
@@ -434,14 +429,14 @@ impl Channel {
             protect_for,
         );
         tokio::spawn(manager.run());
+        tokio::spawn(lane::drain(lanes.clone(), stop.clone()));
         let (window, min_per_sec, percent) = options.budget;
         Self {
             inner: Arc::new(Inner {
                 service,
                 budget: TpsBudget::new(window, min_per_sec, percent),
                 options,
-                local,
-                remote,
+                lanes,
                 published,
                 _stop: stop.drop_guard(),
             }),
@@ -475,25 +470,77 @@ impl Channel {
 }
 
 impl Inner {
-    /// Same zone or another, as Envoy's priority levels with overprovisioning.
-    fn pick(&self) -> Balancer {
+    /// Same zone or another, as Envoy's priority levels with overprovisioning;
+    /// the other lane second.
+    fn pick(&self) -> [&Lane; 2] {
+        let (local, remote) = (&self.lanes.local, &self.lanes.remote);
         let published = &self.published;
         let local_ready = published.local_ready.load(Ordering::Acquire);
         let remote_ready = published.remote_ready.load(Ordering::Acquire);
         if remote_ready == 0 {
-            return self.local.clone();
+            return [local, remote];
         }
         if local_ready == 0 {
-            return self.remote.clone();
+            return [remote, local];
         }
         let known = published.local_known.load(Ordering::Acquire).max(1);
         let share = self.options.overprovisioning * local_ready as f64 / known as f64;
         if share >= 1.0 || rand::rng().random_bool(share.clamp(0.0, 1.0)) {
-            self.local.clone()
+            [local, remote]
         } else {
-            self.remote.clone()
+            [remote, local]
         }
     }
+
+    /// Hands `request` to the picked balancer's endpoint; when it has none
+    /// ready, waits for a ready endpoint in either balancer (a remote one
+    /// that connects must serve a call that found none), until `deadline`.
+    async fn dispatch(
+        &self,
+        request: Request,
+        deadline: Option<tokio::time::Instant>,
+    ) -> std::result::Result<Answer, BoxError> {
+        let waker = &self.lanes.waker;
+        let [first, _] = self.pick();
+        let mut request = Some(request);
+        if let Poll::Ready(dispatched) = first.try_call(waker, &mut request) {
+            return dispatched;
+        }
+        loop {
+            // Registered before polling, so that no wake-up is lost.
+            let notified = self.lanes.notified();
+            let mut notified = std::pin::pin!(notified);
+            notified.as_mut().enable();
+            if let (Some(deadline), Some(request)) = (deadline, request.as_mut()) {
+                // The time waited comes off what the endpoint is given.
+                replay::set_timeout(request.headers_mut(), deadline);
+            }
+            for lane in self.pick() {
+                if let Poll::Ready(dispatched) = lane.try_call(waker, &mut request) {
+                    return dispatched;
+                }
+            }
+            match deadline {
+                None => notified.await,
+                Some(deadline) => {
+                    if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                        return Err(deadline_exceeded("waiting for a ready endpoint"));
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The error of a call whose deadline passed.
+fn deadline_exceeded(while_: &str) -> BoxError {
+    tonic::Status::deadline_exceeded(format!("deadline exceeded {while_}")).into()
+}
+
+/// Whether an attempt failed because the call's deadline passed (tonic's
+/// `grpc-timeout` enforcement, which reports it as `CANCELLED`).
+fn timed_out(error: &(dyn std::error::Error + 'static)) -> bool {
+    std::iter::successors(Some(error), |e| e.source()).any(|e| e.is::<tonic::TimeoutExpired>())
 }
 
 /// The endpoint an attempt went to, if known.
@@ -543,6 +590,8 @@ fn retry_reason(
     idempotent: bool,
 ) -> Option<&'static str> {
     match result {
+        // gRPC never retries DEADLINE_EXCEEDED: no time is left.
+        Err(e) if timed_out(e.as_ref()) => None,
         Err(e) if endpoint::never_sent(e.as_ref()) => Some("not_sent"),
         Err(_) if idempotent => Some("idempotent"),
         Ok(r) if idempotent && endpoint::grpc_status(r) == Some(tonic::Code::Unavailable) => {
@@ -569,56 +618,61 @@ impl Service<Request> for Channel {
         let span = tracing::debug_span!("channel call", service = %inner.service, path = %request.uri().path());
         Box::pin(tracing::Instrument::instrument(
             async move {
-                let (mut request, replay) = replay::prepare(request, inner.options.replay_limit)?;
+                let (request, replay) = replay::prepare(request, inner.options.replay_limit)?;
+                let deadline = replay::deadline(request.headers());
                 inner.budget.deposit();
+                // The first attempt is the balancer's pick.
+                let mut result = match inner.dispatch(request, deadline).await {
+                    Ok(answer) => answer.await,
+                    Err(e) => Err(e),
+                };
                 let mut retries = 0;
                 let mut tried: Vec<Arc<str>> = Vec::new();
                 loop {
-                    // The first attempt is the balancer's pick; a retry goes
-                    // to an endpoint not tried yet when there is one.
-                    let untried = if tried.is_empty() {
-                        None
-                    } else {
-                        inner.pick_untried(&tried)
-                    };
-                    let result = match untried {
-                        Some(mut endpoint) => match endpoint.ready().await {
-                            Ok(endpoint) => endpoint.call(request).await,
-                            Err(e) => Err(e),
-                        },
-                        None => {
-                            let balancer = inner.pick();
-                            let dispatched = {
-                                let mut balancer = balancer.lock().await;
-                                match balancer.ready().await {
-                                    Ok(balancer) => Ok(balancer.call(request)),
-                                    Err(e) => Err(e),
-                                }
-                            };
-                            match dispatched {
-                                Ok(answer) => answer.await,
-                                Err(e) => Err(e),
-                            }
-                        }
-                    };
-                    if let Some(id) = served_by(&result) {
-                        tried.push(id);
+                    match served_by(&result) {
+                        Some(id) if !tried.contains(&id) => tried.push(id),
+                        _ => {}
                     }
                     let Some(reason) = retry_reason(&result, idempotent) else {
-                        return result;
+                        return finish(result);
                     };
                     let Some(replay) = &replay else { return result };
-                    if retries >= inner.options.max_retries || !inner.budget.withdraw() {
+                    if retries >= inner.options.max_retries {
+                        return result;
+                    }
+                    // A retry goes to an endpoint not tried yet, or nowhere.
+                    let Some(mut endpoint) = inner.pick_untried(&tried) else {
+                        return result;
+                    };
+                    if deadline.is_some_and(|d| d <= tokio::time::Instant::now()) {
+                        return Err(deadline_exceeded("before a retry"));
+                    }
+                    if !inner.budget.withdraw() {
                         return result;
                     }
                     retries += 1;
+                    tried.push(endpoint.id().clone());
                     tracing::debug!(reason, retries, "retrying on another endpoint");
                     metrics::retry(&inner.service, reason);
-                    request = replay.request();
+                    let request = replay.request(deadline);
+                    result = match endpoint.ready().await {
+                        Ok(endpoint) => endpoint.call(request).await,
+                        Err(e) => Err(e),
+                    };
                 }
             },
             span,
         ))
+    }
+}
+
+/// A call's last result, a passed deadline reported as `DEADLINE_EXCEEDED`.
+fn finish(
+    result: std::result::Result<Response, BoxError>,
+) -> std::result::Result<Response, BoxError> {
+    match result {
+        Err(e) if timed_out(e.as_ref()) => Err(deadline_exceeded(&format!("({e})"))),
+        other => other,
     }
 }
 

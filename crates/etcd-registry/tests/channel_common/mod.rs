@@ -20,6 +20,10 @@ pub struct Control {
     pub calls: Arc<AtomicU64>,
     pub delay_ms: Arc<AtomicU64>,
     pub unavailable: Arc<AtomicBool>,
+    /// Whether to keep each request's `grpc-timeout` in `timeouts`.
+    pub record_timeouts: Arc<AtomicBool>,
+    /// The `grpc-timeout` header of each request, in arrival order.
+    pub timeouts: Arc<std::sync::Mutex<Vec<Option<String>>>>,
 }
 
 impl Control {
@@ -53,6 +57,14 @@ where
 
     fn call(&mut self, req: http::Request<B>) -> Self::Future {
         self.ctl.calls.fetch_add(1, Ordering::SeqCst);
+        if self.ctl.record_timeouts.load(Ordering::SeqCst) {
+            let timeout = req
+                .headers()
+                .get("grpc-timeout")
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned);
+            self.ctl.timeouts.lock().unwrap().push(timeout);
+        }
         let delay = self.ctl.delay_ms.load(Ordering::SeqCst);
         let unavailable = self.ctl.unavailable.load(Ordering::SeqCst);
         let mut inner = self.inner.clone();
