@@ -59,6 +59,56 @@ impl Backoff {
     }
 }
 
+/// The failure side of every retry-until-cancelled loop of a background
+/// task (the session's keep-alive, watches, anti-entropy, restores, the
+/// deletes that go on in the background): the standard backoff between
+/// failed rounds, the cancellation that ends the wait, and the logging.
+/// A streak of failures is logged at WARN once, then at DEBUG while it
+/// repeats (a warning that repeats in a loop is noise, not news), and its
+/// end at INFO.
+pub(crate) struct Retry {
+    backoff: Backoff,
+    /// What is retried, for the log.
+    what: String,
+    /// Failed rounds since the last success.
+    streak: u32,
+}
+
+impl Retry {
+    pub(crate) fn standard(what: impl Into<String>) -> Self {
+        Self {
+            backoff: Backoff::standard(),
+            what: what.into(),
+            streak: 0,
+        }
+    }
+
+    /// A round failed with `error`: logged, then the next delay waited out.
+    /// `false` when `cancel` fired first (the loop ends).
+    pub(crate) async fn failed(
+        &mut self,
+        cancel: &CancellationToken,
+        error: &(dyn std::fmt::Display + Sync),
+    ) -> bool {
+        self.streak += 1;
+        if self.streak == 1 {
+            tracing::warn!(%error, "{} failed; retrying (repeats at DEBUG)", self.what);
+        } else {
+            tracing::debug!(%error, attempt = self.streak, "{} failed again; retrying", self.what);
+        }
+        self.backoff.wait(cancel).await
+    }
+
+    /// A round succeeded: the backoff starts over.
+    pub(crate) fn succeeded(&mut self) {
+        if self.streak > 1 {
+            tracing::info!(failures = self.streak, "{} succeeded again", self.what);
+        }
+        self.streak = 0;
+        self.backoff.reset();
+    }
+}
+
 /// Runs `step` until it succeeds or fails for good, waiting the standard
 /// backoff between transient failures (timeouts, an unreachable etcd), each
 /// logged at WARN with `what`. Ends with [`Error::Closed`] once `cancel`

@@ -17,7 +17,7 @@ use tokio::sync::{Notify, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::backoff::{Backoff, cancellable};
+use crate::backoff::{Retry, cancellable};
 use crate::conn::Conn;
 use crate::error::{Error, Result};
 
@@ -56,6 +56,22 @@ pub(crate) struct Lease {
     /// time of the last acknowledged keep-alive (or grant) plus the TTL, minus
     /// a safety margin. Assumes clocks here and on the server run at the same rate.
     pub(crate) expires: Instant,
+}
+
+impl Lease {
+    /// Whether its local deadline is still ahead.
+    pub(crate) fn is_live(&self) -> bool {
+        self.expires > Instant::now()
+    }
+}
+
+/// The deadline of lease `id` if `lease` is that lease and still live: the
+/// one comparison every holder of a lease (queue heads, promotions, lost()
+/// monitors) makes.
+pub(crate) fn live_deadline(lease: Option<Lease>, id: i64) -> Option<Instant> {
+    lease
+        .filter(|l| l.id == id && l.is_live())
+        .map(|l| l.expires)
 }
 
 /// The safety margin taken off every lease deadline: 250 ms plus 2% of the TTL.
@@ -273,7 +289,7 @@ enum KeepAlive {
 /// and publishes it, until cancelled. Keep-alive starts on a new lease at
 /// once: restoring the keys under it is the registrations' job, beside it.
 pub(crate) async fn run(session: std::sync::Arc<Session>, conn: Conn, cancel: CancellationToken) {
-    let mut backoff = Backoff::standard();
+    let mut retry = Retry::standard("the lease (grant or keep-alive)");
     let mut current = session.lease();
     loop {
         if cancel.is_cancelled() {
@@ -289,17 +305,17 @@ pub(crate) async fn run(session: std::sync::Arc<Session>, conn: Conn, cancel: Ca
                         crate::metrics::lease_recovered(&session.namespace);
                         session.publish(Some(lease));
                         current = Some(lease);
-                        backoff.reset();
+                        retry.succeeded();
                     }
                     Some(Err(error)) => {
-                        tracing::warn!(%error, "lease grant failed; retrying");
-                        if !backoff.wait(&cancel).await {
+                        let error = format!("lease grant: {error}");
+                        if !retry.failed(&cancel, &error).await {
                             return;
                         }
                     }
                 }
             }
-            Some(lease) => match keep_alive(&session, &conn, lease, &cancel, &mut backoff).await {
+            Some(lease) => match keep_alive(&session, &conn, lease, &cancel, &mut retry).await {
                 KeepAlive::Cancelled => return,
                 KeepAlive::Lost => {
                     tracing::warn!(lease = %format_args!("{:x}", lease.id), "lease lost (expired, revoked or etcd wiped)");
@@ -312,8 +328,11 @@ pub(crate) async fn run(session: std::sync::Arc<Session>, conn: Conn, cancel: Ca
                         session.lease().map(|l| l.expires),
                     );
                     session.set_state(RegistryState::Degraded { lease_id: lease.id });
-                    tracing::warn!(lease = %format_args!("{:x}", lease.id), %reason, "keep-alive stream broken; reopening");
-                    if !backoff.wait(&cancel).await {
+                    let error = format!(
+                        "keep-alive stream of lease {:x} broken ({reason}); reopening",
+                        lease.id
+                    );
+                    if !retry.failed(&cancel, &error).await {
                         return;
                     }
                 }
@@ -328,7 +347,7 @@ async fn keep_alive(
     conn: &Conn,
     mut lease: Lease,
     cancel: &CancellationToken,
-    backoff: &mut Backoff,
+    retry: &mut Retry,
 ) -> KeepAlive {
     let ttl = session.ttl;
     let period = ttl / 3;
@@ -369,7 +388,7 @@ async fn keep_alive(
                 session.publish(Some(lease));
                 crate::metrics::keep_alive(&session.namespace, true, Some(lease.expires));
                 session.set_state(session.healthy(lease.id));
-                backoff.reset();
+                retry.succeeded();
             }
         }
         // Between ticks, keep reading the stream: a broken connection (etcd

@@ -39,7 +39,7 @@ use etcd_client::{Event, EventType, KeyValue};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
-use crate::backoff::Backoff;
+use crate::backoff::Retry;
 use crate::conn::{Paged, is_compacted};
 use crate::core::Core;
 use crate::error::{Error, Result};
@@ -408,7 +408,7 @@ struct Watcher {
 
 impl Watcher {
     async fn run(mut self) {
-        let mut backoff = Backoff::standard();
+        let mut retry = Retry::standard(format!("the watch of service {}", self.service));
         let mut state = State::Listing;
         loop {
             let next = match state {
@@ -419,17 +419,14 @@ impl Watcher {
             match next {
                 Next::Go(s) => {
                     if matches!(s, State::Watching) {
-                        backoff.reset();
+                        retry.succeeded();
                     }
                     state = s;
                 }
                 Next::Retry(s, reason) => {
                     self.errors.fetch_add(1, Ordering::Relaxed);
-                    tracing::warn!(
-                        service = %self.service, revision = self.revision, %reason,
-                        "watch interrupted; retrying"
-                    );
-                    if !backoff.wait(&self.core.cancel).await {
+                    let error = format!("interrupted at revision {}: {reason}", self.revision);
+                    if !retry.failed(&self.core.cancel, &error).await {
                         return;
                     }
                     state = s;

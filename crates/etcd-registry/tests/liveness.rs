@@ -304,7 +304,7 @@ async fn one_refused_key_neither_stalls_nor_floods_anti_entropy() {
     )
     .await
     .unwrap();
-    let interrupted = lines.count(Level::WARN, &["registration watch interrupted"]);
+    let interrupted = lines.count(Level::WARN, &["the registration watch failed"]);
     root.delete(web.as_str(), Some(DeleteOptions::new().with_prefix()))
         .await
         .unwrap();
@@ -324,7 +324,7 @@ async fn one_refused_key_neither_stalls_nor_floods_anti_entropy() {
     let refused = lines.count(Level::WARN, &["could not reconcile", "w00"]);
     assert_eq!(refused, 1, "the refused key is warned about once");
     assert_eq!(
-        lines.count(Level::WARN, &["registration watch interrupted"]),
+        lines.count(Level::WARN, &["the registration watch failed"]),
         interrupted
     );
     registry.close().await.unwrap();

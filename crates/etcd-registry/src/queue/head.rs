@@ -93,7 +93,7 @@ impl Head {
         if s.lost.borrow().is_some() || s.inner.cancel.is_cancelled() {
             return false;
         }
-        matches!(s.inner.session.lease(), Some(l) if l.id == s.lease_id && l.expires > Instant::now())
+        crate::session::live_deadline(s.inner.session.lease(), s.lease_id).is_some()
     }
 
     pub(crate) fn lost_reason(&self) -> Option<LostReason> {
@@ -103,10 +103,7 @@ impl Head {
     /// The local deadline of this head's lease while it can be relied on
     /// (see `Leadership::lease_deadline`, `LockGuard::lease_deadline`).
     pub(crate) fn lease_deadline(&self) -> Option<Instant> {
-        match *self.leases().borrow() {
-            Some(l) if l.id == self.lease_id() && l.expires > Instant::now() => Some(l.expires),
-            _ => None,
-        }
+        crate::session::live_deadline(*self.leases().borrow(), self.lease_id())
     }
 
     /// Resolves once that deadline is less than `within` away, or gone.

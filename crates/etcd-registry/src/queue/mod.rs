@@ -139,7 +139,7 @@ impl Queue {
             .session
             .wait_lease(inner.config.request_timeout, &inner.cancel)
             .await?;
-        if lease.expires <= Instant::now() {
+        if !lease.is_live() {
             return Err(Error::SessionLost);
         }
         Ok(lease)
@@ -318,9 +318,8 @@ impl Member {
             token,
             mut guard,
         } = self;
-        match queue.inner.session.lease() {
-            Some(l) if l.id == lease_id && l.expires > Instant::now() => {}
-            _ => return Err(Error::SessionLost),
+        if crate::session::live_deadline(queue.inner.session.lease(), lease_id).is_none() {
+            return Err(Error::SessionLost);
         }
         let slot = guard.disarm();
         match queue.kind {

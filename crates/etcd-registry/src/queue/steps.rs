@@ -164,11 +164,14 @@ pub(super) async fn lease_lost(
             }
             _ = tokio::time::sleep_until(deadline) => {
                 // A newer deadline may have been published at the same moment.
-                match *leases.borrow_and_update() {
-                    Some(l) if l.id == lease_id && l.expires > Instant::now() => {}
-                    Some(l) if l.id == lease_id => return LostReason::LeaseDeadline,
-                    _ => return LostReason::SessionLost,
+                let lease = *leases.borrow_and_update();
+                if crate::session::live_deadline(lease, lease_id).is_some() {
+                    continue;
                 }
+                return match lease {
+                    Some(l) if l.id == lease_id => LostReason::LeaseDeadline,
+                    _ => LostReason::SessionLost,
+                };
             }
         }
     }

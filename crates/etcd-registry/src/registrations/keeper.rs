@@ -69,7 +69,7 @@ impl Failing {
 
 /// The anti-entropy task; ends when the registry closes or is dropped.
 pub(super) async fn run(table: Weak<Table>, cancel: CancellationToken) {
-    let mut backoff = Backoff::standard();
+    let mut retry = crate::backoff::Retry::standard("the registration watch");
     let mut failing = Failing {
         keys: HashSet::new(),
         retry: Backoff::new(
@@ -85,11 +85,10 @@ pub(super) async fn run(table: Weak<Table>, cancel: CancellationToken) {
         };
         drop(t);
         match outcome {
-            Ok(()) => backoff.reset(),
+            Ok(()) => retry.succeeded(),
             Err(Error::Closed) => return,
             Err(error) => {
-                tracing::warn!(%error, "registration watch interrupted; reading again");
-                if !backoff.wait(&cancel).await {
+                if !retry.failed(&cancel, &error).await {
                     return;
                 }
             }

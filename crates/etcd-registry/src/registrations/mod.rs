@@ -39,7 +39,6 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use tokio::sync::Notify;
 
-use crate::backoff::Backoff;
 use crate::core::Core;
 use crate::error::{Error, Result};
 use crate::health::{Applier, Gate, HealthCheck, HealthPolicy, InitialState};
@@ -461,7 +460,8 @@ impl Table {
         }
         let table = Arc::downgrade(self);
         self.core.spawn(async move {
-            let mut backoff = Backoff::standard();
+            let mut retry =
+                crate::backoff::Retry::standard("deleting the key of an ended registration");
             loop {
                 let Some(t) = table.upgrade() else { return };
                 if t.lock().contains_key(&key) {
@@ -484,8 +484,8 @@ impl Table {
                     }
                     Err(Error::Closed) => return,
                     Err(error) => {
-                        tracing::warn!(key, %error, "could not delete the key of an ended registration; retrying");
-                        if !backoff.wait(&cancel).await {
+                        let error = format!("{key}: {error}");
+                        if !retry.failed(&cancel, &error).await {
                             return;
                         }
                     }

@@ -16,7 +16,6 @@ use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
 
 use super::{Mirror, OP_OVERHEAD, REQUEST_MARGIN, Table, Written};
-use crate::backoff::Backoff;
 use crate::error::{Error, Result};
 
 /// Batches in flight at once.
@@ -52,7 +51,7 @@ pub(super) async fn run(table: Weak<Table>, cancel: CancellationToken) {
     let Some(mut leases) = table.upgrade().map(|t| t.core.session.leases()) else {
         return;
     };
-    let mut backoff = Backoff::standard();
+    let mut retry = crate::backoff::Retry::standard("restoring registrations");
     loop {
         let lease = *leases.borrow_and_update();
         let pending = match (lease, table.upgrade()) {
@@ -69,7 +68,7 @@ pub(super) async fn run(table: Weak<Table>, cancel: CancellationToken) {
             };
             match outcome {
                 Ok(count) => {
-                    backoff.reset();
+                    retry.succeeded();
                     t.restored.store(lease.id, Ordering::SeqCst);
                     t.core.session.mark_restored(lease.id);
                     tracing::info!(lease = %format_args!("{:x}", lease.id), count, "registrations restored under the new lease");
@@ -82,9 +81,9 @@ pub(super) async fn run(table: Weak<Table>, cancel: CancellationToken) {
                 }
                 Err(Error::Closed) => return,
                 Err(error) => {
-                    tracing::warn!(lease = %format_args!("{:x}", lease.id), %error, "restoring registrations failed; retrying");
                     drop(t);
-                    if !backoff.wait(&cancel).await {
+                    let error = format!("lease {:x}: {error}", lease.id);
+                    if !retry.failed(&cancel, &error).await {
                         return;
                     }
                     continue;
