@@ -16,7 +16,9 @@
 //!   progress requests are never answered (etcd's gRPC proxy), the stream
 //!   proves liveness instead with one small read per [`STALE_AFTER`]: the
 //!   newest modification under the watched range must not be newer than
-//!   what the stream delivered. That is said once, at INFO.
+//!   what the stream delivered, and the range must hold as many keys as it
+//!   did at the stream's revision (a deletion leaves no key behind to be
+//!   newer). That is said once, at INFO.
 //!
 //! Cluster ids are compared like with like: unary answers with unary
 //! answers, watch headers with watch headers, and a header whose id is 0 or
@@ -179,8 +181,8 @@ const PROBE_TIMEOUT: Duration = Duration::from_secs(3);
 /// What a liveness read found.
 enum Liveness {
     Alive,
-    /// No answer, or a change the stream did not deliver.
-    Stale,
+    /// No answer, or a change the stream did not deliver (which).
+    Stale(&'static str),
     /// Another cluster, or an older revision: the history is not the one followed.
     Changed,
 }
@@ -249,6 +251,9 @@ pub(crate) struct Resumable {
     errors: Arc<AtomicU64>,
     /// Told of every response (events or not): the staleness metric.
     heard: Option<crate::metrics::Heard>,
+    /// The number of keys of each watched range as of a revision, counted
+    /// by the liveness read (see `Resumable::liveness`).
+    counted: Option<(i64, Vec<i64>)>,
 }
 
 impl Resumable {
@@ -285,6 +290,7 @@ impl Resumable {
             clusters: ClusterIds::default(),
             errors: Arc::default(),
             heard: None,
+            counted: None,
         }
     }
 
@@ -302,6 +308,7 @@ impl Resumable {
     pub(crate) fn start_at(&mut self, revision: i64) {
         self.next = revision;
         self.watch = None;
+        self.counted = None;
     }
 
     /// Records the cluster id of a unary answer read by the consumer; false
@@ -439,7 +446,10 @@ impl Resumable {
                                 self.clusters = ClusterIds::default();
                                 return Ok(Some(Item::Reset(Reset::HistoryChanged)));
                             }
-                            Liveness::Stale => {}
+                            Liveness::Stale(why) => {
+                                self.restart(crate::metrics::Restart::Stale);
+                                return self.interrupted(format!("no event or progress report for {STALE_AFTER:?} (stale stream), and {why}")).map(Some);
+                            }
                         }
                     }
                     self.restart(crate::metrics::Restart::Stale);
@@ -503,12 +513,33 @@ impl Resumable {
         }
     }
 
-    /// Where progress requests go unanswered: one read proves the stream
-    /// alive when nothing under the range changed after what it delivered,
-    /// and catches a history that changed behind it (etcd wiped or restored
-    /// behind a proxy, which keeps the client's stream open and silent).
-    /// Costs one small request per watched range per [`STALE_AFTER`] of
-    /// silence, each bounded by [`PROBE_TIMEOUT`] (or the request timeout).
+    /// Where progress requests go unanswered: a read proves the stream
+    /// alive when etcd holds exactly what it held at the stream's revision
+    /// `R` (what the stream delivered), and catches a history that changed
+    /// behind it (etcd wiped or restored behind a proxy, which keeps the
+    /// client's stream open and silent).
+    ///
+    /// Per watched range, the read now asks for the newest modification
+    /// revision and the number of keys (`count`, which etcd reports for the
+    /// whole range whatever the limit), and compares that number with the
+    /// range's count as of `R`. Why this cannot miss a lasting change, a
+    /// deletion included: if no key now is newer than `R`, every key now
+    /// was last written at or before `R`, so it existed at `R` with the same
+    /// value (a key deleted and created again would be newer than `R`): the
+    /// keys now are a subset of the keys at `R`. Equal counts make the
+    /// subset the whole set. A deletion leaves no key behind to be newer
+    /// than `R`, but it lowers the count. (A key created and deleted again
+    /// since `R` leaves etcd as it was, so nothing is lost: the view is
+    /// right, and any later lasting change is caught by the next read.)
+    ///
+    /// Cost: one small request per watched range per [`STALE_AFTER`] of
+    /// silence, each bounded by [`PROBE_TIMEOUT`] (or the request timeout),
+    /// plus, once per revision the stream reaches, one count-only request
+    /// per range as of that revision (kept in `counted_at`): a quiet stream
+    /// costs no more than one read per range per [`STALE_AFTER`]. etcd
+    /// answers count-only from its index, without reading values. When `R`
+    /// was compacted before it was counted, the stream cannot be proven
+    /// alive: it is restarted, and the restart reports the compaction.
     async fn liveness(&mut self) -> Liveness {
         let mut options = etcd_client::GetOptions::new()
             .with_keys_only()
@@ -518,7 +549,9 @@ impl Resumable {
             options = options.with_prefix();
         }
         let timeout = self.conn.request_timeout().min(PROBE_TIMEOUT);
+        let revision = self.revision();
         let mut newest = 0;
+        let mut counts = Vec::with_capacity(self.keys.len());
         for k in self.keys.clone() {
             let resp = self
                 .conn
@@ -528,20 +561,25 @@ impl Resumable {
                 })
                 .await;
             let Ok(resp) = resp else {
-                return Liveness::Stale;
+                return Liveness::Stale("no answer to the liveness read");
             };
-            if let Some(h) = resp.header() {
-                let went_back = h.revision() > 0 && h.revision() < self.revision();
-                if went_back || !same_cluster(&mut self.clusters.unary, Some(h.cluster_id())) {
-                    return Liveness::Changed;
-                }
+            if self.changed_history(resp.header()) {
+                return Liveness::Changed;
             }
             if let Some(kv) = resp.kvs().first() {
                 newest = newest.max(kv.mod_revision());
             }
+            counts.push(resp.count());
         }
-        if newest > self.revision() {
-            return Liveness::Stale;
+        if newest > revision {
+            return Liveness::Stale("a key changed that the stream did not deliver");
+        }
+        let then = match self.counted_at(revision, timeout).await {
+            Ok(then) => then,
+            Err(liveness) => return liveness,
+        };
+        if then != counts {
+            return Liveness::Stale("a key was deleted that the stream did not deliver");
         }
         if self.progress == Progress::Unknown {
             self.progress = Progress::Unanswered;
@@ -552,6 +590,53 @@ impl Resumable {
             );
         }
         Liveness::Alive
+    }
+
+    /// The number of keys of each watched range as of `revision`, read once
+    /// per revision (count only) and kept.
+    async fn counted_at(&mut self, revision: i64, timeout: Duration) -> Result<Vec<i64>, Liveness> {
+        if let Some((at, counts)) = &self.counted
+            && *at == revision
+        {
+            return Ok(counts.clone());
+        }
+        let mut options = etcd_client::GetOptions::new()
+            .with_count_only()
+            .with_revision(revision);
+        if self.prefix {
+            options = options.with_prefix();
+        }
+        let mut counts = Vec::with_capacity(self.keys.len());
+        for k in self.keys.clone() {
+            let resp = self
+                .conn
+                .once_within("watch liveness", timeout, |mut c| {
+                    let options = options.clone();
+                    async move { c.get(k, Some(options)).await }
+                })
+                .await;
+            let Ok(resp) = resp else {
+                // Compacted past `revision`, or no answer.
+                return Err(Liveness::Stale(
+                    "the keys as of the stream's revision could not be counted",
+                ));
+            };
+            if self.changed_history(resp.header()) {
+                return Err(Liveness::Changed);
+            }
+            counts.push(resp.count());
+        }
+        self.counted = Some((revision, counts.clone()));
+        Ok(counts)
+    }
+
+    /// Whether a unary answer comes from another cluster, or from a store
+    /// behind the stream's revision.
+    fn changed_history(&mut self, header: Option<&etcd_client::ResponseHeader>) -> bool {
+        header.is_some_and(|h| {
+            let went_back = h.revision() > 0 && h.revision() < self.revision();
+            went_back || !same_cluster(&mut self.clusters.unary, Some(h.cluster_id()))
+        })
     }
 
     /// The stream broke or went stale: drop it, count and log it, and
