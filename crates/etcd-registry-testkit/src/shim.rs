@@ -79,8 +79,8 @@ impl Shared {
 /// let etcd = EtcdServer::start().await?;
 /// let shim = GrpcShim::start(&etcd.endpoint()).await?;
 /// let mut client = etcd_client::Client::connect([shim.endpoint()], None).await?;
-/// let (_w, mut events) = client.watch("k", None).await?;
-/// shim.silence_watches(); // `events` now hears nothing, `client.get` still works
+/// let _events = client.watch("k", None).await?;
+/// shim.silence_watches(); // `_events` now hears nothing, `client.get` still works
 /// # Ok(())
 /// # }
 /// ```
