@@ -28,7 +28,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use etcd_client::{Event, SortOrder, SortTarget};
+use etcd_client::{Event, EventType, SortOrder, SortTarget};
 use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 
@@ -185,6 +185,10 @@ enum Liveness {
     Stale(&'static str),
     /// Another cluster, or an older revision: the history is not the one followed.
     Changed,
+    /// The stream cannot catch up from its revision (compacted before its
+    /// keys were counted, or a restart did not deliver what it missed):
+    /// read again.
+    Reset(&'static str),
 }
 
 /// Whether the server answers progress requests on a watch.
@@ -251,9 +255,13 @@ pub(crate) struct Resumable {
     errors: Arc<AtomicU64>,
     /// Told of every response (events or not): the staleness metric.
     heard: Option<crate::metrics::Heard>,
-    /// The number of keys of each watched range as of a revision, counted
-    /// by the liveness read (see `Resumable::liveness`).
-    counted: Option<(i64, Vec<i64>)>,
+    /// How many keys the watched ranges hold (summed) as of `revision()`:
+    /// from the list, kept up to date by the events delivered, or counted
+    /// by the liveness read after `start_at` (see `Resumable::liveness`).
+    count: Option<i64>,
+    /// The revision at which the liveness read last found a deletion the
+    /// stream did not deliver.
+    missed: Option<i64>,
 }
 
 impl Resumable {
@@ -290,7 +298,8 @@ impl Resumable {
             clusters: ClusterIds::default(),
             errors: Arc::default(),
             heard: None,
-            counted: None,
+            count: None,
+            missed: None,
         }
     }
 
@@ -308,7 +317,8 @@ impl Resumable {
     pub(crate) fn start_at(&mut self, revision: i64) {
         self.next = revision;
         self.watch = None;
-        self.counted = None;
+        self.count = None;
+        self.missed = None;
     }
 
     /// Records the cluster id of a unary answer read by the consumer; false
@@ -326,9 +336,15 @@ impl Resumable {
     pub(crate) async fn list<T>(
         &mut self,
         op: &'static str,
-        init: impl FnMut() -> T,
-        page: impl FnMut(&mut T, Vec<etcd_client::KeyValue>),
+        mut init: impl FnMut() -> T,
+        mut page: impl FnMut(&mut T, Vec<etcd_client::KeyValue>),
     ) -> Result<Listed<T>> {
+        // Counts the keys too (a restarted read starts counting over).
+        let init = || (init(), 0i64);
+        let page = |(value, count): &mut (T, i64), kvs: Vec<etcd_client::KeyValue>| {
+            *count += i64::try_from(kvs.len()).unwrap_or(i64::MAX);
+            page(value, kvs);
+        };
         let read = if self.prefix {
             Box::pin(self.conn.read_prefixes(op, &self.keys, false, init, page)).await?
         } else {
@@ -337,7 +353,7 @@ impl Resumable {
         let Paged {
             revision,
             cluster_id,
-            value,
+            value: (value, count),
         } = read;
         let went_back = revision < self.revision();
         let other = !self.same_unary_cluster(cluster_id);
@@ -346,6 +362,7 @@ impl Resumable {
             self.same_unary_cluster(cluster_id);
         }
         self.start_at(revision + 1);
+        self.count = Some(count);
         Ok(Listed {
             revision,
             value,
@@ -446,6 +463,13 @@ impl Resumable {
                                 self.clusters = ClusterIds::default();
                                 return Ok(Some(Item::Reset(Reset::HistoryChanged)));
                             }
+                            Liveness::Reset(why) => {
+                                self.watch = None;
+                                self.restart(crate::metrics::Restart::Compacted);
+                                self.errors.fetch_add(1, Ordering::Relaxed);
+                                tracing::warn!(service = %self.label.name, revision = self.revision(), %why, "the watch went silent and cannot catch up from its revision; reading again");
+                                return Ok(Some(Item::Reset(Reset::Compacted)));
+                            }
                             Liveness::Stale(why) => {
                                 self.restart(crate::metrics::Restart::Stale);
                                 return self.interrupted(format!("no event or progress report for {STALE_AFTER:?} (stale stream), and {why}")).map(Some);
@@ -501,6 +525,7 @@ impl Resumable {
                 continue; // created, or a progress report: proof of life
             }
             let events = resp.events().to_vec();
+            self.count_events(&events);
             if let Some(last) = events
                 .iter()
                 .filter_map(|e| e.kv())
@@ -513,16 +538,37 @@ impl Resumable {
         }
     }
 
+    /// Keeps `count` up to date with delivered events: a put that creates a
+    /// key (version 1) adds one, a delete removes one (etcd reports
+    /// deletions of existing keys only). Events at or before `revision()`
+    /// are already counted.
+    fn count_events(&mut self, events: &[Event]) {
+        let Some(count) = self.count.as_mut() else {
+            return;
+        };
+        for event in events {
+            let Some(kv) = event.kv() else { continue };
+            if kv.mod_revision() < self.next {
+                continue;
+            }
+            match event.event_type() {
+                EventType::Put if kv.version() == 1 => *count += 1,
+                EventType::Put => {}
+                EventType::Delete => *count -= 1,
+            }
+        }
+    }
+
     /// Where progress requests go unanswered: a read proves the stream
     /// alive when etcd holds exactly what it held at the stream's revision
     /// `R` (what the stream delivered), and catches a history that changed
     /// behind it (etcd wiped or restored behind a proxy, which keeps the
     /// client's stream open and silent).
     ///
-    /// Per watched range, the read now asks for the newest modification
+    /// Per watched range, the read asks for the newest modification
     /// revision and the number of keys (`count`, which etcd reports for the
-    /// whole range whatever the limit), and compares that number with the
-    /// range's count as of `R`. Why this cannot miss a lasting change, a
+    /// whole range whatever the limit); the total must equal the number of
+    /// keys as of `R` (`count`). Why this cannot miss a lasting change, a
     /// deletion included: if no key now is newer than `R`, every key now
     /// was last written at or before `R`, so it existed at `R` with the same
     /// value (a key deleted and created again would be newer than `R`): the
@@ -533,13 +579,12 @@ impl Resumable {
     /// right, and any later lasting change is caught by the next read.)
     ///
     /// Cost: one small request per watched range per [`STALE_AFTER`] of
-    /// silence, each bounded by [`PROBE_TIMEOUT`] (or the request timeout),
-    /// plus, once per revision the stream reaches, one count-only request
-    /// per range as of that revision (kept in `counted_at`): a quiet stream
-    /// costs no more than one read per range per [`STALE_AFTER`]. etcd
-    /// answers count-only from its index, without reading values. When `R`
-    /// was compacted before it was counted, the stream cannot be proven
-    /// alive: it is restarted, and the restart reports the compaction.
+    /// silence, each bounded by [`PROBE_TIMEOUT`] (or the request timeout).
+    /// The count as of `R` costs nothing after a list (it is counted there
+    /// and kept up to date by the events); after `start_at` it is read once,
+    /// count only, as of `R` (etcd answers that from its index). When `R`
+    /// was compacted before that, the stream cannot be proven alive, and it
+    /// is a reset: the consumer reads again.
     async fn liveness(&mut self) -> Liveness {
         let mut options = etcd_client::GetOptions::new()
             .with_keys_only()
@@ -549,9 +594,8 @@ impl Resumable {
             options = options.with_prefix();
         }
         let timeout = self.conn.request_timeout().min(PROBE_TIMEOUT);
-        let revision = self.revision();
         let mut newest = 0;
-        let mut counts = Vec::with_capacity(self.keys.len());
+        let mut count = 0;
         for k in self.keys.clone() {
             let resp = self
                 .conn
@@ -569,16 +613,28 @@ impl Resumable {
             if let Some(kv) = resp.kvs().first() {
                 newest = newest.max(kv.mod_revision());
             }
-            counts.push(resp.count());
+            count += resp.count();
         }
-        if newest > revision {
+        if newest > self.revision() {
             return Liveness::Stale("a key changed that the stream did not deliver");
         }
-        let then = match self.counted_at(revision, timeout).await {
-            Ok(then) => then,
-            Err(liveness) => return liveness,
+        let then = match self.count {
+            Some(then) => then,
+            None => match self.count_at_revision(timeout).await {
+                Ok(then) => then,
+                Err(liveness) => return liveness,
+            },
         };
-        if then != counts {
+        if then != count {
+            // Once, the stream restarts from `R + 1` and etcd replays what it
+            // missed. The same gap again after that restart: etcd does not
+            // replay it (a deletion at exactly the compaction revision loses
+            // its tombstone, for one), so only a new read can close it.
+            if self.missed.replace(self.revision()) == Some(self.revision()) {
+                return Liveness::Reset(
+                    "a deletion it did not deliver, still missing after a restart",
+                );
+            }
             return Liveness::Stale("a key was deleted that the stream did not deliver");
         }
         if self.progress == Progress::Unknown {
@@ -592,21 +648,16 @@ impl Resumable {
         Liveness::Alive
     }
 
-    /// The number of keys of each watched range as of `revision`, read once
-    /// per revision (count only) and kept.
-    async fn counted_at(&mut self, revision: i64, timeout: Duration) -> Result<Vec<i64>, Liveness> {
-        if let Some((at, counts)) = &self.counted
-            && *at == revision
-        {
-            return Ok(counts.clone());
-        }
+    /// The number of keys of the watched ranges as of `revision()`, read
+    /// (count only) and kept in `count`.
+    async fn count_at_revision(&mut self, timeout: Duration) -> Result<i64, Liveness> {
         let mut options = etcd_client::GetOptions::new()
             .with_count_only()
-            .with_revision(revision);
+            .with_revision(self.revision());
         if self.prefix {
             options = options.with_prefix();
         }
-        let mut counts = Vec::with_capacity(self.keys.len());
+        let mut count = 0;
         for k in self.keys.clone() {
             let resp = self
                 .conn
@@ -615,19 +666,22 @@ impl Resumable {
                     async move { c.get(k, Some(options)).await }
                 })
                 .await;
-            let Ok(resp) = resp else {
-                // Compacted past `revision`, or no answer.
-                return Err(Liveness::Stale(
-                    "the keys as of the stream's revision could not be counted",
-                ));
+            let resp = match resp {
+                Ok(resp) => resp,
+                Err(e) if crate::conn::is_compacted(&e) => {
+                    return Err(Liveness::Reset(
+                        "its revision was compacted before its keys were counted",
+                    ));
+                }
+                Err(_) => return Err(Liveness::Stale("no answer to the liveness read")),
             };
             if self.changed_history(resp.header()) {
                 return Err(Liveness::Changed);
             }
-            counts.push(resp.count());
+            count += resp.count();
         }
-        self.counted = Some((revision, counts.clone()));
-        Ok(counts)
+        self.count = Some(count);
+        Ok(count)
     }
 
     /// Whether a unary answer comes from another cluster, or from a store
