@@ -1,5 +1,5 @@
-//! Real etcd processes for tests: a single server, a multi-member cluster and
-//! a fault-injecting TCP proxy.
+//! Real etcd processes for tests: a single server, a multi-member cluster,
+//! a fault-injecting TCP proxy and a gRPC-aware shim that silences watches.
 //!
 //! Everything runs on `127.0.0.1` with fresh ports and temporary data
 //! directories, so tests never touch an etcd on 2379. The etcd binary is
@@ -36,6 +36,7 @@ mod http;
 mod process;
 mod proxy;
 mod server;
+mod shim;
 mod tls;
 mod wait;
 
@@ -51,6 +52,7 @@ pub use health_endpoint::HealthEndpoint;
 pub use http::get as http_get;
 pub use proxy::{Direction, FaultProxy, ProxyMode};
 pub use server::{EtcdServer, EtcdServerBuilder};
+pub use shim::{GrpcShim, WATCH_PATH};
 pub use tls::{CertSpec, CertifiedKey, KeyType, Openssl, ServerTls, TestCa};
 pub use wait::{eventually, within};
 

@@ -16,7 +16,9 @@
 //!   progress requests are never answered (etcd's gRPC proxy), the stream
 //!   proves liveness instead with one small read per [`STALE_AFTER`]: the
 //!   newest modification under the watched range must not be newer than
-//!   what the stream delivered. That is said once, at INFO.
+//!   what the stream delivered, and the range must hold as many keys as it
+//!   did at the stream's revision (a deletion leaves no key behind to be
+//!   newer). That is said once, at INFO.
 //!
 //! Cluster ids are compared like with like: unary answers with unary
 //! answers, watch headers with watch headers, and a header whose id is 0 or
@@ -26,7 +28,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use etcd_client::{Event, SortOrder, SortTarget};
+use etcd_client::{Event, EventType, SortOrder, SortTarget};
 use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 
@@ -179,10 +181,14 @@ const PROBE_TIMEOUT: Duration = Duration::from_secs(3);
 /// What a liveness read found.
 enum Liveness {
     Alive,
-    /// No answer, or a change the stream did not deliver.
-    Stale,
+    /// No answer, or a change the stream did not deliver (which).
+    Stale(&'static str),
     /// Another cluster, or an older revision: the history is not the one followed.
     Changed,
+    /// The stream cannot catch up from its revision (compacted before its
+    /// keys were counted, or a restart did not deliver what it missed):
+    /// read again.
+    Reset(&'static str),
 }
 
 /// Whether the server answers progress requests on a watch.
@@ -249,6 +255,13 @@ pub(crate) struct Resumable {
     errors: Arc<AtomicU64>,
     /// Told of every response (events or not): the staleness metric.
     heard: Option<crate::metrics::Heard>,
+    /// How many keys the watched ranges hold (summed) as of `revision()`:
+    /// from the list, kept up to date by the events delivered, or counted
+    /// by the liveness read after `start_at` (see `Resumable::liveness`).
+    count: Option<i64>,
+    /// The revision at which the liveness read last found a deletion the
+    /// stream did not deliver.
+    missed: Option<i64>,
 }
 
 impl Resumable {
@@ -285,6 +298,8 @@ impl Resumable {
             clusters: ClusterIds::default(),
             errors: Arc::default(),
             heard: None,
+            count: None,
+            missed: None,
         }
     }
 
@@ -302,6 +317,8 @@ impl Resumable {
     pub(crate) fn start_at(&mut self, revision: i64) {
         self.next = revision;
         self.watch = None;
+        self.count = None;
+        self.missed = None;
     }
 
     /// Records the cluster id of a unary answer read by the consumer; false
@@ -319,9 +336,15 @@ impl Resumable {
     pub(crate) async fn list<T>(
         &mut self,
         op: &'static str,
-        init: impl FnMut() -> T,
-        page: impl FnMut(&mut T, Vec<etcd_client::KeyValue>),
+        mut init: impl FnMut() -> T,
+        mut page: impl FnMut(&mut T, Vec<etcd_client::KeyValue>),
     ) -> Result<Listed<T>> {
+        // Counts the keys too (a restarted read starts counting over).
+        let init = || (init(), 0i64);
+        let page = |(value, count): &mut (T, i64), kvs: Vec<etcd_client::KeyValue>| {
+            *count += i64::try_from(kvs.len()).unwrap_or(i64::MAX);
+            page(value, kvs);
+        };
         let read = if self.prefix {
             Box::pin(self.conn.read_prefixes(op, &self.keys, false, init, page)).await?
         } else {
@@ -330,7 +353,7 @@ impl Resumable {
         let Paged {
             revision,
             cluster_id,
-            value,
+            value: (value, count),
         } = read;
         let went_back = revision < self.revision();
         let other = !self.same_unary_cluster(cluster_id);
@@ -339,6 +362,7 @@ impl Resumable {
             self.same_unary_cluster(cluster_id);
         }
         self.start_at(revision + 1);
+        self.count = Some(count);
         Ok(Listed {
             revision,
             value,
@@ -439,7 +463,17 @@ impl Resumable {
                                 self.clusters = ClusterIds::default();
                                 return Ok(Some(Item::Reset(Reset::HistoryChanged)));
                             }
-                            Liveness::Stale => {}
+                            Liveness::Reset(why) => {
+                                self.watch = None;
+                                self.restart(crate::metrics::Restart::Compacted);
+                                self.errors.fetch_add(1, Ordering::Relaxed);
+                                tracing::warn!(service = %self.label.name, revision = self.revision(), %why, "the watch went silent and cannot catch up from its revision; reading again");
+                                return Ok(Some(Item::Reset(Reset::Compacted)));
+                            }
+                            Liveness::Stale(why) => {
+                                self.restart(crate::metrics::Restart::Stale);
+                                return self.interrupted(format!("no event or progress report for {STALE_AFTER:?} (stale stream), and {why}")).map(Some);
+                            }
                         }
                     }
                     self.restart(crate::metrics::Restart::Stale);
@@ -491,6 +525,7 @@ impl Resumable {
                 continue; // created, or a progress report: proof of life
             }
             let events = resp.events().to_vec();
+            self.count_events(&events);
             if let Some(last) = events
                 .iter()
                 .filter_map(|e| e.kv())
@@ -503,12 +538,53 @@ impl Resumable {
         }
     }
 
-    /// Where progress requests go unanswered: one read proves the stream
-    /// alive when nothing under the range changed after what it delivered,
-    /// and catches a history that changed behind it (etcd wiped or restored
-    /// behind a proxy, which keeps the client's stream open and silent).
-    /// Costs one small request per watched range per [`STALE_AFTER`] of
+    /// Keeps `count` up to date with delivered events: a put that creates a
+    /// key (version 1) adds one, a delete removes one (etcd reports
+    /// deletions of existing keys only). Events at or before `revision()`
+    /// are already counted.
+    fn count_events(&mut self, events: &[Event]) {
+        let Some(count) = self.count.as_mut() else {
+            return;
+        };
+        for event in events {
+            let Some(kv) = event.kv() else { continue };
+            if kv.mod_revision() < self.next {
+                continue;
+            }
+            match event.event_type() {
+                EventType::Put if kv.version() == 1 => *count += 1,
+                EventType::Put => {}
+                EventType::Delete => *count -= 1,
+            }
+        }
+    }
+
+    /// Where progress requests go unanswered: a read proves the stream
+    /// alive when etcd holds exactly what it held at the stream's revision
+    /// `R` (what the stream delivered), and catches a history that changed
+    /// behind it (etcd wiped or restored behind a proxy, which keeps the
+    /// client's stream open and silent).
+    ///
+    /// Per watched range, the read asks for the newest modification
+    /// revision and the number of keys (`count`, which etcd reports for the
+    /// whole range whatever the limit); the total must equal the number of
+    /// keys as of `R` (`count`). Why this cannot miss a lasting change, a
+    /// deletion included: if no key now is newer than `R`, every key now
+    /// was last written at or before `R`, so it existed at `R` with the same
+    /// value (a key deleted and created again would be newer than `R`): the
+    /// keys now are a subset of the keys at `R`. Equal counts make the
+    /// subset the whole set. A deletion leaves no key behind to be newer
+    /// than `R`, but it lowers the count. (A key created and deleted again
+    /// since `R` leaves etcd as it was, so nothing is lost: the view is
+    /// right, and any later lasting change is caught by the next read.)
+    ///
+    /// Cost: one small request per watched range per [`STALE_AFTER`] of
     /// silence, each bounded by [`PROBE_TIMEOUT`] (or the request timeout).
+    /// The count as of `R` costs nothing after a list (it is counted there
+    /// and kept up to date by the events); after `start_at` it is read once,
+    /// count only, as of `R` (etcd answers that from its index). When `R`
+    /// was compacted before that, the stream cannot be proven alive, and it
+    /// is a reset: the consumer reads again.
     async fn liveness(&mut self) -> Liveness {
         let mut options = etcd_client::GetOptions::new()
             .with_keys_only()
@@ -519,6 +595,7 @@ impl Resumable {
         }
         let timeout = self.conn.request_timeout().min(PROBE_TIMEOUT);
         let mut newest = 0;
+        let mut count = 0;
         for k in self.keys.clone() {
             let resp = self
                 .conn
@@ -528,20 +605,37 @@ impl Resumable {
                 })
                 .await;
             let Ok(resp) = resp else {
-                return Liveness::Stale;
+                return Liveness::Stale("no answer to the liveness read");
             };
-            if let Some(h) = resp.header() {
-                let went_back = h.revision() > 0 && h.revision() < self.revision();
-                if went_back || !same_cluster(&mut self.clusters.unary, Some(h.cluster_id())) {
-                    return Liveness::Changed;
-                }
+            if self.changed_history(resp.header()) {
+                return Liveness::Changed;
             }
             if let Some(kv) = resp.kvs().first() {
                 newest = newest.max(kv.mod_revision());
             }
+            count += resp.count();
         }
         if newest > self.revision() {
-            return Liveness::Stale;
+            return Liveness::Stale("a key changed that the stream did not deliver");
+        }
+        let then = match self.count {
+            Some(then) => then,
+            None => match self.count_at_revision(timeout).await {
+                Ok(then) => then,
+                Err(liveness) => return liveness,
+            },
+        };
+        if then != count {
+            // Once, the stream restarts from `R + 1` and etcd replays what it
+            // missed. The same gap again after that restart: etcd does not
+            // replay it (a deletion at exactly the compaction revision loses
+            // its tombstone, for one), so only a new read can close it.
+            if self.missed.replace(self.revision()) == Some(self.revision()) {
+                return Liveness::Reset(
+                    "a deletion it did not deliver, still missing after a restart",
+                );
+            }
+            return Liveness::Stale("a key was deleted that the stream did not deliver");
         }
         if self.progress == Progress::Unknown {
             self.progress = Progress::Unanswered;
@@ -552,6 +646,51 @@ impl Resumable {
             );
         }
         Liveness::Alive
+    }
+
+    /// The number of keys of the watched ranges as of `revision()`, read
+    /// (count only) and kept in `count`.
+    async fn count_at_revision(&mut self, timeout: Duration) -> Result<i64, Liveness> {
+        let mut options = etcd_client::GetOptions::new()
+            .with_count_only()
+            .with_revision(self.revision());
+        if self.prefix {
+            options = options.with_prefix();
+        }
+        let mut count = 0;
+        for k in self.keys.clone() {
+            let resp = self
+                .conn
+                .once_within("watch liveness", timeout, |mut c| {
+                    let options = options.clone();
+                    async move { c.get(k, Some(options)).await }
+                })
+                .await;
+            let resp = match resp {
+                Ok(resp) => resp,
+                Err(e) if crate::conn::is_compacted(&e) => {
+                    return Err(Liveness::Reset(
+                        "its revision was compacted before its keys were counted",
+                    ));
+                }
+                Err(_) => return Err(Liveness::Stale("no answer to the liveness read")),
+            };
+            if self.changed_history(resp.header()) {
+                return Err(Liveness::Changed);
+            }
+            count += resp.count();
+        }
+        self.count = Some(count);
+        Ok(count)
+    }
+
+    /// Whether a unary answer comes from another cluster, or from a store
+    /// behind the stream's revision.
+    fn changed_history(&mut self, header: Option<&etcd_client::ResponseHeader>) -> bool {
+        header.is_some_and(|h| {
+            let went_back = h.revision() > 0 && h.revision() < self.revision();
+            went_back || !same_cluster(&mut self.clusters.unary, Some(h.cluster_id()))
+        })
     }
 
     /// The stream broke or went stale: drop it, count and log it, and
