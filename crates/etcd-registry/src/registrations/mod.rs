@@ -483,6 +483,12 @@ impl Table {
                         return;
                     }
                     Err(Error::Closed) => return,
+                    Err(error) if error.is_final() => {
+                        // Refused for good (permission denied): retrying cannot cure it,
+                        // and a put this user may not make never landed either.
+                        tracing::warn!(key, %error, "the key of an ended registration cannot be deleted by this user; leaving it to the lease");
+                        return;
+                    }
                     Err(error) => {
                         let error = format!("{key}: {error}");
                         if !retry.failed(&cancel, &error).await {

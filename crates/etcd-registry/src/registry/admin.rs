@@ -13,8 +13,7 @@
 use std::collections::{HashMap, HashSet};
 
 use etcd_client::{
-    Compare, CompareOp, DeleteOptions, GetOptions, KeyValue, LeaseTimeToLiveOptions, Txn, TxnOp,
-    TxnOpResponse,
+    Compare, CompareOp, DeleteOptions, KeyValue, LeaseTimeToLiveOptions, Txn, TxnOp, TxnOpResponse,
 };
 
 use super::Registry;
@@ -40,23 +39,19 @@ impl Registry {
         let key = self.core().keys.instance_key(name, id);
         // Forgotten first, so that anti-entropy does not put it back.
         self.inner.regs.forget_key(&key);
-        let read = self
-            .core()
-            .conn
-            .retry_on("get", &key, |mut c| {
-                let key = key.clone();
-                async move { c.get(key, None).await }
-            })
-            .await?;
-        let naming = self.naming_keys_of(read.kvs()).await?;
+        // The deleted value says which lease and address its naming keys have.
         let resp = self
             .core()
             .conn
             .retry_on("delete", &key, |mut c| {
                 let key = key.clone();
-                async move { c.delete(key, None).await }
+                async move {
+                    c.delete(key, Some(DeleteOptions::new().with_prev_key()))
+                        .await
+                }
             })
             .await?;
+        let naming = self.naming_keys_of(resp.prev_kvs()).await?;
         self.delete_naming_keys(naming).await?;
         Ok(resp.deleted() > 0)
     }
@@ -69,26 +64,18 @@ impl Registry {
         validate_segment("name", name)?;
         let prefix = self.core().keys.service_prefix(name);
         self.inner.regs.forget_prefix(&prefix);
-        let read = self
-            .core()
-            .conn
-            .retry_on("get", &prefix, |mut c| {
-                let prefix = prefix.clone();
-                async move { c.get(prefix, Some(GetOptions::new().with_prefix())).await }
-            })
-            .await?;
-        let naming = self.naming_keys_of(read.kvs()).await?;
         let resp = self
             .core()
             .conn
             .retry_on("delete", &prefix, |mut c| {
                 let prefix = prefix.clone();
                 async move {
-                    c.delete(prefix, Some(DeleteOptions::new().with_prefix()))
-                        .await
+                    let options = DeleteOptions::new().with_prefix().with_prev_key();
+                    c.delete(prefix, Some(options)).await
                 }
             })
             .await?;
+        let naming = self.naming_keys_of(resp.prev_kvs()).await?;
         self.delete_naming_keys(naming).await?;
         Ok(resp.deleted().max(0) as u64)
     }
