@@ -126,7 +126,9 @@ pub struct EndpointState {
     pub zone: Option<String>,
     /// Where it stands.
     pub phase: Phase,
-    /// Requests sent and not yet answered.
+    /// Calls sent and not yet finished: a call counts until its response
+    /// body has ended (or failed, or was dropped), so a streaming response
+    /// counts for as long as it streams.
     pub in_flight: usize,
     /// Requests sent to it.
     pub requests: u64,
