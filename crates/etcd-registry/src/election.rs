@@ -42,7 +42,7 @@ use etcd_client::{
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
-use crate::backoff::Backoff;
+use crate::backoff::Retry;
 use crate::conn::first_get_kv;
 use crate::core::Core;
 use crate::error::LostReason;
@@ -285,7 +285,7 @@ impl Election {
     {
         let proposal = proposal.into();
         let cancel = self.queue.inner.cancel.clone();
-        let mut backoff = Backoff::standard();
+        let mut retry = Retry::standard(format!("the campaign in election {}", self.queue.name));
         loop {
             if cancel.is_cancelled() {
                 return Err(Error::Closed);
@@ -296,14 +296,13 @@ impl Election {
                 // Retrying cannot cure a refusal: a configuration error, not a campaign.
                 Err(error) if error.is_final() => return Err(error),
                 Err(error) => {
-                    tracing::warn!(election = %self.queue.name, %error, "campaign failed; campaigning again");
-                    if !backoff.wait(&cancel).await {
+                    if !retry.failed(&cancel, &error).await {
                         return Err(Error::Closed);
                     }
                     continue;
                 }
             };
-            backoff.reset();
+            retry.succeeded();
             let run = task(leadership.clone());
             let mut run = std::pin::pin!(run);
             tokio::select! {

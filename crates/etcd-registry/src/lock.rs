@@ -23,7 +23,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use crate::backoff::Backoff;
+use crate::backoff::Retry;
 use crate::core::Core;
 use crate::error::LostReason;
 use crate::error::{Error, Result};
@@ -238,13 +238,12 @@ impl Lock {
         Fut: Future<Output = T>,
     {
         let cancel = self.queue.inner.cancel.clone();
-        let mut backoff = Backoff::standard();
+        let mut retry = Retry::standard(format!("acquiring lock {}", self.queue.name));
         let guard = loop {
             match self.acquire().await {
                 Ok(guard) => break guard,
                 Err(error @ (Error::SessionLost | Error::LockLost(_))) => {
-                    tracing::warn!(lock = %self.queue.name, %error, "acquiring the lock failed; asking again");
-                    if !backoff.wait(&cancel).await {
+                    if !retry.failed(&cancel, &error).await {
                         return Err(Error::Closed);
                     }
                 }

@@ -414,6 +414,11 @@ impl Resumable {
                 return Err(Error::Closed);
             }
             if self.watch.is_none() {
+                // Not `backoff::Retry`: this wait sits at the reopen inside a
+                // cancel-safe `next()`, apart from where the interruption is
+                // seen and logged (with the stream's label and revision,
+                // `interrupted`), and a consumer may drop `next()` between
+                // the two; so the backoff is a field of the stream instead.
                 if self.back_off && !self.backoff.wait(&self.cancel).await {
                     return Err(Error::Closed);
                 }

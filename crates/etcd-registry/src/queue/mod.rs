@@ -52,7 +52,7 @@ mod head;
 mod slots;
 mod steps;
 
-use crate::backoff::Backoff;
+use crate::backoff::Retry;
 use crate::error::LostReason;
 use crate::session::Lease;
 pub(crate) use head::Head;

@@ -120,7 +120,7 @@ pub(super) async fn delete_key(inner: &Core, key: &str, token: Option<i64>) -> R
 /// Deletes our key in the background, retrying until it is done, the lease it
 /// lives under is gone (and the key with it), or the registry closes.
 pub(super) async fn release_key(inner: &Core, key: &str, token: Option<i64>, lease_id: i64) {
-    let mut backoff = Backoff::standard();
+    let mut retry = Retry::standard("deleting a queue key");
     loop {
         if inner.cancel.is_cancelled() {
             return;
@@ -134,8 +134,8 @@ pub(super) async fn release_key(inner: &Core, key: &str, token: Option<i64>, lea
                 if inner.session.lease().is_none_or(|l| l.id != lease_id) {
                     return;
                 }
-                tracing::warn!(key, %error, "could not delete a queue key; retrying");
-                if !backoff.wait(&inner.cancel).await {
+                let error = format!("{key}: {error}");
+                if !retry.failed(&inner.cancel, &error).await {
                     return;
                 }
             }
@@ -236,7 +236,7 @@ pub(super) async fn wait_deletes(
     key: &str,
     token: i64,
 ) -> Result<std::result::Result<i64, LostReason>> {
-    let mut backoff = Backoff::standard();
+    let mut retry = Retry::standard(format!("waiting in queue {prefix}"));
     loop {
         let (ahead, rev) = match place(inner, prefix, key, token).await {
             Ok(Place::Behind { key, rev }) => (key, rev),
@@ -244,8 +244,8 @@ pub(super) async fn wait_deletes(
             Ok(Place::Lost(reason)) => return Ok(Err(reason)),
             Err(error) if error.is_final() || matches!(error, Error::Closed) => return Err(error),
             Err(error) => {
-                tracing::warn!(prefix, %error, "reading the members ahead failed; retrying");
-                if !backoff.wait(&inner.cancel).await {
+                let error = format!("reading the members ahead: {error}");
+                if !retry.failed(&inner.cancel, &error).await {
                     return Err(Error::Closed);
                 }
                 continue;
@@ -253,11 +253,11 @@ pub(super) async fn wait_deletes(
         };
         tracing::debug!(predecessor = %String::from_utf8_lossy(&ahead), "waiting for the member ahead to go");
         match wait_delete(inner, ahead, rev).await {
-            Ok(()) => backoff.reset(),
+            Ok(()) => retry.succeeded(),
             Err(error) if error.is_final() || matches!(error, Error::Closed) => return Err(error),
             Err(error) => {
-                tracing::warn!(prefix, %error, "watching the member ahead failed; retrying");
-                if !backoff.wait(&inner.cancel).await {
+                let error = format!("watching the member ahead: {error}");
+                if !retry.failed(&inner.cancel, &error).await {
                     return Err(Error::Closed);
                 }
             }
