@@ -120,7 +120,44 @@ pub use status::{ElectionSummary, EndpointStatus, LockSummary, MemberStatus};
 pub use tls::TlsConfig;
 pub use watch::{ServiceEvent, ServiceWatch};
 
-/// The README's code is compiled as a doc test, so it stays true.
+/// The README's code, and every guide's in docs/, is compiled as a doc test,
+/// so it stays true.
 #[cfg(doctest)]
 #[doc = include_str!("../../../README.md")]
 struct ReadmeDoctests;
+
+#[cfg(doctest)]
+#[doc = include_str!("../../../docs/getting-started.md")]
+struct GuideGettingStartedDoctests;
+
+#[cfg(doctest)]
+#[doc = include_str!("../../../docs/registration.md")]
+struct GuideRegistrationDoctests;
+
+#[cfg(doctest)]
+#[doc = include_str!("../../../docs/discovery.md")]
+struct GuideDiscoveryDoctests;
+
+#[cfg(doctest)]
+#[doc = include_str!("../../../docs/elections-and-locks.md")]
+struct GuideElectionsAndLocksDoctests;
+
+#[cfg(doctest)]
+#[doc = include_str!("../../../docs/other-languages.md")]
+struct GuideOtherLanguagesDoctests;
+
+#[cfg(doctest)]
+#[doc = include_str!("../../../docs/deployments.md")]
+struct GuideDeploymentsDoctests;
+
+#[cfg(doctest)]
+#[doc = include_str!("../../../docs/security.md")]
+struct GuideSecurityDoctests;
+
+#[cfg(doctest)]
+#[doc = include_str!("../../../docs/operations.md")]
+struct GuideOperationsDoctests;
+
+#[cfg(doctest)]
+#[doc = include_str!("../../../docs/design.md")]
+struct GuideDesignDoctests;
