@@ -1,27 +1,21 @@
 //! `etcd-registry`: register, list, watch and elect on etcd from the shell.
 
-mod args;
-mod campaign;
-mod commands;
-mod dns;
-mod error;
-mod lock;
-mod metrics;
-mod output;
-mod register;
-mod shutdown;
-mod status;
+mod cli;
+mod cmd;
+mod common;
 mod supervise;
-mod ui;
 
 use std::io::IsTerminal as _;
 use std::process::ExitCode;
 
-use crate::error::CliError;
+use clap::CommandFactory as _;
+
+use crate::cli::{Cli, Command};
+use crate::common::error::{CliError, CliResult};
 
 fn main() -> ExitCode {
     // Usage errors exit 2 here, with clap's message.
-    let cli = args::Cli::parse_checked();
+    let cli = Cli::parse_checked();
     init_logging(cli.global.verbose);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -30,9 +24,33 @@ fn main() -> ExitCode {
         Ok(rt) => rt,
         Err(e) => return CliError::msg(format!("cannot start the async runtime: {e}")).report(),
     };
-    match runtime.block_on(commands::run(cli)) {
+    match runtime.block_on(run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => e.report(),
+    }
+}
+
+/// Runs the one command; every command but `dev` connects with the shared
+/// flags and closes the registry (revoking its lease) before it returns.
+async fn run(cli: Cli) -> CliResult {
+    let g = &cli.global;
+    common::metrics::serve(cli.command.metrics_addr())?;
+    match cli.command {
+        Command::Dev => cmd::dev::run().await,
+        Command::Completions(a) => cmd::completions::run(a, Cli::command()),
+        Command::Man => cmd::man::run(Cli::command()),
+        Command::Status(a) => cmd::status::run(g, a).await,
+        Command::List(a) => cmd::list::run(g, a).await,
+        Command::Watch(a) => cmd::watch::run(g, a).await,
+        Command::Register(a) => cmd::register::run(g, a).await,
+        Command::Deregister(a) => cmd::deregister::run(g, a).await,
+        Command::DeleteService(a) => cmd::delete_service::run(g, a).await,
+        Command::Leader(a) => cmd::leader::run(g, a).await,
+        Command::Campaign(a) => cmd::campaign::run(g, a).await,
+        Command::Lock(a) => cmd::lock::run(g, a).await,
+        Command::Observe(a) => cmd::observe::run(g, a).await,
+        Command::Ui(a) => cmd::ui::run(g, a).await,
+        Command::Dns(a) => cmd::dns::run(g, a).await,
     }
 }
 

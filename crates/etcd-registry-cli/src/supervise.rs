@@ -61,8 +61,8 @@ use nix::sys::signal::Signal;
 use tokio::process::{Child, Command};
 use tokio::time::Instant;
 
-use crate::error::{CliError, CliResult};
-use crate::shutdown::{Received, Shutdown};
+use crate::common::error::{CliError, CliResult};
+use crate::common::shutdown::{Received, Shutdown};
 
 mod tree;
 use tree::{POLL, Tree, subreaper};

@@ -285,7 +285,7 @@ async fn with_once_a_loss_exits_1() {
 /// blackholed; A's CMD must get SIGTERM before B's CMD starts.
 ///
 /// Checked by hand: with `leadership.lost()` replaced by a future that never
-/// resolves in src/campaign.rs, this test fails ("start b" with no "stop a"
+/// resolves in src/cmd/campaign/supervised.rs, this test fails ("start b" with no "stop a"
 /// before it).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_blackholed_leader_stops_its_cmd_before_the_rival_starts_its_own() {

@@ -83,7 +83,7 @@ async fn create_revision(ctx: &Ctx, key: &str) -> i64 {
 }
 
 /// Checked by hand: with each CLI locking a name of its own (the process id
-/// appended in src/lock.rs), this test fails with interleaved starts, and so
+/// appended in src/cmd/lock/hold.rs), this test fails with interleaved starts, and so
 /// does the etcdctl one.
 #[tokio::test]
 async fn three_clis_run_their_cmds_one_at_a_time() {
@@ -189,7 +189,7 @@ async fn the_cli_waits_while_etcdctl_holds_the_lock_and_cmd_gets_its_fencing_tok
     assert_eq!(ctx.raw_keys().await, "");
 }
 
-/// Checked by hand: with src/lock.rs waiting 1000 times --timeout, this test
+/// Checked by hand: with src/cmd/lock/hold.rs waiting 1000 times --timeout, this test
 /// fails (the second CLI does not exit).
 #[tokio::test]
 async fn timeout_exits_1_and_leaves_no_key_and_the_holder_releases_on_sigterm() {
@@ -249,7 +249,7 @@ async fn cmd_exit_status_is_passed_on_and_a_bad_name_exits_2() {
 }
 
 /// Checked by hand: with `guard.lost()` replaced by a future that never
-/// resolves in src/lock.rs (`supervise`), this test fails (CMD is never
+/// resolves in src/cmd/lock/hold.rs (`supervise`), this test fails (CMD is never
 /// stopped and the CLI does not exit).
 #[tokio::test]
 async fn a_deleted_key_stops_cmd_with_sigterm_and_exits_1() {
@@ -283,7 +283,7 @@ async fn a_deleted_key_stops_cmd_with_sigterm_and_exits_1() {
 /// holds the lock. And a CLI interrupted while waiting runs nothing,
 /// withdraws its key and exits 128+15, so `lock NAME -- CMD && next` stops.
 ///
-/// Checked by hand: with src/lock.rs returning `Ok(())` on a signal while
+/// Checked by hand: with src/cmd/lock/hold.rs returning `Ok(())` on a signal while
 /// waiting, this test fails (exit status 0).
 #[tokio::test]
 async fn etcdctl_waits_while_the_cli_holds_and_a_signal_while_waiting_runs_nothing() {

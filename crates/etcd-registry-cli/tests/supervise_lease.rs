@@ -496,7 +496,7 @@ async fn slow_stopper(ctx: &Ctx, dir: &Dir, stop_secs: &str) -> Cli {
 /// two at once. They count as one: CMD gets one SIGTERM, stops cleanly
 /// within the grace, and the CLI exits 0.
 ///
-/// Checked by hand: with the repeat check in src/shutdown.rs removed, the
+/// Checked by hand: with the repeat check in src/common/shutdown.rs removed, the
 /// CLI printed "second signal: SIGKILL" and exited 137.
 #[tokio::test]
 async fn two_sigterms_within_a_second_count_as_one() {
@@ -556,7 +556,7 @@ async fn a_second_sigterm_after_a_second_forces_the_stop() {
 /// (the endpoint here accepts nothing), naming both flags; the largest one
 /// that fits, and the default under the smallest TTL, are accepted.
 ///
-/// Checked by hand: with the check in src/args.rs removed, the refused
+/// Checked by hand: with the check in src/cli.rs removed, the refused
 /// cases got as far as connecting and failed with exit 1 instead of 2.
 #[tokio::test]
 async fn a_grace_the_ttl_cannot_honour_is_refused_naming_both() {

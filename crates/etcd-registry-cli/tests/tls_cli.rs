@@ -63,7 +63,7 @@ fn stderr(out: &Output) -> String {
 // - the library's v1 check off (etcd-registry src/tls/check.rs): the v1 run
 //   still exits 2 (rustls's key check refuses it) but says only "invalid
 //   peer certificate: Other(OtherError(UnsupportedCertVersion))", and fails.
-// - src/error.rs `is_tls_failure` always false: the wrong-CA run gets the
+// - src/common/error.rs `is_tls_failure` always false: the wrong-CA run gets the
 //   hint "is etcd running there?", and fails.
 #[tokio::test]
 async fn openssl_v1_is_refused_at_load_v3_works_and_tls_failures_say_so() {

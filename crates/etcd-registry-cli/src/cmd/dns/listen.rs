@@ -4,7 +4,7 @@ use std::net::SocketAddr;
 
 use tokio::net::{TcpListener, UdpSocket};
 
-use crate::error::{CliError, CliResult};
+use crate::common::error::{CliError, CliResult};
 
 /// With port 0, how many free UDP ports to try before giving up on finding
 /// one whose TCP twin is free too.

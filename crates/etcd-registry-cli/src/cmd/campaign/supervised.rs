@@ -14,9 +14,9 @@ use std::time::Duration;
 use backon::BackoffBuilder as _;
 use etcd_registry::{Election, Error, Leadership};
 
-use crate::error::{CliError, CliResult};
-use crate::output::lease_hex;
-use crate::shutdown::Shutdown;
+use crate::common::error::{CliError, CliResult};
+use crate::common::output::lease_hex;
+use crate::common::shutdown::Shutdown;
 use crate::supervise::{Ended, Stop, Supervisor, say};
 
 /// One `campaign -- CMD` invocation.

@@ -7,8 +7,7 @@ use std::net::{SocketAddr, ToSocketAddrs};
 use clap::Args;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
 
-use crate::args::Command;
-use crate::error::{CliError, CliResult};
+use super::error::{CliError, CliResult};
 
 /// The option shared by every long-running command.
 #[derive(Clone, Debug, Default, Args)]
@@ -24,21 +23,6 @@ pub struct MetricsOpt {
 const DURATION_BUCKETS: &[f64] = &[
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0,
 ];
-
-impl Command {
-    /// The `--metrics-addr` of a long-running command.
-    pub fn metrics_addr(&self) -> Option<SocketAddr> {
-        match self {
-            Command::Register { metrics, .. }
-            | Command::Watch { metrics, .. }
-            | Command::Campaign { metrics, .. }
-            | Command::Lock { metrics, .. }
-            | Command::Observe { metrics, .. }
-            | Command::Dns { metrics, .. } => metrics.metrics_addr,
-            _ => None,
-        }
-    }
-}
 
 /// Installs the Prometheus recorder and serves it at `addr`, if given. Fails
 /// (exit 1) when the address cannot be bound, before anything reaches etcd.

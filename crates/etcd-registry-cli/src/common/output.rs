@@ -7,7 +7,7 @@ use std::io::Write as _;
 
 use etcd_registry::{LeaderInfo, RegistryState, ServiceEvent, ServiceInstance};
 
-use crate::error::CliResult;
+use super::error::CliResult;
 
 /// Writes one line to stdout (flushed: stdout is line-buffered).
 pub fn line(text: &str) -> CliResult {
@@ -59,17 +59,15 @@ pub fn snapshot_json(instances: &[ServiceInstance]) -> String {
     )
 }
 
-/// `completions SHELL`: the completion script on stdout.
-pub fn completions(shell: clap_complete::Shell) -> CliResult {
-    let mut command = <crate::args::Cli as clap::CommandFactory>::command();
+/// `completions SHELL`: the completion script of `command` on stdout.
+pub fn completions(shell: clap_complete::Shell, mut command: clap::Command) -> CliResult {
     let mut script = Vec::new();
     clap_complete::generate(shell, &mut command, "etcd-registry", &mut script);
     write_all(&script)
 }
 
 /// `man`: the man page (roff) on stdout, generated from the same definition as `--help`.
-pub fn man() -> CliResult {
-    let command = <crate::args::Cli as clap::CommandFactory>::command();
+pub fn man(command: clap::Command) -> CliResult {
     let mut page = Vec::new();
     clap_mangen::Man::new(command).render(&mut page)?;
     write_all(&page)

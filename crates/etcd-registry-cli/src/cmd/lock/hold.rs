@@ -19,9 +19,9 @@ use std::time::Duration;
 
 use etcd_registry::{Error, Lock, LockGuard, LostReason, Registry};
 
-use crate::error::{CliError, CliResult};
-use crate::output::{lease_hex, line};
-use crate::shutdown::{Received, Shutdown};
+use crate::common::error::{CliError, CliResult};
+use crate::common::output::{lease_hex, line};
+use crate::common::shutdown::{Received, Shutdown};
 use crate::supervise::{Ended, Stop, Supervisor, say};
 
 /// One `lock` invocation.

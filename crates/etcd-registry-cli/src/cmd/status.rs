@@ -5,12 +5,21 @@ use std::collections::BTreeMap;
 use etcd_registry::{ElectionSummary, EndpointStatus, LockSummary, Registry, ServiceInstance};
 use serde_json::{Value, json};
 
-use crate::args::Global;
-use crate::commands::{builder, with_registry};
-use crate::error::{CliError, CliResult};
-use crate::output::{columns, lease_hex, line};
+use crate::common::args::Global;
+use crate::common::connect::{builder, with_registry};
+use crate::common::error::{CliError, CliResult};
+use crate::common::output::{columns, lease_hex, line};
 
-pub async fn status(g: &Global, json: bool) -> CliResult {
+// Its `about` is the doc comment of its variant in `cli.rs`.
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// One JSON object: {"endpoints":[..],"namespace":{..}}.
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub async fn run(g: &Global, args: Args) -> CliResult {
+    let Args { json } = args;
     let endpoints = builder(g)?.endpoint_status().await?;
     let answered = endpoints.iter().any(|e| e.result.is_ok());
     if !json {

@@ -17,7 +17,7 @@ mod feed;
 mod handler;
 mod listen;
 mod metrics;
-pub mod names;
+mod names;
 mod zone;
 #[cfg(test)]
 mod zone_tests;
@@ -28,26 +28,49 @@ use std::time::Duration;
 use hickory_proto::rr::Name;
 use hickory_server::Server;
 
-use crate::args::Global;
-use crate::commands::with_registry;
-use crate::error::{CliError, CliResult};
-use crate::output::line;
-use crate::shutdown::Shutdown;
+use crate::common::args::Global;
+use crate::common::connect::with_registry;
+use crate::common::error::{CliError, CliResult};
+use crate::common::metrics::MetricsOpt;
+use crate::common::output::line;
+use crate::common::shutdown::Shutdown;
 
 /// A TCP connection that sends no query for this long is closed.
 const TCP_IDLE: Duration = Duration::from_secs(10);
 /// Responses queued per TCP connection.
 const TCP_BUFFER: usize = 32;
 
-/// The options of `etcd-registry dns`.
-pub struct Options {
+// Its `about` is the doc comment of its variant in `cli.rs`.
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Address to serve on, UDP and TCP; port 0 picks a free one.
+    #[arg(long, value_name = "ADDR:PORT", default_value = "127.0.0.1:8600")]
     pub listen: SocketAddr,
+    /// The domain served: names outside it get REFUSED.
+    #[arg(long, value_name = "DOMAIN", default_value = "registry.", value_parser = names::parse_domain)]
     pub domain: Name,
-    pub ttl: u32,
+    /// TTL of every record, whole seconds (`0`, `30s`, `5m`); also how
+    /// long resolvers may cache "no such name". 0 (the default): not cached.
+    #[arg(long, value_name = "DURATION", default_value = "0s", value_parser = names::parse_record_ttl)]
+    pub record_ttl: u32,
+    #[command(flatten)]
+    pub metrics: MetricsOpt,
+}
+
+/// What `run` serves: the arguments less the metrics listener.
+struct Options {
+    listen: SocketAddr,
+    domain: Name,
+    ttl: u32,
 }
 
 /// Serves until SIGINT/SIGTERM.
-pub async fn run(g: &Global, opts: Options) -> CliResult {
+pub async fn run(g: &Global, args: Args) -> CliResult {
+    let opts = Options {
+        listen: args.listen,
+        domain: args.domain,
+        ttl: args.record_ttl,
+    };
     let shutdown = Shutdown::listen()?;
     // Bound before connecting: a busy port fails at once, with nothing written.
     let sockets = listen::bind(opts.listen).await?;

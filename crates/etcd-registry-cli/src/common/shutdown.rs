@@ -12,7 +12,7 @@ use nix::sys::signal::Signal as Sig;
 use tokio::signal::unix::{Signal, SignalKind, signal};
 use tokio::time::Instant;
 
-use crate::error::{CliError, CliResult};
+use super::error::{CliError, CliResult};
 
 /// Within this long of a counted signal, the same signal again is a duplicate.
 pub const REPEAT: Duration = Duration::from_secs(1);

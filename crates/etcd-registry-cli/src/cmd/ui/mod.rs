@@ -20,11 +20,11 @@ use axum::routing::get;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use crate::args::Global;
-use crate::commands::builder;
-use crate::error::{CliError, CliResult};
-use crate::output::line;
-use crate::shutdown::Shutdown;
+use crate::common::args::Global;
+use crate::common::connect::builder;
+use crate::common::error::{CliError, CliResult};
+use crate::common::output::line;
+use crate::common::shutdown::Shutdown;
 
 use self::hub::Hub;
 
@@ -32,8 +32,23 @@ const INDEX_HTML: &str = include_str!("assets/index.html");
 const APP_JS: &str = include_str!("assets/app.js");
 const STYLE_CSS: &str = include_str!("assets/style.css");
 
-/// Serves the dashboard on `listen` until SIGINT/SIGTERM.
-pub async fn run(g: &Global, listen: SocketAddr, all_namespaces: bool) -> CliResult {
+// Its `about` is the doc comment of its variant in `cli.rs`.
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Address to serve on; port 0 picks a free one.
+    #[arg(long, value_name = "ADDR:PORT", default_value = "127.0.0.1:8080")]
+    pub listen: SocketAddr,
+    /// Show every namespace under --prefix instead of --namespace.
+    #[arg(long)]
+    pub all_namespaces: bool,
+}
+
+/// Serves the dashboard on `--listen` until SIGINT/SIGTERM.
+pub async fn run(g: &Global, args: Args) -> CliResult {
+    let Args {
+        listen,
+        all_namespaces,
+    } = args;
     let shutdown = Shutdown::listen()?;
     if !listen.ip().is_loopback() {
         // The page has no authentication: whoever reaches the port sees the registry.

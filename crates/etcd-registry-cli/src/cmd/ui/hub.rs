@@ -72,7 +72,7 @@ impl From<InstanceRevision> for KeyRevision {
 use serde_json::{Value, json};
 use tokio::sync::broadcast;
 
-use crate::output::lease_hex;
+use crate::common::output::lease_hex;
 
 /// How long the instance-count history of a service reaches back.
 pub const HISTORY: Duration = Duration::from_secs(10 * 60);

@@ -10,9 +10,9 @@ use etcd_registry::{
     HealthCheck, HealthPolicy, HealthState, Registration, Registry, ServiceInstance,
 };
 
-use crate::error::{CliError, CliResult};
-use crate::output::{self, line};
-use crate::shutdown::Shutdown;
+use crate::common::error::{CliError, CliResult};
+use crate::common::output::{self, line};
+use crate::common::shutdown::Shutdown;
 use crate::supervise::{Ended, Supervisor, say};
 
 /// How long the sidecar waits between deregistering and signalling CMD.
