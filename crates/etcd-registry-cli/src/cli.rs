@@ -142,10 +142,13 @@ pub enum Command {
     /// `_web._tcp.registry.` SRV (one per instance: port, weight, target
     /// `web-1.web.registry.`), `web.registry.` A/AAAA (every instance's
     /// address), `web-1.web.registry.` A/AAAA (its address), or CNAME when
-    /// its address is a host name. Unknown names get NXDOMAIN; a known
-    /// service with no instance gets an empty answer (NODATA). UDP and TCP on
-    /// one port; answers too large for UDP are truncated (TC) and complete
-    /// over TCP. Prints the address it serves on.
+    /// its address is a host name. Unknown names (and a literal `*` label)
+    /// get NXDOMAIN; a service whose instances are all gone gets an empty
+    /// answer (NODATA) for 30 s (or the record TTL if longer), then
+    /// NXDOMAIN. UDP and TCP on one port; answers too large for UDP are
+    /// truncated (TC) and retried over TCP, which carries up to 65,535
+    /// bytes: past that, the first records that fit, with TC. Prints the
+    /// address it serves on.
     Dns(cmd::dns::Args),
 
     /// Print a shell completion script: `etcd-registry completions bash > /etc/bash_completion.d/etcd-registry`.

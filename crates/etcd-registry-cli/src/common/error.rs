@@ -122,7 +122,7 @@ impl From<etcd_registry::Error> for CliError {
                 }
                 "tls" => Some(
                     "--cacert, --cert and --key (or ETCD_CACERT/ETCD_CERT/ETCD_KEY) take \
-                     readable PEM files; the error names the file and how to fix it (README: \
+                     readable PEM files; the error names the file and how to fix it (docs/deployments.md: \
                      \"TLS with openssl and real PKIs\")"
                         .into(),
                 ),

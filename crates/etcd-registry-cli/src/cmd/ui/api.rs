@@ -1,4 +1,4 @@
-//! The JSON API behind the page; scripts may use it too (see the README).
+//! The JSON API behind the page; scripts may use it too (see docs/operations.md).
 
 use std::collections::HashMap;
 use std::sync::Arc;
