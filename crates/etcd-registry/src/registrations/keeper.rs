@@ -38,15 +38,23 @@ use crate::stream::{Item, Listed};
 /// one per service.
 const MAX_SCOPED_SERVICES: usize = 64;
 
-/// Keys that failed to reconcile: warned about once, then retried with a
-/// growing delay (1 s to 60 s) and logged at DEBUG until they succeed.
+/// Keys that failed to reconcile: warned about once, then retried and
+/// logged at DEBUG until they succeed. A transient failure (a timeout, a
+/// connection lost under a fault) is retried on its own within about a
+/// second ([`RECHECK_TICK`]), so that one round of anti-entropy is a bounded
+/// time however many faults came before; every failing key is also retried
+/// by a full read with a growing delay (1 s to 60 s), which is what keeps a
+/// refused key (permission denied) from being asked again and again.
 struct Failing {
     keys: HashSet<String>,
     retry: Backoff,
 }
 
 impl Failing {
-    fn failed(&mut self, key: &str, error: &Error) {
+    fn failed(&mut self, table: &Table, key: &str, error: &Error) {
+        if error.is_transient() {
+            table.retry_soon(key);
+        }
         if self.keys.insert(key.to_owned()) {
             tracing::warn!(%error, key, "could not reconcile a maintained instance; retrying it in the background (further failures at DEBUG)");
         } else {
@@ -179,7 +187,7 @@ async fn pass(table: &Table, failing: &mut Failing) -> Result<()> {
                         match done {
                             Ok(()) => failing.succeeded(key),
                             Err(Error::Closed) => return Err(Error::Closed),
-                            Err(error) => failing.failed(key, &error),
+                            Err(error) => failing.failed(table, key, &error),
                         }
                     }
                 }
@@ -210,7 +218,7 @@ async fn reconcile_all(
         match reconcile(table, key, present.get(key), Seen::Read(read.revision)).await {
             Ok(()) => failing.succeeded(key),
             Err(Error::Closed) => return,
-            Err(error) => failing.failed(key, &error),
+            Err(error) => failing.failed(table, key, &error),
         }
     }
     // Keys under our current lease that the table does not hold.
@@ -235,7 +243,7 @@ async fn reconcile_all(
         match table.reconcile_mirror(key, present.get(key), seen).await {
             Ok(()) => failing.succeeded(key),
             Err(Error::Closed) => return,
-            Err(error) => failing.failed(key, &error),
+            Err(error) => failing.failed(table, key, &error),
         }
     }
     for (key, kv) in &present {
@@ -265,11 +273,15 @@ async fn reconcile_all(
                 .await;
             match deleted {
                 Ok(_) => failing.succeeded(key),
-                Err(error) => failing.failed(key, &error),
+                Err(error) => failing.failed(table, key, &error),
             }
         }
     }
 }
+
+/// The most keys one recheck reads (each is a request); more wait for the
+/// next tick, or a full read.
+const MAX_RECHECKS: usize = 256;
 
 /// How often deferred keys are looked at while any is pending.
 const RECHECK_TICK: std::time::Duration = std::time::Duration::from_secs(1);
@@ -316,6 +328,9 @@ async fn recheck(table: &Table, failing: &mut Failing) -> Result<()> {
         let mut due = Vec::new();
         let entries = table.lock();
         for key in keys {
+            if due.len() >= MAX_RECHECKS {
+                break; // the rest on the next tick
+            }
             match entries.get(&key).and_then(|e| e.deferred.map(|d| (e, d))) {
                 None => done.push(key),
                 Some((e, _)) if e.writing == 0 => due.push((key, false)),
@@ -365,7 +380,7 @@ async fn recheck(table: &Table, failing: &mut Failing) -> Result<()> {
             Err(Error::Closed) => return Err(Error::Closed),
             Err(error) => {
                 // Read again with the next full read (failing keys force one).
-                failing.failed(&key, &error);
+                failing.failed(table, &key, &error);
             }
         }
     }
@@ -397,7 +412,7 @@ async fn check_mirror(table: &Table, key: &str, forced: bool, failing: &mut Fail
     match outcome {
         Ok(()) => failing.succeeded(key),
         Err(Error::Closed) => return Err(Error::Closed),
-        Err(error) => failing.failed(key, &error),
+        Err(error) => failing.failed(table, key, &error),
     }
     Ok(())
 }

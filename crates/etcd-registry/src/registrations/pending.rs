@@ -97,6 +97,23 @@ impl Table {
         self.deferred_keys().insert(key.to_owned());
     }
 
+    /// Asks anti-entropy to read `key` again on its next tick (a reconcile
+    /// of it failed for a reason that may pass).
+    pub(super) fn retry_soon(&self, key: &str) {
+        {
+            let mut entries = self.lock();
+            let Some(e) = entries.get_mut(key) else {
+                return; // not an entry (a mirror key): the next full read retries it
+            };
+            let since = e.deferred.map_or_else(Instant::now, |d| d.since);
+            e.deferred = Some(Deferred {
+                revision: i64::MAX,
+                since,
+            });
+        }
+        self.deferred_keys().insert(key.to_owned());
+    }
+
     /// Asks anti-entropy to read `key` again now.
     pub(super) fn recheck_now(&self, key: &str) {
         if let Some(e) = self.lock().get_mut(key) {
