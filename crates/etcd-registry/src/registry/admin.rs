@@ -26,8 +26,11 @@ const CHUNK: usize = 64;
 
 impl Registry {
     /// Admin: deletes one instance, whoever registered it, with the gRPC
-    /// naming key published beside it (see the [module docs](self)).
-    /// Returns whether it existed.
+    /// naming key published beside it: of the keys attached to the deleted
+    /// instance's lease, the naming keys (`{target}/{host:port}`) of its
+    /// address go too, unless another instance key of that lease still has
+    /// the same address. Keys under other leases (a Go server's naming key
+    /// for the same address) are never touched. Returns whether it existed.
     ///
     /// If this registry itself maintains the instance, it stops maintaining
     /// it. Another live registry that maintains it puts it back (both keys):
@@ -57,7 +60,8 @@ impl Registry {
     }
 
     /// Admin: deletes every instance of service `name`, whoever registered
-    /// them, with their gRPC naming keys (see the [module docs](self)).
+    /// them, with their gRPC naming keys (as [`Registry::delete_instance`]
+    /// finds them).
     /// Returns how many instances were deleted. `web` never touches `webhook`.
     pub async fn delete_service(&self, name: &str) -> Result<u64> {
         let _timer = crate::metrics::timer(self.core().namespace(), "delete");
