@@ -300,12 +300,15 @@ pub(super) enum Seen {
 
 impl Seen {
     /// Whether what was seen says nothing past a write of ours at `written`:
-    /// that write's own event, an older one, or a read from before it.
+    /// that write's own event, or an older one. Reads are compared by value
+    /// only, never by revision: etcd restored from an older snapshot may
+    /// answer at a revision below our last write without this history
+    /// change being noticed yet (a stream that had seen little of the old
+    /// one), and a key it lost would then be taken for in step.
     pub(super) fn older_than(self, written: i64) -> bool {
         match self {
             Seen::Event(r) => r <= written,
-            Seen::Read(r) => r < written,
-            Seen::Forced(_) => false,
+            Seen::Read(_) | Seen::Forced(_) => false,
         }
     }
 
@@ -427,7 +430,7 @@ async fn reconcile(table: &Table, key: &str, kv: Option<&KeyValue>, seen: Seen) 
     let Some(lease) = core.session.lease() else {
         return Ok(());
     };
-    let (value, mirror, generation, name, id) = {
+    let (reclaimed, value, mirror, generation, name, id) = {
         let mut entries = table.lock();
         let Some(entry) = entries.get_mut(key) else {
             return Ok(());
@@ -476,12 +479,8 @@ async fn reconcile(table: &Table, key: &str, kv: Option<&KeyValue>, seen: Seen) 
                 }
             }
         }
-        if entry.yielded {
-            tracing::warn!(service = %entry.instance.name, id = %entry.instance.id, "the instance taken over by another lease is gone or unleased; reclaiming it");
-        } else {
-            tracing::warn!(service = %entry.instance.name, id = %entry.instance.id, "a maintained instance was deleted or altered; restoring it");
-        }
         (
+            entry.yielded,
             entry.value.clone(),
             entry.mirror.clone(),
             entry.generation,
@@ -512,6 +511,13 @@ async fn reconcile(table: &Table, key: &str, kv: Option<&KeyValue>, seen: Seen) 
         .await;
     match resp {
         Ok(resp) if resp.succeeded() => {
+            // Logged once done: a read older than our own write finds the
+            // key changed since, and its txn does nothing.
+            if reclaimed {
+                tracing::warn!(service = %name, id = %id, "the instance taken over by another lease was gone or unleased; reclaimed it");
+            } else {
+                tracing::warn!(service = %name, id = %id, "a maintained instance was deleted or altered; restored it");
+            }
             crate::metrics::restored(core.namespace(), &name);
             let gone = match table.lock().get_mut(key) {
                 Some(e) => {
