@@ -19,7 +19,9 @@
 //!   it is gone.
 //! * One key, one owner: registering an id that this registry already
 //!   maintains replaces the entry and retires the older
-//!   [`Registration`]; from then on only the newer handle changes the key.
+//!   [`Registration`]; from then on only the newer handle changes the
+//!   value. `deregister` on any handle of the id removes it (as Go's
+//!   `Deregister(id)` does), and the other handles then say `Deregistered`.
 //! * The registry's keys equal its table: anti-entropy restores what is
 //!   missing or altered and deletes service keys under its lease that the
 //!   table no longer holds (as after etcd was restored from an old snapshot).
